@@ -1,0 +1,6 @@
+"""Speculators: engine-agnostic draft proposers (no transformers import)."""
+
+from adaspec.speculators.base import Speculator
+from adaspec.speculators.ngram import NgramSpeculator
+
+__all__ = ["Speculator", "NgramSpeculator"]

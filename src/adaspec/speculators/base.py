@@ -1,0 +1,70 @@
+"""The speculator protocol: token ids in, drafts out.
+
+A speculator follows the request lifecycle (after Arctic Inference's suffix
+decoding API): ``start_request`` -> (``propose`` -> ``observe``)* ->
+``stop_request``. It never imports transformers or the engine, so the same
+object can run inside vLLM's ``custom_class`` proposer hook.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext
+
+
+class Speculator:
+    """Base class for speculators; subclasses override ``propose``.
+
+    Attributes:
+        name: short identifier used in stats and the CLI (e.g. "ngram").
+        needs_hidden_states: True if ``propose`` reads ``ctx.hidden_state``.
+        provides_draft_probs: True if proposals carry ``draft_probs``.
+    """
+
+    name: str = "base"
+    needs_hidden_states: bool = False
+    provides_draft_probs: bool = False
+
+    def start_request(self, request_id: str, prompt_ids: Sequence[int], tenant: str = DEFAULT_TENANT) -> None:
+        """A request begins with ``prompt_ids``; default: nothing to do."""
+
+    def propose(self, ctx: ProposeContext, max_draft_tokens: int) -> DraftProposal:
+        """Draft up to ``max_draft_tokens`` tokens that follow ``ctx.token_ids``.
+
+        Args:
+            ctx: the request's committed tokens (and optionally the target's
+                last hidden state).
+            max_draft_tokens: lookahead for this step, >= 1.
+
+        Returns:
+            A DraftProposal with 0..max_draft_tokens draft tokens.
+        """
+        raise NotImplementedError
+
+    def observe(self, request_id: str, token_ids: Sequence[int], num_accepted: int, num_draft_tokens: int) -> None:
+        """The target verified a step: ``token_ids`` were appended to the request.
+
+        Args:
+            request_id: the request.
+            token_ids: the tokens committed this step (accepted drafts then the
+                recovered or bonus token; may be cut short by a stop condition).
+            num_accepted: drafts accepted this step.
+            num_draft_tokens: drafts proposed this step.
+        """
+
+    def stop_request(self, request_id: str) -> None:
+        """The request finished or was cancelled; release its per-request state."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Learned state to persist (empty for model-free, stateless speculators)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned.
+
+        Raises:
+            ValueError: if ``state`` is not from a compatible speculator.
+        """
+        if state:
+            raise ValueError(f"{self.name} speculator holds no learned state, got keys {sorted(state)}")
