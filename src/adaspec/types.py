@@ -39,6 +39,9 @@ class ProposeContext:
             norm) at the position that predicted ``token_ids[-1]``, shape ``[H]``,
             float32; ``None`` when the engine has none (e.g. inside vLLM).
         tenant: the tenant whose learned state may be used.
+        temperature / top_k / top_p: the request's sampling parameters; a
+            speculator that returns ``draft_probs`` must process its logits with
+            them (``adaspec.sampling.process_logits``); temperature 0 is greedy.
     """
 
     request_id: str
@@ -46,6 +49,9 @@ class ProposeContext:
     num_prompt_tokens: int
     hidden_state: Optional[torch.Tensor] = None
     tenant: str = DEFAULT_TENANT
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
 
 
 @dataclass

@@ -1,0 +1,408 @@
+"""The engine: request lifecycle and the speculative decode step loop.
+
+The only module that knows every part. One step (Medusa's loop shape):
+
+1. propose  - the controller picks a speculator and lookahead k; it drafts.
+2. verify   - one target forward over [last committed token, drafts...].
+3. evaluate - greedy match or rejection sampling decides what is emitted.
+4. update   - commit tokens (stop conditions checked token by token), truncate
+              the KV cache to the committed length, tell the speculators.
+
+Invariant after every step: the KV cache holds every committed token (prompt +
+output) except the newest, which the next step feeds first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from adaspec.controller import Controller, Decision, FixedController
+from adaspec.sampling import process_logits
+from adaspec.speculators.base import Speculator
+from adaspec.target import KVCache, TargetModel
+from adaspec.types import (
+    DEFAULT_TENANT,
+    DraftProposal,
+    GenerationResult,
+    ProposeContext,
+    SamplingParams,
+    SpeculationStats,
+    StreamDelta,
+    TokenLogprob,
+    Usage,
+    VerifyResult,
+)
+from adaspec.verify import verify_greedy, verify_stochastic
+
+_request_counter = itertools.count()
+
+
+@dataclass
+class RequestState:
+    """Everything the engine keeps for one live request."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    tenant: str
+    kv: KVCache
+    generator: torch.Generator
+    token_ids: list[int]  # committed: prompt then output
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: Optional[list[TokenLogprob]] = None
+    hidden_state: Optional[torch.Tensor] = None  # [H], predicted token_ids[-1]
+    stats: SpeculationStats = field(default_factory=SpeculationStats)
+    finish_reason: Optional[str] = None
+    text: str = ""  # final text (stop string excluded)
+    stop_text_cut: Optional[int] = None  # char index where a stop string begins
+    streamed_text_len: int = 0
+    streamed_tokens: int = 0
+    started_s: float = field(default_factory=time.perf_counter)
+    first_token_s: Optional[float] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+
+class Engine:
+    """Runs requests on a target model with speculative decoding.
+
+    Args:
+        target: the loaded target model.
+        speculators: the speculators available to the controller, by name; all
+            of them observe every request (so adaptive ones learn even when not
+            drafting).
+        controller: picks speculator and lookahead per step; default: the
+            first speculator with ``lookahead`` (or plain decoding when none).
+        lookahead: default k for the fixed controller. Default 8.
+    """
+
+    def __init__(
+        self,
+        target: TargetModel,
+        speculators: Optional[Sequence[Speculator]] = None,
+        controller: Optional[Controller] = None,
+        lookahead: int = 8,
+    ) -> None:
+        if lookahead < 0:
+            raise ValueError(f"lookahead must be >= 0, got {lookahead}")
+        self.target = target
+        self.speculators: dict[str, Speculator] = {s.name: s for s in (speculators or [])}
+        first = next(iter(self.speculators), None)
+        self.controller = controller or FixedController(first, lookahead if first else 0)
+        self.eos_token_ids = target.eos_token_ids
+        self.tokenizer = target.tokenizer
+
+    # ----------------------------------------------------------- lifecycle
+    def encode_prompt(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
+        """Tokenize a prompt (text, chat text, or ids).
+
+        Raises:
+            ValueError: on token ids outside the vocabulary.
+        """
+        if isinstance(prompt, str):
+            if chat:
+                return self.apply_chat_template([{"role": "user", "content": prompt}])
+            return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.target.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids outside the vocabulary (0..{self.target.vocab_size - 1}): {bad[:5]}")
+        return ids
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's chat template.
+
+        Raises:
+            ValueError: if ``messages`` is empty or the tokenizer has no template.
+        """
+        if not messages:
+            raise ValueError("messages must not be empty")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"model {self.target.name} has no chat template")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def start(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        tenant: str = DEFAULT_TENANT,
+        request_id: Optional[str] = None,
+    ) -> RequestState:
+        """Validate, prefill, and register a request.
+
+        Raises:
+            ValueError: invalid params, an empty prompt on a model without BOS,
+                or a prompt that does not fit the context window.
+        """
+        params.validate()
+        ids = list(prompt_ids)
+        if not ids:
+            if self.target.bos_token_id is None:
+                raise ValueError("prompt is empty and the model has no BOS token to start from")
+            ids = [self.target.bos_token_id]
+        if len(ids) >= self.target.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; the context window is {self.target.max_model_len} "
+                "(at least one token must fit after the prompt)"
+            )
+        request_id = request_id or f"req-{os.getpid()}-{next(_request_counter)}"
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        state = RequestState(
+            request_id=request_id,
+            prompt_ids=ids,
+            params=params,
+            tenant=tenant,
+            kv=self.target.new_cache(),
+            generator=torch.Generator().manual_seed(seed),
+            token_ids=list(ids),
+            logprobs=[] if params.logprobs is not None else None,
+        )
+        if len(ids) > 1:
+            out = self.target.forward(state.kv, ids[:-1], last_only=True)
+            state.hidden_state = out.hidden[-1]
+        for spec in self.speculators.values():
+            spec.start_request(request_id, ids, tenant)
+        return state
+
+    def abort(self, state: RequestState, reason: str = "abort") -> None:
+        """Cancel a request and free its state (KV cache, speculator state)."""
+        if not state.finished:
+            state.finish_reason = reason
+        self._release(state)
+
+    def _release(self, state: RequestState) -> None:
+        for spec in self.speculators.values():
+            spec.stop_request(state.request_id)
+        state.kv = KVCache(cache=None, length=0)
+
+    # ----------------------------------------------------------- the step
+    def step(self, state: RequestState) -> list[int]:
+        """Run one speculative step; returns the tokens committed by it."""
+        if state.finished:
+            return []
+        decision = self.controller.decide(state, self._max_draft_tokens(state))
+        proposal = self._propose(state, decision)  # 1. propose
+        t0 = time.perf_counter()
+        fed = [state.token_ids[-1]] + proposal.token_ids
+        out = self.target.forward(state.kv, fed)  # 2. verify forward: logits [n+1, V]
+        result = self._evaluate(state, out.logits, proposal)  # 3. accept / reject
+        committed = self._commit(state, result, out.logits)  # 4. update
+        verify_s = time.perf_counter() - t0
+        state.stats.verify_time_s += verify_s
+        state.stats.record(proposal.speculator, proposal.num_draft_tokens, result.num_accepted, len(result.token_ids))
+        if not state.finished:
+            # Cache had len(token_ids_before) - 1 + len(fed); keep all committed but the newest.
+            self.target.truncate(state.kv, len(state.token_ids) - 1)
+            state.hidden_state = out.hidden[len(committed) - 1]
+        for spec in self.speculators.values():
+            spec.observe(state.request_id, committed, result.num_accepted, proposal.num_draft_tokens)
+        self.controller.update(state, decision, proposal, result, verify_s)
+        if state.finished:
+            self._release(state)
+        return committed
+
+    def _max_draft_tokens(self, state: RequestState) -> int:
+        """Upper bound on k: the token budget and the context window.
+
+        A step emits at most k + 1 tokens and feeds positions up to
+        ``len(token_ids) - 1 + k``, which must stay inside the window.
+        """
+        remaining = state.params.max_tokens - len(state.output_ids)
+        window_left = self.target.max_model_len - len(state.token_ids)
+        return max(0, min(remaining - 1, window_left - 1))
+
+    def _propose(self, state: RequestState, decision: Decision) -> DraftProposal:
+        if decision.speculator is None or decision.lookahead <= 0:
+            return DraftProposal()
+        spec = self.speculators[decision.speculator]
+        ctx = ProposeContext(
+            request_id=state.request_id,
+            token_ids=state.token_ids,
+            num_prompt_tokens=state.num_prompt_tokens,
+            hidden_state=state.hidden_state,
+            tenant=state.tenant,
+            temperature=state.params.temperature,
+            top_k=state.params.top_k,
+            top_p=state.params.top_p,
+        )
+        t0 = time.perf_counter()
+        proposal = spec.propose(ctx, decision.lookahead)
+        state.stats.draft_time_s += time.perf_counter() - t0
+        proposal.speculator = proposal.speculator or spec.name
+        return _sanitize(proposal, decision.lookahead, self.target.vocab_size)
+
+    def _evaluate(self, state: RequestState, logits: torch.Tensor, proposal: DraftProposal) -> VerifyResult:
+        p = state.params
+        if p.greedy:
+            return verify_greedy(logits, proposal.token_ids)
+        target_probs = process_logits(logits, p.temperature, p.top_k, p.top_p)  # [n+1, V]
+        return verify_stochastic(target_probs, proposal.token_ids, proposal.draft_probs, state.generator)
+
+    def _commit(self, state: RequestState, result: VerifyResult, logits: torch.Tensor) -> list[int]:
+        """Append emitted tokens one at a time, stopping at the first stop condition."""
+        p = state.params
+        logprob_rows = None
+        if state.logprobs is not None:
+            logprob_rows = torch.log_softmax(logits[: len(result.token_ids)].float(), dim=-1)
+        committed: list[int] = []
+        for i, tok in enumerate(result.token_ids):
+            state.token_ids.append(tok)
+            state.output_ids.append(tok)
+            committed.append(tok)
+            if state.first_token_s is None:
+                state.first_token_s = time.perf_counter()
+            if logprob_rows is not None:
+                state.logprobs.append(_token_logprob(logprob_rows[i], tok, p.logprobs or 0))
+            if self._check_stop(state, tok):
+                break
+        return committed
+
+    def _check_stop(self, state: RequestState, tok: int) -> bool:
+        """Stop conditions in order: stop token / EOS, stop string, max_tokens, window."""
+        p = state.params
+        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids):
+            state.finish_reason = "stop"
+        elif p.stop and self._find_stop_string(state):
+            state.finish_reason = "stop"
+        elif len(state.output_ids) >= p.max_tokens:
+            state.finish_reason = "length"
+        elif len(state.token_ids) >= self.target.max_model_len:
+            state.finish_reason = "length"
+        return state.finished
+
+    def _find_stop_string(self, state: RequestState) -> bool:
+        text = self.decode(state.output_ids)
+        hits = [i for i in (text.find(s) for s in state.params.stop) if i >= 0]
+        if hits:
+            state.stop_text_cut = min(hits)
+            return True
+        return False
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    # ----------------------------------------------------------- drivers
+    def result(self, state: RequestState) -> GenerationResult:
+        """The finished request as a GenerationResult."""
+        text = self.decode(state.output_ids)
+        if state.stop_text_cut is not None:
+            text = text[: state.stop_text_cut]
+        return GenerationResult(
+            text=text,
+            token_ids=list(state.output_ids),
+            finish_reason=state.finish_reason or "abort",
+            usage=Usage(prompt_tokens=len(state.prompt_ids), completion_tokens=len(state.output_ids)),
+            logprobs=list(state.logprobs) if state.logprobs is not None else None,
+            speculation=state.stats,
+            elapsed_s=time.perf_counter() - state.started_s,
+        )
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        params: Optional[SamplingParams] = None,
+        chat: bool = False,
+        tenant: str = DEFAULT_TENANT,
+    ) -> GenerationResult:
+        """Run one request to completion.
+
+        Args:
+            prompt: text (tokenized with the model's tokenizer; with ``chat`` it
+                becomes one user message in the chat template) or token ids.
+            params: sampling and stopping settings (default: greedy, 64 tokens).
+
+        Raises:
+            ValueError: invalid params or prompt (see :meth:`start`).
+        """
+        state = self.start(self.encode_prompt(prompt, chat=chat), params or SamplingParams(), tenant)
+        try:
+            while not state.finished:
+                self.step(state)
+        except BaseException:
+            self.abort(state)
+            raise
+        return self.result(state)
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        params: Optional[SamplingParams] = None,
+        chat: bool = False,
+        tenant: str = DEFAULT_TENANT,
+    ) -> Iterator[StreamDelta]:
+        """Like :meth:`generate`, yielding a StreamDelta after every step.
+
+        Text is held back while it ends in an incomplete UTF-8 character or in a
+        prefix of a stop string, so the concatenated deltas equal the final text.
+        """
+        state = self.start(self.encode_prompt(prompt, chat=chat), params or SamplingParams(), tenant)
+        try:
+            while not state.finished:
+                self.step(state)
+                delta = self.delta(state)
+                if delta.token_ids or delta.text or delta.finish_reason:
+                    yield delta
+        finally:
+            if not state.finished:  # consumer stopped early: free the request
+                self.abort(state)
+
+    def delta(self, state: RequestState) -> StreamDelta:
+        """New text and tokens since the last call (the final delta carries the result)."""
+        new_ids = state.output_ids[state.streamed_tokens :]
+        lps = state.logprobs[state.streamed_tokens :] if state.logprobs is not None else None
+        state.streamed_tokens = len(state.output_ids)
+        if state.finished:
+            result = self.result(state)
+            text = result.text[state.streamed_text_len :]
+            state.streamed_text_len = len(result.text)
+            return StreamDelta(text=text, token_ids=new_ids, logprobs=lps, finish_reason=result.finish_reason,
+                               result=result)
+        text = self.decode(state.output_ids)
+        safe = len(text)
+        if text.endswith("\ufffd"):  # incomplete multi-byte character
+            safe = len(text.rstrip("\ufffd"))
+        limit = safe
+        for s in state.params.stop:  # hold back a possible stop-string prefix
+            for j in range(min(len(s) - 1, limit), 0, -1):
+                if text[limit - j : limit] == s[:j]:
+                    safe = min(safe, limit - j)
+                    break
+        piece = text[state.streamed_text_len : safe] if safe > state.streamed_text_len else ""
+        state.streamed_text_len = max(state.streamed_text_len, safe)
+        return StreamDelta(text=piece, token_ids=new_ids, logprobs=lps)
+
+
+def _sanitize(proposal: DraftProposal, lookahead: int, vocab_size: int) -> DraftProposal:
+    """Clip a proposal to the lookahead and at the first id outside the vocabulary."""
+    ids = list(proposal.token_ids[:lookahead])
+    for i, t in enumerate(ids):
+        if not 0 <= int(t) < vocab_size:
+            ids = ids[:i]
+            break
+    n = len(ids)
+    probs = proposal.draft_probs[:n] if proposal.draft_probs is not None else None
+    conf = proposal.confidence[:n] if proposal.confidence is not None else None
+    return DraftProposal(token_ids=[int(t) for t in ids], draft_probs=probs, confidence=conf,
+                         speculator=proposal.speculator)
+
+
+def _token_logprob(row: torch.Tensor, tok: int, top_n: int) -> TokenLogprob:
+    """Logprob of ``tok`` and the top-n alternatives from one ``[V]`` log-softmax row."""
+    top: list[tuple[int, float]] = []
+    if top_n > 0:
+        vals, idx = torch.topk(row, top_n)
+        top = [(int(i), float(v)) for i, v in zip(idx.tolist(), vals.tolist())]
+    return TokenLogprob(token_id=int(tok), logprob=float(row[tok]), top=top)

@@ -1,0 +1,102 @@
+"""Verification: accept or reject a block of draft tokens against the target model.
+
+Pure torch; no model imports. Two rules:
+
+- **greedy** (temperature 0): a draft token is accepted while it equals the
+  target's argmax at its position; the first mismatch is replaced by the
+  target's argmax (the recovered token); if all match, the target's argmax after
+  the last draft is the bonus token. Output equals plain greedy decoding.
+- **stochastic**: speculative rejection sampling (Leviathan et al. 2023, Alg. 1;
+  Chen et al. 2023). Draft token x_i ~ draft_probs_i is accepted with probability
+  ``min(1, target_probs_i[x_i] / draft_probs_i[x_i])``; at the first rejection the
+  recovered token is sampled from ``norm(max(target_probs_i - draft_probs_i, 0))``;
+  if all are accepted the bonus token is sampled from ``target_probs_n``. Each
+  emitted token is then distributed exactly as the target's. A speculator without
+  draft probabilities (prompt lookup, suffix) is a point mass on its draft token,
+  so acceptance is ``target_probs_i[x_i]`` and the residual is the target
+  distribution with x_i removed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from adaspec.types import VerifyResult
+
+
+def verify_greedy(target_logits: torch.Tensor, draft_token_ids: Sequence[int]) -> VerifyResult:
+    """Greedy verification.
+
+    Args:
+        target_logits: ``[n + 1, V]`` target logits; row i predicts the token
+            after the i-th fed token (row 0 follows the last committed token).
+        draft_token_ids: the n draft tokens.
+
+    Returns:
+        VerifyResult with the accepted drafts then the recovered or bonus token.
+    """
+    n = len(draft_token_ids)
+    if target_logits.shape[0] != n + 1:
+        raise ValueError(f"target_logits has {target_logits.shape[0]} rows, expected {n + 1}")
+    target_ids = torch.argmax(target_logits, dim=-1).tolist()  # [n + 1]
+    num_accepted = 0
+    while num_accepted < n and draft_token_ids[num_accepted] == target_ids[num_accepted]:
+        num_accepted += 1
+    tokens = list(draft_token_ids[:num_accepted]) + [target_ids[num_accepted]]
+    return VerifyResult(token_ids=tokens, num_accepted=num_accepted, num_draft_tokens=n)
+
+
+def verify_stochastic(
+    target_probs: torch.Tensor,
+    draft_token_ids: Sequence[int],
+    draft_probs: Optional[torch.Tensor],
+    generator: Optional[torch.Generator],
+) -> VerifyResult:
+    """Speculative rejection sampling (Leviathan et al. 2023, Alg. 1).
+
+    Args:
+        target_probs: ``[n + 1, V]`` float32 processed target distributions.
+        draft_token_ids: the n draft tokens.
+        draft_probs: ``[n, V]`` float32 distributions the drafts were sampled
+            from, processed with the same sampling parameters; ``None`` for a
+            deterministic draft (point mass on each draft token).
+        generator: the request's random generator.
+
+    Returns:
+        VerifyResult with the accepted drafts then the recovered or bonus token.
+
+    Raises:
+        ValueError: on shape mismatch, or a draft token that its own
+            draft_probs give zero probability (it could not have been sampled).
+    """
+    n = len(draft_token_ids)
+    if target_probs.shape[0] != n + 1:
+        raise ValueError(f"target_probs has {target_probs.shape[0]} rows, expected {n + 1}")
+    if draft_probs is not None and draft_probs.shape[0] != n:
+        raise ValueError(f"draft_probs has {draft_probs.shape[0]} rows, expected {n}")
+    tokens: list[int] = []
+    for i, x in enumerate(draft_token_ids):
+        p_x = float(target_probs[i, x])
+        q_x = 1.0 if draft_probs is None else float(draft_probs[i, x])
+        if q_x <= 0.0:
+            raise ValueError(f"draft token {x} at position {i} has zero draft probability")
+        r = float(torch.rand((), generator=generator))
+        if r * q_x < p_x:  # r < p/q without dividing
+            tokens.append(int(x))
+            continue
+        if draft_probs is None:
+            residual = target_probs[i].clone()
+            residual[x] = 0.0
+        else:
+            residual = torch.clamp(target_probs[i] - draft_probs[i], min=0.0)
+        total = float(residual.sum())
+        # total == 0 only if target == draft up to rounding, where rejection has
+        # probability ~0; fall back to the target distribution.
+        dist = residual / total if total > 0.0 else target_probs[i]
+        tokens.append(int(torch.multinomial(dist, 1, generator=generator).item()))
+        return VerifyResult(token_ids=tokens, num_accepted=i, num_draft_tokens=n)
+    bonus = int(torch.multinomial(target_probs[n], 1, generator=generator).item())
+    tokens.append(bonus)
+    return VerifyResult(token_ids=tokens, num_accepted=n, num_draft_tokens=n)
