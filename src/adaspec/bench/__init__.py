@@ -1,0 +1,1 @@
+"""Benchmarks: step cost, generation throughput against peers, drift streams."""

@@ -1,0 +1,245 @@
+"""Command line: ``adaspec generate | models | bench | demo | serve | state``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from adaspec.models import DEFAULT_MODEL
+
+SPECULATORS = ("none", "ngram", "suffix")
+DEFAULT_DTYPE = "float32"
+
+
+def build_speculators(name: str) -> list:
+    """Speculator objects for ``--speculator``.
+
+    Raises:
+        ValueError: unknown name.
+    """
+    if name == "none":
+        return []
+    if name == "ngram":
+        from adaspec.speculators import NgramSpeculator
+
+        return [NgramSpeculator()]
+    if name == "suffix":
+        from adaspec.speculators.suffix import SuffixSpeculator
+
+        return [SuffixSpeculator()]
+    raise ValueError(f"unknown speculator {name!r}; choose from {', '.join(SPECULATORS)}")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, HF folder or .gguf (default: %(default)s)")
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=["float32", "int8"],
+                   help="target precision; int8 is the batch-invariant quantized path (default: %(default)s)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's, <= 8192)")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from adaspec.engine import Engine
+    from adaspec.target import load_target
+    from adaspec.types import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=args.stop or [],
+                            logprobs=args.logprobs)
+    params.validate()
+    target = load_target(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
+    engine = Engine(target, build_speculators(args.speculator), lookahead=args.lookahead)
+    if args.json:
+        r = engine.generate(args.prompt, params, chat=args.chat)
+        out = r.to_dict()
+        out["model"] = args.model
+        print(json.dumps(out, ensure_ascii=False))
+        return 0
+    final = None
+    for delta in engine.stream(args.prompt, params, chat=args.chat):
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+        final = delta.result or final
+    sys.stdout.write("\n")
+    if final is not None:
+        s = final.speculation
+        print(f"[{final.finish_reason}; {final.usage.completion_tokens} tokens in {final.elapsed_s:.2f} s "
+              f"= {final.usage.completion_tokens / max(final.elapsed_s, 1e-9):.1f} tok/s; "
+              f"acceptance rate {s.acceptance_rate:.2f}, mean acceptance length {s.mean_acceptance_length:.2f}, "
+              f"{s.target_forwards} target forwards]", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from adaspec.models import list_models, resolve_model
+
+    if args.action == "fetch":
+        path = resolve_model(args.name)
+        print(f"{args.name}: {path}")
+        return 0
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['name']:32s} {r['status']:36s} {r['cache']}")
+        print(f"{'':32s} {r['description']}")
+        if r["status"] == "not installed":
+            print(f"{'':32s} install: {r['install']}")
+    return 0
+
+
+def cmd_bench_step_cost(args: argparse.Namespace) -> int:
+    from adaspec.bench.step_cost import format_step_cost, measure_step_cost
+    from adaspec.target import load_target
+
+    results = {}
+    for dtype in args.dtypes.split(","):
+        target = load_target(args.model, dtype=dtype)
+        results[dtype] = measure_step_cost(target, range(1, args.max_k + 1), repeats=args.repeats)
+        print(f"{dtype}: k=1 {results[dtype][1]:.1f} ms, k=8 {results[dtype].get(8, float('nan')):.1f} ms", flush=True)
+    table = format_step_cost(results)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    return 0
+
+
+def _bench_prompts(domains: str, per_domain: int, prompts_file: Optional[str]):
+    from adaspec.bench.prompts import load_domain, load_jsonl_prompts
+
+    if prompts_file:
+        return load_jsonl_prompts(prompts_file, "custom")[:per_domain]
+    out = []
+    for d in domains.split(","):
+        out += load_domain(d)[:per_domain]
+    return out
+
+
+def cmd_bench_generate(args: argparse.Namespace) -> int:
+    from adaspec.bench.generate import run_generate_bench, summarize, write_jsonl
+    from adaspec.target import load_target
+
+    prompts = _bench_prompts(args.domains, args.per_domain, args.prompts_file)
+    target = load_target(args.model, dtype=args.dtype)
+    records = run_generate_bench(target, prompts, max_tokens=args.max_tokens, lookahead=args.lookahead,
+                                 systems=args.systems.split(",") if args.systems else None)
+    table = summarize(records)
+    print(f"\nmodel {args.model}, dtype {args.dtype}, {len(prompts)} prompts, max_tokens {args.max_tokens}, greedy\n")
+    print(table)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        write_jsonl(records, os.path.join(args.out, "generate.jsonl"))
+        Path(args.out, "generate.md").write_text(table + "\n")
+        print(f"\nwrote {args.out}/generate.jsonl and generate.md")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """A short side-by-side generation comparison on the default model."""
+    ns = argparse.Namespace(domains="python,rust,chat,sql", per_domain=args.per_domain, prompts_file=None,
+                            model=args.model, dtype=args.dtype, max_tokens=args.max_tokens, lookahead=8,
+                            systems=None, out=args.out)
+    print("adaspec demo: greedy generation, this engine (plain / prompt lookup) vs transformers generate()",
+          flush=True)
+    return cmd_bench_generate(ns)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from adaspec.server.main import serve_from_args
+
+    return serve_from_args(args) or 0
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    from adaspec.store import format_inspect
+
+    print(format_inspect(args.dir))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adaspec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text for one prompt")
+    _add_model_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as one user message in the chat template")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--logprobs", type=int, default=None, help="return logprobs with this many top alternatives")
+    g.add_argument("--speculator", default="ngram", choices=SPECULATORS)
+    g.add_argument("--lookahead", type=int, default=8, help="most draft tokens per step (default: %(default)s)")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("models", help="list models, or fetch (convert) one")
+    m.add_argument("action", nargs="?", default="list", choices=["list", "fetch"])
+    m.add_argument("name", nargs="?", default=DEFAULT_MODEL)
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    sc = bsub.add_parser("step-cost", help="verify-forward cost for k = 1..K relative to k = 1")
+    sc.add_argument("--model", default=DEFAULT_MODEL)
+    sc.add_argument("--dtypes", default="float32,int8")
+    sc.add_argument("--max-k", type=int, default=16)
+    sc.add_argument("--repeats", type=int, default=7)
+    sc.add_argument("--out", default=None, help="write the Markdown table here")
+    sc.set_defaults(func=cmd_bench_step_cost)
+    bg = bsub.add_parser("generate", help="this engine vs transformers generate(), same prompts")
+    _add_model_args(bg)
+    bg.add_argument("--domains", default="python,rust,chat,sql,tools")
+    bg.add_argument("--per-domain", type=int, default=4)
+    bg.add_argument("--prompts-file", default=None, help="JSONL with 'messages' or 'prompt' per line")
+    bg.add_argument("--max-tokens", type=int, default=96)
+    bg.add_argument("--lookahead", type=int, default=8)
+    bg.add_argument("--systems", default=None, help="comma list (default: all)")
+    bg.add_argument("--out", default=None, help="folder for generate.jsonl and generate.md")
+    bg.set_defaults(func=cmd_bench_generate)
+
+    d = sub.add_parser("demo", help="short generation comparison on the default model")
+    _add_model_args(d)
+    d.add_argument("--per-domain", type=int, default=2)
+    d.add_argument("--max-tokens", type=int, default=64)
+    d.add_argument("--out", default="bench_out/demo")
+    d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    try:
+        from adaspec.server.main import add_serve_arguments
+
+        add_serve_arguments(s)
+    except ImportError:
+        pass
+    s.set_defaults(func=cmd_serve)
+
+    st = sub.add_parser("state", help="learned-state snapshots")
+    stsub = st.add_subparsers(dest="state_cmd", required=True)
+    si = stsub.add_parser("inspect", help="print what a snapshot folder holds")
+    si.add_argument("dir")
+    si.set_defaults(func=cmd_state)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"adaspec: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Scripted speculators that reach every accept/reject case (FAULT_CASES.md).
+
+Each knows the plain-decoding continuation of the request and proposes from it:
+the oracle proposes it exactly (all accepted), the always-wrong one proposes a
+different token at every position (none accepted), and prefix-then-wrong(j)
+proposes j right tokens, then wrong ones.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from adaspec.speculators.base import Speculator
+from adaspec.types import DraftProposal, ProposeContext
+
+
+class ScriptedSpeculator(Speculator):
+    """Proposes from ``plain_output`` (the plain continuation of the prompt).
+
+    Args:
+        plain_output: plain decoding's generated ids.
+        num_right: how many leading draft tokens are right (None = all).
+        vocab_size: for building wrong tokens.
+    """
+
+    name = "scripted"
+
+    def __init__(self, plain_output: Sequence[int], num_right: Optional[int], vocab_size: int) -> None:
+        self.plain = list(plain_output)
+        self.num_right = num_right
+        self.vocab_size = vocab_size
+        self.calls: list[int] = []  # lookahead asked per step
+        self.positions: list[int] = []  # len(token_ids) at each call
+
+    def propose(self, ctx: ProposeContext, max_draft_tokens: int) -> DraftProposal:
+        self.calls.append(max_draft_tokens)
+        self.positions.append(len(ctx.token_ids))
+        pos = len(ctx.token_ids) - ctx.num_prompt_tokens
+        truth = self.plain[pos : pos + max_draft_tokens]
+        right = len(truth) if self.num_right is None else min(self.num_right, len(truth))
+        wrong = [(t + 1 + i) % self.vocab_size for i, t in enumerate(truth[right:])]
+        # Past the end of the plain output there is no truth: pad with wrong ids.
+        pad = [(7 + i) % self.vocab_size for i in range(max_draft_tokens - len(truth))] if self.num_right is not None else []
+        return DraftProposal(token_ids=truth[:right] + wrong + pad, speculator=self.name)
+
+
+class RandomSpeculator(Speculator):
+    """Proposes uniformly random token ids (deterministic draft, seeded)."""
+
+    name = "random"
+
+    def __init__(self, vocab_size: int, seed: int = 0) -> None:
+        self.vocab_size = vocab_size
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def propose(self, ctx: ProposeContext, max_draft_tokens: int) -> DraftProposal:
+        ids = torch.randint(0, self.vocab_size, (max_draft_tokens,), generator=self.gen).tolist()
+        return DraftProposal(token_ids=ids, speculator=self.name)
+
+
+class SampledDraftSpeculator(Speculator):
+    """Samples drafts from a fixed distribution and reports it as draft_probs.
+
+    Exercises the rejection sampler with real draft probabilities.
+    """
+
+    name = "sampled"
+    provides_draft_probs = True
+
+    def __init__(self, draft_probs_row: torch.Tensor, seed: int = 0) -> None:
+        self.row = draft_probs_row  # [V] float32
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def propose(self, ctx: ProposeContext, max_draft_tokens: int) -> DraftProposal:
+        probs = self.row.unsqueeze(0).repeat(max_draft_tokens, 1)  # [k, V]
+        ids = torch.multinomial(probs, 1, generator=self.gen).squeeze(1).tolist()
+        return DraftProposal(token_ids=ids, draft_probs=probs, speculator=self.name)
+
+
+class EmptySpeculator(Speculator):
+    """Never proposes anything."""
+
+    name = "empty"
+
+    def propose(self, ctx: ProposeContext, max_draft_tokens: int) -> DraftProposal:
+        return DraftProposal(speculator=self.name)
