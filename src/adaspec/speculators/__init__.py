@@ -2,5 +2,6 @@
 
 from adaspec.speculators.base import Speculator
 from adaspec.speculators.ngram import NgramSpeculator
+from adaspec.speculators.suffix import SuffixSpeculator
 
-__all__ = ["Speculator", "NgramSpeculator"]
+__all__ = ["Speculator", "NgramSpeculator", "SuffixSpeculator"]
