@@ -34,6 +34,33 @@ def build_speculators(name: str) -> list:
     raise ValueError(f"unknown speculator {name!r}; choose from {', '.join(SPECULATORS)}")
 
 
+def restore_state(state_dir: str, speculators: list):
+    """Open the snapshot store in ``state_dir`` and load each speculator's learned state.
+
+    A corrupt or foreign snapshot is set aside by the store (logged) and the
+    speculator starts empty.
+    """
+    from adaspec.store import SnapshotStore
+
+    store = SnapshotStore(state_dir)
+    for spec in speculators:
+        state = store.load(spec.name)
+        if state:
+            try:
+                spec.load_state_dict(state)
+            except ValueError as e:
+                print(f"adaspec: warning: snapshot {spec.name} not loaded ({e}); starting empty", file=sys.stderr)
+    return store
+
+
+def save_state(store, speculators: list) -> None:
+    """Write every speculator's non-empty learned state as a snapshot."""
+    for spec in speculators:
+        state = spec.state_dict()
+        if state:
+            store.save(spec.name, state)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, HF folder or .gguf (default: %(default)s)")
     p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=["float32", "int8"],
@@ -51,19 +78,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             logprobs=args.logprobs)
     params.validate()
     target = load_target(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
-    engine = Engine(target, build_speculators(args.speculator), lookahead=args.lookahead)
-    if args.json:
-        r = engine.generate(args.prompt, params, chat=args.chat)
-        out = r.to_dict()
-        out["model"] = args.model
-        print(json.dumps(out, ensure_ascii=False))
-        return 0
-    final = None
-    for delta in engine.stream(args.prompt, params, chat=args.chat):
-        sys.stdout.write(delta.text)
-        sys.stdout.flush()
-        final = delta.result or final
-    sys.stdout.write("\n")
+    speculators = build_speculators(args.speculator)
+    store = restore_state(args.state_dir, speculators) if args.state_dir else None
+    engine = Engine(target, speculators, lookahead=args.lookahead)
+    try:
+        if args.json:
+            r = engine.generate(args.prompt, params, chat=args.chat, tenant=args.tenant)
+            out = r.to_dict()
+            out["model"] = args.model
+            print(json.dumps(out, ensure_ascii=False))
+            return 0
+        final = None
+        for delta in engine.stream(args.prompt, params, chat=args.chat, tenant=args.tenant):
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+            final = delta.result or final
+        sys.stdout.write("\n")
+    finally:
+        if store is not None:
+            save_state(store, speculators)
     if final is not None:
         s = final.speculation
         print(f"[{final.finish_reason}; {final.usage.completion_tokens} tokens in {final.elapsed_s:.2f} s "
@@ -178,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--logprobs", type=int, default=None, help="return logprobs with this many top alternatives")
     g.add_argument("--speculator", default="ngram", choices=SPECULATORS)
     g.add_argument("--lookahead", type=int, default=8, help="most draft tokens per step (default: %(default)s)")
+    g.add_argument("--tenant", default="default", help="tenant whose learned state is used (default: %(default)s)")
+    g.add_argument("--state-dir", default=None,
+                   help="folder of learned-state snapshots: restored at start, written at the end")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=cmd_generate)
 
