@@ -11,16 +11,36 @@ from typing import Optional
 
 from adaspec.models import DEFAULT_MODEL
 
-SPECULATORS = ("none", "ngram", "suffix")
+SPECULATORS = ("none", "ngram", "suffix", "static", "atlas")
 DEFAULT_DTYPE = "float32"
 
 
-def build_speculators(name: str) -> list:
+def build_speculators(name: str, target=None, calibrate: bool = True) -> list:
     """Speculator objects for ``--speculator``.
 
+    ``atlas`` is the confidence-aware controller over the static speculator
+    (when one is available for the model) and the adaptive suffix speculator;
+    with ``calibrate`` its cost model starts from a measured verify-cost table.
+
     Raises:
-        ValueError: unknown name.
+        ValueError: unknown name, or ``static`` for a model without a static speculator.
     """
+    if name == "atlas":
+        from adaspec.controller import AtlasSpeculator, CostModel
+        from adaspec.speculators import SuffixSpeculator
+
+        static = _static_or_none(target)
+        costs = CostModel()
+        if calibrate and target is not None:
+            from adaspec.bench.step_cost import measure_step_cost
+
+            costs = CostModel(measure_step_cost(target, ks=[1, 2, 3, 5, 9, 13, 17], repeats=3, prompt_len=32))
+        return [AtlasSpeculator(static=static, adaptive=SuffixSpeculator(), cost_model=costs)]
+    if name == "static":
+        static = _static_or_none(target)
+        if static is None:
+            raise ValueError("no static speculator is available for this model")
+        return [static]
     if name == "none":
         return []
     if name == "ngram":
@@ -32,6 +52,20 @@ def build_speculators(name: str) -> list:
 
         return [SuffixSpeculator()]
     raise ValueError(f"unknown speculator {name!r}; choose from {', '.join(SPECULATORS)}")
+
+
+def _static_or_none(target):
+    """The shipped static speculator for ``target``, or None when there is none."""
+    if target is None:
+        return None
+    try:
+        from adaspec.speculators.draft_head import load_static_speculator
+    except ImportError:
+        return None
+    try:
+        return load_static_speculator(target)
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def restore_state(state_dir: str, speculators: list):
@@ -78,9 +112,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             logprobs=args.logprobs)
     params.validate()
     target = load_target(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
-    speculators = build_speculators(args.speculator)
+    speculators = build_speculators(args.speculator, target)
     store = restore_state(args.state_dir, speculators) if args.state_dir else None
-    engine = Engine(target, speculators, lookahead=args.lookahead)
+    lookahead = args.lookahead if args.lookahead is not None else (16 if args.speculator == "atlas" else 8)
+    engine = Engine(target, speculators, lookahead=lookahead)
     try:
         if args.json:
             r = engine.generate(args.prompt, params, chat=args.chat, tenant=args.tenant)
@@ -210,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--logprobs", type=int, default=None, help="return logprobs with this many top alternatives")
     g.add_argument("--speculator", default="ngram", choices=SPECULATORS)
-    g.add_argument("--lookahead", type=int, default=8, help="most draft tokens per step (default: %(default)s)")
+    g.add_argument("--lookahead", type=int, default=None,
+                   help="most draft tokens per step (default: 8; 16 for atlas, whose controller picks k per step)")
     g.add_argument("--tenant", default="default", help="tenant whose learned state is used (default: %(default)s)")
     g.add_argument("--state-dir", default=None,
                    help="folder of learned-state snapshots: restored at start, written at the end")

@@ -8,8 +8,12 @@ lookahead; the confidence-aware controller builds on the same protocol.
 
 from __future__ import annotations
 
+import time as _time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
+
+from adaspec.speculators.base import Speculator
+from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext
 
 
 @dataclass
@@ -61,3 +65,372 @@ class FixedController(Controller):
         if self.speculator is None or k <= 0:
             return Decision(None, 0)
         return Decision(self.speculator, k)
+
+
+# --------------------------------------------------------------------------
+# The confidence-aware controller (ATLAS mode)
+# --------------------------------------------------------------------------
+
+
+def expected_emitted(accept_probs: Sequence[float]) -> float:
+    """Expected tokens emitted by one verify step for a draft of ``len(accept_probs)`` tokens.
+
+    ``accept_probs[i]`` is the probability that draft token i is accepted given
+    that tokens 0..i-1 were. The step always emits one target token (recovered
+    or bonus), plus each draft token whose whole prefix was accepted:
+    ``1 + sum_i prod_{j<=i} accept_probs[j]``; for a constant rate a and k
+    drafts this is ``(1 - a^(k+1)) / (1 - a)`` (Leviathan et al. 2023, eq. 1).
+    """
+    total, run = 1.0, 1.0
+    for a in accept_probs:
+        run *= a
+        total += run
+    return total
+
+
+def choose_lookahead(
+    accept_probs: Sequence[float],
+    draft_ms_per_token: float,
+    verify_ms: Callable[[int], float],
+    max_lookahead: int,
+) -> tuple[int, float]:
+    """Pick k that maximises expected tokens per second; k = 0 is plain decoding.
+
+    Args:
+        accept_probs: per-position conditional acceptance estimates (at least
+            ``max_lookahead`` long, or shorter: positions past it count as 0).
+        draft_ms_per_token: cost of drafting one token, milliseconds.
+        verify_ms: cost of one target forward over n fed tokens, ms (n = k + 1).
+        max_lookahead: upper bound on k (token budget, context window, config).
+
+    Returns:
+        ``(k, tokens_per_s)`` of the best choice.
+    """
+    best_k, best_rate = 0, 1000.0 / max(verify_ms(1), 1e-6)
+    run, emitted = 1.0, 1.0
+    for k in range(1, min(max_lookahead, len(accept_probs)) + 1):
+        run *= accept_probs[k - 1]
+        emitted += run
+        rate = 1000.0 * emitted / max(draft_ms_per_token * k + verify_ms(k + 1), 1e-6)
+        if rate > best_rate:
+            best_k, best_rate = k, rate
+    return best_k, best_rate
+
+
+class CostModel:
+    """Measured costs: target forward time by tokens fed, draft time per token by speculator.
+
+    Starts from ``verify_ms_table`` (e.g. from ``bench step-cost`` at start-up)
+    or, without one, from a flat prior; every observed forward updates its
+    entry with an exponential moving average, so the model follows the
+    machine. Entries never observed are interpolated from their neighbours.
+
+    Args:
+        verify_ms_table: ``{tokens_fed: ms}`` seed values.
+        ema: weight of a new observation (0..1]. Default 0.1.
+    """
+
+    def __init__(self, verify_ms_table: Optional[dict[int, float]] = None, ema: float = 0.1) -> None:
+        self.ema = ema
+        self.verify: dict[int, float] = dict(verify_ms_table or {})
+        self.draft_ms: dict[str, float] = {}
+
+    def observe_verify(self, tokens_fed: int, ms: float) -> None:
+        old = self.verify.get(tokens_fed)
+        self.verify[tokens_fed] = ms if old is None else (1 - self.ema) * old + self.ema * ms
+
+    def observe_draft(self, speculator: str, num_tokens: int, ms: float) -> None:
+        if num_tokens <= 0:
+            return
+        per = ms / num_tokens
+        old = self.draft_ms.get(speculator)
+        self.draft_ms[speculator] = per if old is None else (1 - self.ema) * old + self.ema * per
+
+    def verify_ms(self, tokens_fed: int) -> float:
+        if tokens_fed in self.verify:
+            return self.verify[tokens_fed]
+        if not self.verify:
+            return 50.0  # flat prior until the first measurement
+        known = sorted(self.verify)
+        lo = max((n for n in known if n < tokens_fed), default=None)
+        hi = min((n for n in known if n > tokens_fed), default=None)
+        if lo is None:
+            return self.verify[hi]
+        if hi is None:
+            # Extrapolate no flatter than the last known point (cost never falls with n).
+            return self.verify[lo] * tokens_fed / lo if len(known) == 1 else max(
+                self.verify[lo], self.verify[lo] + (tokens_fed - lo) * _slope(self.verify, known))
+        w = (tokens_fed - lo) / (hi - lo)
+        return (1 - w) * self.verify[lo] + w * self.verify[hi]
+
+    def draft_ms_per_token(self, speculator: str, default: float = 0.0) -> float:
+        return self.draft_ms.get(speculator, default)
+
+
+def _slope(table: dict[int, float], known: list[int]) -> float:
+    a, b = known[-2], known[-1]
+    return max(0.0, (table[b] - table[a]) / (b - a))
+
+
+@dataclass
+class _Beta:
+    """Decayed Beta posterior of an acceptance probability."""
+
+    accepted: float
+    rejected: float
+
+    def mean(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    def update(self, accepted: bool, decay: float) -> None:
+        self.accepted = self.accepted * decay + (1.0 if accepted else 0.0)
+        self.rejected = self.rejected * decay + (0.0 if accepted else 1.0)
+
+
+class AcceptanceEstimator:
+    """Online, decayed acceptance estimates for one speculator and tenant.
+
+    Two views, both per draft position (conditional on the earlier positions
+    being accepted):
+
+    - ``position``: how often position i is accepted, whatever the confidence;
+      used before drafting, to decide whether a costly speculator should run;
+    - ``calibration``: acceptance by bucket of the speculator's own confidence
+      (10 equal-width buckets), so a raw confidence (suffix counts, draft-head
+      probabilities) becomes a calibrated acceptance probability.
+
+    Decay (default 0.98 per observation) makes both follow drift: an estimate
+    forgets half its weight in ~35 observations.
+
+    Args:
+        prior: prior acceptance rate per position. prior_weight: its pseudo-count.
+    """
+
+    BUCKETS = 10
+
+    def __init__(self, prior: float = 0.3, prior_weight: float = 2.0, decay: float = 0.98, max_positions: int = 32):
+        self.decay = decay
+        self.prior, self.prior_weight = prior, prior_weight
+        self.position = [_Beta(prior * prior_weight, (1 - prior) * prior_weight) for _ in range(max_positions)]
+        self.calibration = [
+            _Beta(((b + 0.5) / self.BUCKETS) * prior_weight, (1 - (b + 0.5) / self.BUCKETS) * prior_weight)
+            for b in range(self.BUCKETS)
+        ]
+
+    def _bucket(self, confidence: float) -> int:
+        return min(self.BUCKETS - 1, max(0, int(confidence * self.BUCKETS)))
+
+    def position_probs(self, k: int) -> list[float]:
+        return [self.position[min(i, len(self.position) - 1)].mean() for i in range(k)]
+
+    def calibrated(self, confidences: Sequence[float]) -> list[float]:
+        return [self.calibration[self._bucket(c)].mean() for c in confidences]
+
+    def observe(self, num_judged: int, num_accepted: int, confidences: Optional[Sequence[float]]) -> None:
+        """Record a draft whose first ``num_judged`` positions were judged, ``num_accepted`` accepted.
+
+        Position ``num_accepted`` (if judged) was rejected; later ones were not
+        judged (their condition, all earlier accepted, did not hold).
+        """
+        for i in range(min(num_judged, num_accepted + 1)):
+            ok = i < num_accepted
+            self.position[min(i, len(self.position) - 1)].update(ok, self.decay)
+            if confidences is not None and i < len(confidences):
+                self.calibration[self._bucket(confidences[i])].update(ok, self.decay)
+
+
+@dataclass
+class _PendingDraft:
+    speculator: str
+    token_ids: list[int]
+    confidence: Optional[list[float]]
+    chosen: bool
+
+
+class AtlasSpeculator(Speculator):
+    """The confidence-aware controller, packaged as one composite speculator.
+
+    Each step it decides which child speculator drafts, and how far ahead, to
+    maximise expected tokens per second (``choose_lookahead``), and decodes
+    plainly (an empty draft) when nothing pays. Because it is itself a
+    speculator (token ids in, drafts out), it runs unchanged inside the engine
+    or any proposer hook (vLLM ``custom_class``).
+
+    Per step:
+
+    1. the **adaptive** speculator (cheap, model-free) drafts up to the bound;
+       its per-token confidences are calibrated by this tenant's decayed
+       acceptance history into acceptance probabilities;
+    2. the **static** speculator's expected acceptance per position comes from
+       its decayed history; it is asked to draft only if that beats the
+       adaptive draft after its measured drafting cost; its own draft
+       probabilities (confidence) then cut the draft where extending no longer
+       pays;
+    3. the better plan, by expected tokens per second, is returned; plain
+       decoding wins when neither beats ``1 / verify_ms(1)``.
+
+    Learning: every child observes every committed token. The adaptive draft is
+    also judged in the shadow when it was not chosen (its tokens compared with
+    what the target committed, up to what is known), so its estimate keeps
+    rising while the static one carries the load - that is how the controller
+    shifts to the adaptive speculator as it learns, and back after a drift.
+
+    Args:
+        static: the static speculator (e.g. the draft head), or None.
+        adaptive: the adaptive speculator (e.g. suffix), or None.
+        cost_model: measured costs (verify time by tokens fed; draft time).
+        static_prior: prior acceptance per position for the static speculator
+            (e.g. its held-out acceptance rate). Default 0.5.
+        max_lookahead: the most draft tokens in any step. Default 16.
+    """
+
+    name = "atlas"
+
+    def __init__(
+        self,
+        static: Optional[Speculator] = None,
+        adaptive: Optional[Speculator] = None,
+        cost_model: Optional[CostModel] = None,
+        static_prior: float = 0.5,
+        max_lookahead: int = 16,
+        decay: float = 0.98,
+    ) -> None:
+        if static is None and adaptive is None:
+            raise ValueError("AtlasSpeculator needs at least one child speculator")
+        self.static, self.adaptive = static, adaptive
+        self.children = [s for s in (static, adaptive) if s is not None]
+        self.needs_hidden_states = any(s.needs_hidden_states for s in self.children)
+        self.provides_draft_probs = any(s.provides_draft_probs for s in self.children)
+        self.costs = cost_model or CostModel()
+        self.static_prior = static_prior
+        self.max_lookahead = max_lookahead
+        self.decay = decay
+        self._estimators: dict[tuple[str, str], AcceptanceEstimator] = {}
+        self._tenant_of: dict[str, str] = {}
+        self._pending: dict[str, list[_PendingDraft]] = {}
+        self.choices: dict[str, int] = {}
+
+    # ---------------------------------------------------------------- estimates
+    def estimator(self, speculator: str, tenant: str) -> AcceptanceEstimator:
+        key = (speculator, tenant)
+        est = self._estimators.get(key)
+        if est is None:
+            prior = self.static_prior if self.static is not None and speculator == self.static.name else 0.3
+            est = AcceptanceEstimator(prior=prior, decay=self.decay, max_positions=self.max_lookahead)
+            self._estimators[key] = est
+        return est
+
+    # ---------------------------------------------------------------- lifecycle
+    def start_request(self, request_id: str, prompt_ids: Sequence[int], tenant: str = DEFAULT_TENANT) -> None:
+        self._tenant_of[request_id] = tenant
+        for s in self.children:
+            s.start_request(request_id, prompt_ids, tenant)
+
+    def stop_request(self, request_id: str) -> None:
+        self._tenant_of.pop(request_id, None)
+        self._pending.pop(request_id, None)
+        for s in self.children:
+            s.stop_request(request_id)
+
+    def on_verify(self, tokens_fed: int, verify_s: float) -> None:
+        self.costs.observe_verify(tokens_fed, verify_s * 1000.0)
+
+    def propose(self, ctx: ProposeContext, max_draft_tokens: int) -> DraftProposal:
+        bound = min(max_draft_tokens, self.max_lookahead)
+        pending: list[_PendingDraft] = []
+        self._pending[ctx.request_id] = pending
+        verify_ms = self.costs.verify_ms
+        plans: list[tuple[float, DraftProposal]] = []
+
+        if self.adaptive is not None and bound > 0:
+            t0 = _time.perf_counter()
+            a = self._draft(self.adaptive, ctx, bound)
+            self.costs.observe_draft(self.adaptive.name, max(1, a.num_draft_tokens), (_time.perf_counter() - t0) * 1000)
+            pending.append(_PendingDraft(self.adaptive.name, a.token_ids, a.confidence, chosen=False))
+            if a.num_draft_tokens:
+                est = self.estimator(self.adaptive.name, ctx.tenant)
+                probs = est.calibrated(a.confidence) if a.confidence else est.position_probs(a.num_draft_tokens)
+                k, rate = choose_lookahead(probs, self.costs.draft_ms_per_token(self.adaptive.name), verify_ms,
+                                           a.num_draft_tokens)
+                if k > 0:
+                    plans.append((rate, _truncate(a, k)))
+
+        if self.static is not None and bound > 0:
+            est = self.estimator(self.static.name, ctx.tenant)
+            draft_ms = self.costs.draft_ms_per_token(self.static.name, default=2.0)
+            k, rate = choose_lookahead(est.position_probs(bound), draft_ms, verify_ms, bound)
+            best_other = max((r for r, _ in plans), default=1000.0 / max(verify_ms(1), 1e-6))
+            if k > 0 and rate > best_other:
+                t0 = _time.perf_counter()
+                s = self.static.propose(ctx, k)
+                self.costs.observe_draft(self.static.name, max(1, s.num_draft_tokens),
+                                         (_time.perf_counter() - t0) * 1000)
+                s.speculator = s.speculator or self.static.name
+                pending.append(_PendingDraft(self.static.name, s.token_ids, s.confidence, chosen=False))
+                if s.num_draft_tokens:
+                    probs = est.calibrated(s.confidence) if s.confidence else est.position_probs(s.num_draft_tokens)
+                    k2, rate2 = choose_lookahead(probs, 0.0, verify_ms, s.num_draft_tokens)  # drafting already paid
+                    if k2 > 0:
+                        plans.append((rate2, _truncate(s, k2)))
+
+        if not plans:
+            self.choices["none"] = self.choices.get("none", 0) + 1
+            return DraftProposal(speculator="none")
+        _, best = max(plans, key=lambda p: p[0])
+        for p in pending:
+            p.chosen = p.speculator == best.speculator
+        self.choices[best.speculator] = self.choices.get(best.speculator, 0) + 1
+        return best
+
+    @staticmethod
+    def _draft(spec: Speculator, ctx: ProposeContext, k: int) -> DraftProposal:
+        d = spec.propose(ctx, k)
+        d.speculator = d.speculator or spec.name
+        return d
+
+    def observe(self, request_id: str, token_ids: Sequence[int], num_accepted: int, num_draft_tokens: int) -> None:
+        tenant = self._tenant_of.get(request_id, DEFAULT_TENANT)
+        for p in self._pending.pop(request_id, []):
+            est = self.estimator(p.speculator, tenant)
+            if p.chosen:
+                est.observe(num_draft_tokens, num_accepted, p.confidence)
+            elif p.token_ids:
+                # Shadow judgement: compare with what the target committed; positions
+                # past the committed tokens are unknown and not judged.
+                judged = min(len(p.token_ids), len(token_ids))
+                acc = 0
+                while acc < judged and p.token_ids[acc] == token_ids[acc]:
+                    acc += 1
+                est.observe(judged, acc, p.confidence)
+        for s in self.children:
+            s.observe(request_id, token_ids, num_accepted, num_draft_tokens)
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        out = {}
+        for s in self.children:
+            st = s.state_dict()
+            if st:
+                out[s.name] = st
+        return {"children": out} if out else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        children = state.get("children") if isinstance(state, dict) else None
+        if not isinstance(children, dict):
+            raise ValueError("atlas state must be {'children': {name: state}}")
+        by_name = {s.name: s for s in self.children}
+        for name, st in children.items():
+            if name not in by_name:
+                raise ValueError(f"atlas state holds unknown child speculator {name!r}")
+            by_name[name].load_state_dict(st)
+
+
+def _truncate(d: DraftProposal, k: int) -> DraftProposal:
+    return DraftProposal(
+        token_ids=d.token_ids[:k],
+        draft_probs=d.draft_probs[:k] if d.draft_probs is not None else None,
+        confidence=d.confidence[:k] if d.confidence is not None else None,
+        speculator=d.speculator,
+    )

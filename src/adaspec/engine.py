@@ -208,6 +208,7 @@ class Engine:
             self.target.truncate(state.kv, len(state.token_ids) - 1)
             state.hidden_state = out.hidden[len(committed) - 1]
         for spec in self.speculators.values():
+            spec.on_verify(len(fed), verify_s)
             spec.observe(state.request_id, committed, result.num_accepted, proposal.num_draft_tokens)
         self.controller.update(state, decision, proposal, result, verify_s)
         if state.finished:

@@ -53,6 +53,12 @@ class Speculator:
             num_draft_tokens: drafts proposed this step.
         """
 
+    def on_verify(self, tokens_fed: int, verify_s: float) -> None:
+        """The target ran one forward over ``tokens_fed`` tokens in ``verify_s`` seconds.
+
+        Lets controllers measure costs instead of assuming them; default: ignore.
+        """
+
     def stop_request(self, request_id: str) -> None:
         """The request finished or was cancelled; release its per-request state."""
 

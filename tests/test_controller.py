@@ -1,0 +1,161 @@
+"""The confidence-aware controller: pure decisions on synthetic traces, and end to end (tiny model)."""
+
+import pytest
+
+from adaspec.controller import (
+    AcceptanceEstimator,
+    AtlasSpeculator,
+    CostModel,
+    choose_lookahead,
+    expected_emitted,
+)
+from adaspec.engine import Engine
+from adaspec.speculators import SuffixSpeculator
+from adaspec.speculators.base import Speculator
+from adaspec.types import DraftProposal, SamplingParams
+
+# Verify cost shaped like the int8 path on this machine: nearly flat in k.
+FLAT = {n: 40.0 + 1.5 * (n - 1) for n in range(1, 18)}
+# Shaped like fp32 at its worst: each extra token costs nearly a full forward.
+STEEP = {n: 40.0 * n for n in range(1, 18)}
+
+
+def frozen_costs(table):
+    return CostModel(dict(table), ema=0.0)
+
+
+def test_expected_emitted_matches_closed_form():
+    for a in (0.0, 0.3, 0.8, 0.99):
+        for k in (1, 4, 8):
+            assert expected_emitted([a] * k) == pytest.approx((1 - a ** (k + 1)) / (1 - a))
+
+
+@pytest.mark.parametrize("max_k", [0, 1, 5, 16])
+def test_chosen_k_within_bounds(max_k):
+    k, rate = choose_lookahead([0.9] * 16, 0.1, frozen_costs(FLAT).verify_ms, max_k)
+    assert 0 <= k <= max_k and rate > 0
+
+
+def test_k_grows_with_acceptance_and_falls_back_to_plain():
+    vm = frozen_costs(FLAT).verify_ms
+    ks = [choose_lookahead([a] * 16, 0.1, vm, 16)[0] for a in (0.0, 0.2, 0.5, 0.8, 0.95)]
+    assert ks[0] == 0  # nothing pays: decode plainly
+    assert ks == sorted(ks) and ks[-1] > ks[1]
+    # Expensive verification: speculation rarely pays.
+    assert choose_lookahead([0.3] * 16, 0.1, frozen_costs(STEEP).verify_ms, 16)[0] == 0
+    # Expensive drafting: fewer tokens than with free drafting.
+    assert choose_lookahead([0.7] * 16, 20.0, vm, 16)[0] < choose_lookahead([0.7] * 16, 0.0, vm, 16)[0]
+
+
+def test_cost_model_interpolates_and_learns():
+    cm = CostModel({1: 10.0, 9: 18.0}, ema=0.5)
+    assert cm.verify_ms(5) == pytest.approx(14.0)
+    assert cm.verify_ms(17) >= 18.0
+    cm.observe_verify(1, 20.0)
+    assert cm.verify_ms(1) == pytest.approx(15.0)
+    cm.observe_draft("x", 4, 8.0)
+    assert cm.draft_ms_per_token("x") == pytest.approx(2.0)
+    assert CostModel().verify_ms(3) > 0
+
+
+def test_estimator_follows_drift():
+    est = AcceptanceEstimator(prior=0.3, decay=0.9)
+    for _ in range(60):
+        est.observe(4, 4, [0.95] * 4)
+    high = est.position_probs(4)
+    assert min(high) > 0.9
+    assert est.calibrated([0.95])[0] > 0.9
+    for _ in range(60):
+        est.observe(4, 0, [0.95] * 4)
+    assert est.position_probs(1)[0] < 0.1
+    assert est.calibrated([0.95])[0] < 0.1
+
+
+class PlainLookup(Speculator):
+    """Scripted static speculator: knows plain outputs by prompt; first ``num_right`` right."""
+
+    def __init__(self, name, plain_by_prompt, num_right, vocab_size):
+        self.name = name
+        self.plain = plain_by_prompt
+        self.num_right = num_right
+        self.V = vocab_size
+        self.prompts = {}
+
+    def start_request(self, request_id, prompt_ids, tenant="default"):
+        self.prompts[request_id] = tuple(prompt_ids)
+
+    def propose(self, ctx, k):
+        truth = self.plain.get(tuple(ctx.token_ids[: ctx.num_prompt_tokens]), [])
+        pos = len(ctx.token_ids) - ctx.num_prompt_tokens
+        t = truth[pos : pos + k]
+        r = min(self.num_right, len(t))
+        ids = t[:r] + [(x + 1) % self.V for x in t[r:]]
+        return DraftProposal(token_ids=ids, confidence=[0.6] * len(ids), speculator=self.name)
+
+    def stop_request(self, request_id):
+        self.prompts.pop(request_id, None)
+
+
+def test_atlas_exact_and_shifts_between_static_and_adaptive(tiny_target):
+    tok = tiny_target.tokenizer
+    phase_a = [tok.encode(f"SELECT * FROM t{i} WHERE") for i in range(3)]
+    phase_b = [tok.encode(f"fn main{i}() {{ let") for i in range(3)]
+    params = SamplingParams(max_tokens=32, ignore_eos=True)
+    plain_engine = Engine(tiny_target)
+    plain = {tuple(p): plain_engine.generate(p, params).token_ids for p in phase_a + phase_b}
+    static = PlainLookup("static", plain, 2, tiny_target.vocab_size)
+    atlas = AtlasSpeculator(static=static, adaptive=SuffixSpeculator(), cost_model=frozen_costs(FLAT),
+                            static_prior=0.6)
+    eng = Engine(tiny_target, [atlas], lookahead=16)
+
+    def share(result, name):
+        steps = result.speculation.steps_by_speculator
+        return steps.get(name, 0) / max(1, sum(steps.values()))
+
+    shares = []
+    for phase in (phase_a, phase_b):
+        for rep in range(3):  # each prompt family repeats: the adaptive speculator learns it
+            for p in phase:
+                r = eng.generate(p, params)
+                assert r.token_ids == plain[tuple(p)]  # exactness, whoever drafts
+                shares.append((share(r, "static"), share(r, "suffix"), r.speculation.mean_acceptance_length))
+    # Phase A: static carries the first request, adaptive dominates once learned.
+    assert shares[0][0] > shares[0][1]
+    assert shares[8][1] > shares[8][0]
+    # After the switch to phase B, static carries again, then adaptive takes over.
+    assert shares[9][0] > shares[9][1]
+    assert shares[17][1] > shares[17][0]
+    # Lookahead grows with confidence: late requests accept long drafts.
+    assert shares[17][2] > 4.0
+
+
+def test_atlas_decodes_plainly_when_nothing_pays(tiny_target):
+    class Wrong(Speculator):
+        name = "wrong"
+
+        def propose(self, ctx, k):
+            return DraftProposal(token_ids=[7] * k, confidence=[0.9] * k, speculator=self.name)
+
+    atlas = AtlasSpeculator(static=Wrong(), adaptive=SuffixSpeculator(), cost_model=frozen_costs(FLAT),
+                            static_prior=0.5)
+    eng = Engine(tiny_target, [atlas], lookahead=16)
+    r = None
+    for i in range(3):  # novel prompts: the adaptive speculator has nothing to offer
+        r = eng.generate(f"zzq xk {i} {i * 7}", SamplingParams(max_tokens=40, ignore_eos=True))
+    steps = r.speculation.steps_by_speculator
+    assert steps.get("wrong", 0) <= 2  # the always-wrong static speculator is dropped
+    assert steps.get("none", 0) > 0.7 * sum(steps.values())
+
+
+def test_atlas_state_round_trip():
+    a = AtlasSpeculator(adaptive=SuffixSpeculator())
+    a.start_request("r", [1, 2, 3, 4], "default")
+    a.observe("r", [5, 6], 0, 0)
+    a.stop_request("r")
+    b = AtlasSpeculator(adaptive=SuffixSpeculator())
+    b.load_state_dict(a.state_dict())
+    assert b.state_dict() == a.state_dict()
+    with pytest.raises(ValueError):
+        b.load_state_dict({"children": {"nope": {}}})
+    with pytest.raises(ValueError):
+        AtlasSpeculator()
