@@ -1,0 +1,1 @@
+"""Adapters that run adaspec's speculators inside other engines."""

@@ -1,0 +1,115 @@
+"""Run adaspec's adaptive speculator as vLLM's ``custom_class`` proposer.
+
+vLLM (>= 0.32) loads a user class as its drafter with::
+
+    LLM(model=..., speculative_config={
+        "method": "custom_class",
+        "model": "adaspec.integrations.vllm_proposer.AdaspecSuffixProposer",
+        "num_speculative_tokens": 8})
+
+The class is built with the ``VllmConfig``, gets ``load_model(...)``, then, each
+step, ``propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu,
+slot_mappings=None)`` for the whole batch and returns one draft list per
+request (lengths may differ; ``[]`` means no draft). vLLM brings tensor and
+pipeline parallelism and multi-node serving; this adapter brings the learning
+speculator. It imports nothing from vLLM or transformers: the batch arrives as
+numpy arrays and token lists.
+
+vLLM's proposer hook identifies requests only by their row in the persistent
+batch, so the adapter tracks each row's token history: a row whose stored
+history is no longer a prefix of its current tokens holds a new request (the
+old one is stopped and its tokens stay learned); new tokens of a known request
+are passed to ``observe``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from adaspec.speculators.base import Speculator
+from adaspec.types import DEFAULT_TENANT, ProposeContext
+
+_ids = itertools.count()
+
+
+class AdaspecSuffixProposer:
+    """vLLM ``custom_class`` drafter backed by an adaspec speculator.
+
+    Args:
+        vllm_config: vLLM's config; ``speculative_config.num_speculative_tokens``
+            sets the lookahead (default 8 when absent).
+        speculator: the speculator to run (default: a fresh SuffixSpeculator).
+        tenant: tenant whose learned state is used. Default "default".
+    """
+
+    def __init__(self, vllm_config: Any = None, *args: Any, speculator: Optional[Speculator] = None,
+                 tenant: str = DEFAULT_TENANT, **kwargs: Any) -> None:
+        spec_cfg = getattr(vllm_config, "speculative_config", None)
+        self.lookahead = int(getattr(spec_cfg, "num_speculative_tokens", None) or 8)
+        if speculator is None:
+            from adaspec.speculators.suffix import SuffixSpeculator
+
+            speculator = SuffixSpeculator()
+        self.speculator = speculator
+        self.tenant = tenant
+        self._rows: dict[int, tuple[str, list[int], int]] = {}  # row -> (request_id, tokens seen, prompt len)
+
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        """Model-free speculator: nothing to load."""
+
+    def propose(
+        self,
+        sampled_token_ids: Sequence[Sequence[int]],
+        num_tokens_no_spec: np.ndarray,
+        token_ids_cpu: np.ndarray,
+        slot_mappings: Any = None,
+    ) -> list[list[int]]:
+        """Draft tokens for every request in the batch.
+
+        Args:
+            sampled_token_ids: per request, the tokens sampled this step (empty
+                for a request still in chunked prefill: it gets no draft).
+            num_tokens_no_spec: ``[num_reqs]`` int, valid tokens per row of
+                ``token_ids_cpu`` (prompt + output, drafts excluded).
+            token_ids_cpu: ``[num_reqs, max_model_len]`` int token ids.
+
+        Returns:
+            One list of draft token ids per request, each of length 0..lookahead.
+        """
+        drafts: list[list[int]] = []
+        for row, sampled in enumerate(sampled_token_ids):
+            n = int(num_tokens_no_spec[row])
+            if not sampled or n == 0:
+                drafts.append([])
+                continue
+            tokens = [int(t) for t in token_ids_cpu[row, :n]]
+            request_id, prompt_len = self._track(row, tokens, len(tokens) - len(sampled))
+            ctx = ProposeContext(request_id=request_id, token_ids=tokens, num_prompt_tokens=prompt_len,
+                                 tenant=self.tenant)
+            drafts.append(list(self.speculator.propose(ctx, self.lookahead).token_ids))
+        live = set(range(len(sampled_token_ids)))
+        for row in [r for r in self._rows if r not in live]:
+            self.speculator.stop_request(self._rows.pop(row)[0])
+        return drafts
+
+    def _track(self, row: int, tokens: list[int], prompt_len_guess: int) -> tuple[str, int]:
+        known = self._rows.get(row)
+        if known is not None:
+            rid, seen, prompt_len = known
+            if len(seen) <= len(tokens) and tokens[: len(seen)] == seen:
+                new = tokens[len(seen):]
+                if new:
+                    self.speculator.observe(rid, new, 0, 0)
+                self._rows[row] = (rid, tokens, prompt_len)
+                return rid, prompt_len
+            self.speculator.stop_request(rid)
+        rid = f"vllm-row{row}-{next(_ids)}"
+        prompt_len = max(1, prompt_len_guess)
+        self.speculator.start_request(rid, tokens[:prompt_len], self.tenant)
+        if tokens[prompt_len:]:
+            self.speculator.observe(rid, tokens[prompt_len:], 0, 0)
+        self._rows[row] = (rid, tokens, prompt_len)
+        return rid, prompt_len
