@@ -1,0 +1,724 @@
+"""The OpenAI-compatible HTTP API: ``create_app`` builds the FastAPI app.
+
+Endpoints:
+
+- ``POST /v1/completions``, ``POST /v1/chat/completions``: OpenAI's request and
+  response shapes (SSE streaming with ``stream_options.include_usage``, n=1).
+  Every response, and the last chunk of a stream, carries an ``adaspec``
+  field with the request's speculation stats (``SpeculationStats.to_dict()``
+  plus ``speculator_shares``, ``tenant``, ``ttft_s``, ``elapsed_s`` and
+  ``finish_detail``).
+- ``GET /v1/models``, ``GET /v1/models/{model}``.
+- ``GET /health``: ``{"status": "ok", ...}``.
+- ``GET /metrics``: Prometheus text format (the app's own registry).
+- ``GET /dashboard``: a live page; its data is ``GET /dashboard/stats.json``.
+
+Tenants: with API keys configured, ``Authorization: Bearer KEY`` is required
+on ``/v1/*`` and the key names the tenant (401 otherwise); without keys the
+optional ``X-Adaspec-Tenant`` header does, else the default tenant. The
+operational endpoints (health, metrics, dashboard) need no key and show no
+prompt or output text; bind to loopback or put them behind a proxy.
+
+Finish reasons: "stop" (EOS, stop token, stop string), "length" (max_tokens,
+the context window, or a cut by the server: ``adaspec.finish_detail`` is
+"timeout" after ``request_timeout_s`` or "shutdown").
+
+Errors are OpenAI error objects (``{"error": {"message", "type", "param",
+"code"}}``): 400 for invalid or unsupported parameters, malformed JSON,
+invalid UTF-8 and prompts beyond the context window; 401 bad key; 404 unknown
+model or path; 429 (with Retry-After) when the queue is full; 503 while
+shutting down.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, AsyncIterator, Callable, Optional, Union
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
+
+from adaspec.server.metrics import ServerMetrics
+from adaspec.server.scheduler import (
+    Chunk,
+    Failed,
+    Job,
+    LogprobEntry,
+    QueueFull,
+    Scheduler,
+    ShuttingDown,
+    Started,
+    queue_timeout_error,
+)
+from adaspec.server.schemas import (
+    MAX_STOP_SEQUENCES,
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    validation_error_to_api,
+)
+from adaspec.types import DEFAULT_TENANT, SamplingParams
+
+log = logging.getLogger("adaspec.server")
+
+TENANT_HEADER = "X-Adaspec-Tenant"
+_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$")
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming handler checks for a client disconnect
+RETRY_AFTER_S = 1
+GREEDY_BELOW_TEMPERATURE = 1e-5  # a temperature under this decodes greedily
+STATIC_DIR = resources.files("adaspec.server") / "static"
+
+
+@dataclass
+class ServerState:
+    """What the routes share; lives at ``app.state.adaspec``.
+
+    Attributes:
+        engine: the running engine (owned by ``scheduler``'s worker thread).
+        scheduler: queue and worker.
+        metrics: Prometheus registry and dashboard series.
+        served_model_name: the id clients send as ``model``.
+        api_keys: bearer token -> tenant; empty for an open server.
+    """
+
+    served_model_name: str
+    api_keys: dict[str, str]
+    request_timeout_s: Optional[float]
+    metrics: ServerMetrics
+    engine: Any = None
+    scheduler: Optional[Scheduler] = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine.target.max_model_len)
+
+
+class _ClientGone(Exception):
+    """The client disconnected while its request waited; nobody reads the answer."""
+
+
+def create_app(
+    engine_or_factory: Union[Any, Callable[[], Any]],
+    served_model_name: Optional[str] = None,
+    *,
+    api_keys: Optional[dict[str, str]] = None,
+    max_queue: int = 32,
+    max_active: int = 8,
+    request_timeout_s: Optional[float] = 600.0,
+    state_store: Any = None,
+    drain_timeout_s: float = 30.0,
+) -> FastAPI:
+    """Build the OpenAI-compatible app around an engine.
+
+    Args:
+        engine_or_factory: an :class:`adaspec.engine.Engine`, or a zero-argument
+            callable returning one (called at start-up, off the event loop).
+        served_model_name: the model id clients use; default: the target
+            model's name. The target's own name is accepted as well.
+        api_keys: bearer token -> tenant (see :func:`adaspec.server.main.load_api_keys`);
+            None or empty: no authentication.
+        max_queue: requests that may wait for an active slot; beyond it, 429. Default 32.
+        max_active: requests decoded at once, interleaved step by step. Default 8.
+        request_timeout_s: wall-clock limit per request from arrival; a request
+            still decoding then finishes with "length" (finish_detail
+            "timeout"), one still queued gets a 429. None: no limit. Default 600.
+        state_store: optional snapshot store (``load(name) -> dict | None`` and
+            ``save(name, state)``, e.g. :class:`adaspec.store.SnapshotStore`):
+            speculators with learned state are restored from it at start-up and
+            saved to it at shutdown.
+        drain_timeout_s: at shutdown, how long in-flight requests may finish
+            before they are cut. Default 30.
+
+    Returns:
+        The FastAPI app; run it with uvicorn. The engine worker starts and stops
+        with the app's lifespan.
+    """
+    ctx = ServerState(served_model_name=served_model_name or "", api_keys=dict(api_keys or {}),
+                      request_timeout_s=request_timeout_s, metrics=ServerMetrics())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = engine_or_factory
+        if not hasattr(engine, "step"):
+            engine = await anyio.to_thread.run_sync(engine_or_factory)
+        ctx.engine = engine
+        ctx.served_model_name = ctx.served_model_name or engine.target.name
+        if state_store is not None:
+            await anyio.to_thread.run_sync(_load_learned_state, engine, state_store)
+        scheduler = Scheduler(engine, ctx.metrics, max_active=max_active, max_queue=max_queue)
+        ctx.metrics.queue_depth = lambda: scheduler.queue_depth
+        ctx.metrics.active_requests = lambda: scheduler.active_count
+        ctx.metrics.speculators = lambda: dict(getattr(engine, "speculators", {}) or {})
+        ctx.scheduler = scheduler
+        scheduler.start()
+        log.info("serving %s (context window %d)", ctx.served_model_name, ctx.max_model_len)
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(scheduler.shutdown, drain_timeout_s)
+            if state_store is not None:
+                await anyio.to_thread.run_sync(_save_learned_state, engine, state_store)
+
+    app = FastAPI(title="adaspec", version=_version(), lifespan=lifespan,
+                  description="OpenAI-compatible API over adaspec's speculative decoding engine.")
+    app.state.adaspec = ctx
+    _install_error_handlers(app, ctx)
+    _install_routes(app, ctx)
+    app.openapi = lambda: _openapi(app, ctx)  # type: ignore[method-assign]
+    app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+    return app
+
+
+# ---------------------------------------------------------------- routes
+def _install_routes(app: FastAPI, ctx: ServerState) -> None:
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """Liveness and load."""
+        s = ctx.scheduler
+        return {"status": "ok", "model": ctx.served_model_name,
+                "active_requests": s.active_count if s else 0, "queue_depth": s.queue_depth if s else 0}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict[str, Any]:
+        """The one served model, OpenAI's list shape."""
+        _tenant(request, ctx)
+        return {"object": "list", "data": [_model_card(ctx)]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str, request: Request) -> dict[str, Any]:
+        """One model by id; 404 for any other id."""
+        _tenant(request, ctx)
+        _check_model(model, ctx, param=None)
+        return _model_card(ctx)
+
+    @app.post("/v1/completions", openapi_extra=_request_body("CompletionRequest"))
+    async def completions(request: Request) -> Response:
+        """OpenAI text completions (one prompt, n=1)."""
+        tenant = _tenant(request, ctx)
+        req = _parse(await request.body(), CompletionRequest)
+        _check_common(req, ctx)
+        prompt = _single_prompt(req.prompt)
+        max_tokens = req.max_tokens if req.max_tokens is not None else 16
+        params = _sampling_params(req, ctx, max_tokens, logprobs=req.logprobs)
+        job = Job(request_id=f"cmpl-{uuid.uuid4().hex}", params=params, prompt=prompt, tenant=tenant,
+                  stream=req.stream, timeout_s=ctx.request_timeout_s, endpoint="completions")
+        return await _run(request, ctx, job, req, _CompletionFormat(ctx, job, req))
+
+    @app.post("/v1/chat/completions", openapi_extra=_request_body("ChatCompletionRequest"))
+    async def chat_completions(request: Request) -> Response:
+        """OpenAI chat completions through the model's chat template (n=1)."""
+        tenant = _tenant(request, ctx)
+        req = _parse(await request.body(), ChatCompletionRequest)
+        _check_common(req, ctx)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
+        if (req.max_tokens is not None and req.max_completion_tokens is not None
+                and req.max_tokens != req.max_completion_tokens):
+            raise ApiError(400, "max_tokens and max_completion_tokens disagree; send one", param="max_tokens")
+        messages = []
+        for i, m in enumerate(req.messages):
+            text = m.text()
+            _check_text(text, f"messages[{i}].content")
+            msg = {"role": "system" if m.role == "developer" else m.role, "content": text}
+            if m.name is not None:
+                msg["name"] = m.name
+            messages.append(msg)
+        max_tokens = req.max_completion_tokens or req.max_tokens or ctx.max_model_len
+        params = _sampling_params(req, ctx, max_tokens, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        job = Job(request_id=f"chatcmpl-{uuid.uuid4().hex}", params=params, messages=messages, tenant=tenant,
+                  stream=req.stream, timeout_s=ctx.request_timeout_s, endpoint="chat")
+        return await _run(request, ctx, job, req, _ChatFormat(ctx, job, req))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus metrics."""
+        return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/dashboard", response_class=HTMLResponse)
+    async def dashboard() -> HTMLResponse:
+        """The live dashboard page (polls /dashboard/stats.json)."""
+        return HTMLResponse((STATIC_DIR / "dashboard.html").read_text(encoding="utf-8"))
+
+    @app.get("/dashboard/stats.json")
+    async def dashboard_stats() -> dict[str, Any]:
+        """Throughput, acceptance per speculator, controller choices, recent requests."""
+        snap = ctx.metrics.snapshot()
+        engine = ctx.engine
+        snap["model"] = ctx.served_model_name
+        snap["max_model_len"] = ctx.max_model_len
+        snap["speculators"] = sorted(getattr(engine, "speculators", {}) or {})
+        snap["peak_active_requests"] = ctx.scheduler.peak_active if ctx.scheduler else 0
+        return snap
+
+
+async def _run(request: Request, ctx: ServerState, job: Job, req: Any, fmt: "_Format") -> Response:
+    """Queue the job, wait for its prefill, then stream or collect its output."""
+    scheduler = ctx.scheduler
+    job.bind()
+    try:
+        scheduler.submit(job)
+    except QueueFull:
+        raise ApiError(429, f"the server is busy: {scheduler.max_active} requests are running and "
+                       f"{scheduler.max_queue} are waiting; retry later", type="rate_limit_error",
+                       code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+    except ShuttingDown:
+        raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
+    try:
+        started = await _wait(request, ctx, job, Started)
+        if req.stream:
+            return StreamingResponse(_sse(ctx, job, fmt, started.prompt_tokens), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        final = await _wait(request, ctx, job, Chunk)
+    except _ClientGone:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    except BaseException:  # failed, or this handler was cancelled (e.g. server shutdown): free the slot
+        ctx.scheduler.cancel(job)
+        raise
+    return JSONResponse(fmt.full(final, started.prompt_tokens))
+
+
+async def _wait(request: Request, ctx: ServerState, job: Job, kind: type) -> Any:
+    """The job's next event of ``kind``, watching for a disconnect and the queue timeout.
+
+    Raises:
+        ApiError: the job failed (400 for a bad prompt, 429 queue timeout, 500 otherwise).
+        _ClientGone: the client disconnected (the job is cancelled).
+    """
+    while True:
+        ev = await job.next_event(DISCONNECT_POLL_S)
+        if ev is None:
+            if await request.is_disconnected():
+                ctx.scheduler.cancel(job)
+                raise _ClientGone()
+            if kind is Started and time.perf_counter() > job.deadline_s:  # still queued: give up
+                ctx.scheduler.cancel(job)
+                raise queue_timeout_error(job.timeout_s)
+            continue
+        if isinstance(ev, Failed):
+            if isinstance(ev.error, ApiError):
+                raise ev.error
+            raise ApiError(500, f"internal error: {type(ev.error).__name__}: {ev.error}", type="server_error",
+                           code="internal_error")
+        if isinstance(ev, kind):
+            return ev
+
+
+async def _sse(ctx: ServerState, job: Job, fmt: "_Format", prompt_tokens: int) -> AsyncIterator[str]:
+    """Server-sent events; cancelling this generator (client gone) cancels the job."""
+    try:
+        for payload in fmt.stream_start():
+            yield _event(payload)
+        while True:
+            ev = await job.events.get()
+            if isinstance(ev, Failed):
+                err = ev.error if isinstance(ev.error, ApiError) else ApiError(
+                    500, f"internal error: {type(ev.error).__name__}", type="server_error", code="internal_error")
+                yield _event(err.body())
+                break
+            if not isinstance(ev, Chunk):
+                continue
+            for payload in fmt.stream_chunk(ev, prompt_tokens):
+                yield _event(payload)
+            if ev.finish_reason is not None:
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        ctx.scheduler.cancel(job)  # no-op once finished; frees it when the client left early
+
+
+def _event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+# ---------------------------------------------------------------- response shapes
+class _Format:
+    """Builds one endpoint's response bodies and stream chunks."""
+
+    object_full = ""
+    object_chunk = ""
+
+    def __init__(self, ctx: ServerState, job: Job, req: Any) -> None:
+        self.ctx = ctx
+        self.job = job
+        self.req = req
+        self.created = int(time.time())
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.job.request_id, "object": obj, "created": self.created,
+                "model": self.ctx.served_model_name}
+
+    def _usage(self, final: Chunk, prompt_tokens: int) -> dict[str, int]:
+        return final.result.usage.to_dict() if final.result else {
+            "prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}
+
+    def adaspec(self, final: Chunk) -> dict[str, Any]:
+        """The ``adaspec`` extension: the request's speculation stats and timing."""
+        result = final.result
+        out = result.speculation.to_dict() if result else {}
+        steps = out.get("steps_by_speculator", {})
+        total = sum(steps.values())
+        out["speculator_shares"] = {k: v / total for k, v in steps.items()} if total else {}
+        out["tenant"] = self.job.tenant
+        out["ttft_s"] = final.ttft_s
+        out["elapsed_s"] = result.elapsed_s if result else None
+        out["finish_detail"] = final.finish_detail
+        return out
+
+    def full(self, final: Chunk, prompt_tokens: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def stream_start(self) -> list[dict[str, Any]]:
+        return []
+
+    def stream_chunk(self, chunk: Chunk, prompt_tokens: int) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _tail(self, final: Chunk, prompt_tokens: int, finish_choice: dict[str, Any]) -> list[dict[str, Any]]:
+        """The finish chunk (with ``adaspec``), then the usage chunk when asked for."""
+        out = []
+        last = {**self._head(self.object_chunk), "choices": [finish_choice]}
+        if self.req.include_usage:
+            last["usage"] = None
+        last["adaspec"] = self.adaspec(final)
+        out.append(last)
+        if self.req.include_usage:
+            out.append({**self._head(self.object_chunk), "choices": [], "usage": self._usage(final, prompt_tokens),
+                        "adaspec": last["adaspec"]})
+        return out
+
+    def _with_usage_field(self, payload: dict[str, Any]) -> dict[str, Any]:
+        if self.req.include_usage:
+            payload["usage"] = None
+        return payload
+
+
+class _CompletionFormat(_Format):
+    object_full = "text_completion"
+    object_chunk = "text_completion"
+
+    def __init__(self, ctx: ServerState, job: Job, req: Any) -> None:
+        super().__init__(ctx, job, req)
+        self.text_offset = 0
+
+    def _logprobs(self, entries: Optional[list[LogprobEntry]]) -> Optional[dict[str, Any]]:
+        if entries is None:
+            return None
+        offsets = []
+        for e in entries:
+            offsets.append(self.text_offset)
+            self.text_offset += len(e.token)
+        return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries], "text_offset": offsets}
+
+    def full(self, final: Chunk, prompt_tokens: int) -> dict[str, Any]:
+        choice = {"index": 0, "text": final.text, "logprobs": self._logprobs(final.logprobs),
+                  "finish_reason": final.finish_reason}
+        return {**self._head(self.object_full), "choices": [choice], "usage": self._usage(final, prompt_tokens),
+                "adaspec": self.adaspec(final)}
+
+    def stream_chunk(self, chunk: Chunk, prompt_tokens: int) -> list[dict[str, Any]]:
+        out = []
+        if chunk.text or chunk.logprobs:
+            choice = {"index": 0, "text": chunk.text, "logprobs": self._logprobs(chunk.logprobs),
+                      "finish_reason": None}
+            out.append(self._with_usage_field({**self._head(self.object_chunk), "choices": [choice]}))
+        if chunk.finish_reason is not None:
+            finish = {"index": 0, "text": "", "logprobs": None, "finish_reason": chunk.finish_reason}
+            out.extend(self._tail(chunk, prompt_tokens, finish))
+        return out
+
+
+class _ChatFormat(_Format):
+    object_full = "chat.completion"
+    object_chunk = "chat.completion.chunk"
+
+    @staticmethod
+    def _logprobs(entries: Optional[list[LogprobEntry]]) -> Optional[dict[str, Any]]:
+        if entries is None:
+            return None
+        return {"content": [
+            {"token": e.token, "logprob": e.logprob, "bytes": e.bytes,
+             "top_logprobs": [{"token": t, "logprob": lp, "bytes": b} for t, b, lp in e.top]}
+            for e in entries], "refusal": None}
+
+    def full(self, final: Chunk, prompt_tokens: int) -> dict[str, Any]:
+        choice = {"index": 0, "message": {"role": "assistant", "content": final.text},
+                  "logprobs": self._logprobs(final.logprobs), "finish_reason": final.finish_reason}
+        return {**self._head(self.object_full), "choices": [choice], "usage": self._usage(final, prompt_tokens),
+                "adaspec": self.adaspec(final)}
+
+    def stream_start(self) -> list[dict[str, Any]]:
+        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                  "finish_reason": None}
+        return [self._with_usage_field({**self._head(self.object_chunk), "choices": [choice]})]
+
+    def stream_chunk(self, chunk: Chunk, prompt_tokens: int) -> list[dict[str, Any]]:
+        out = []
+        if chunk.text or chunk.logprobs:
+            choice = {"index": 0, "delta": {"content": chunk.text}, "logprobs": self._logprobs(chunk.logprobs),
+                      "finish_reason": None}
+            out.append(self._with_usage_field({**self._head(self.object_chunk), "choices": [choice]}))
+        if chunk.finish_reason is not None:
+            finish = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": chunk.finish_reason}
+            out.extend(self._tail(chunk, prompt_tokens, finish))
+        return out
+
+
+# ---------------------------------------------------------------- request checks
+def _parse(raw: bytes, model: type[BaseModel]) -> Any:
+    """Decode and validate a JSON body; every failure is a 400 naming the problem."""
+    if not raw.strip():
+        raise ApiError(400, "the request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the request body is not valid UTF-8 (byte {e.start}: {e.reason})",
+                       code="invalid_encoding")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})",
+                       code="invalid_json")
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply", code="invalid_json")
+    if not isinstance(obj, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(obj).__name__}",
+                       code="invalid_json")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise validation_error_to_api(e)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply", code="invalid_json")
+
+
+def _check_common(req: Any, ctx: ServerState) -> None:
+    _check_model(req.model, ctx, param="model")
+    bad = req.unsupported()
+    if bad:
+        names = ", ".join(name for name, _ in bad)
+        raise ApiError(400, f"unsupported parameter{'s' if len(bad) > 1 else ''} ({names}): "
+                       + "; ".join(reason for _, reason in bad), param=bad[0][0], code="unsupported_parameter")
+    if req.stream_options is not None and not req.stream:
+        raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    stops = req.stop_list()
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise ApiError(400, f"at most {MAX_STOP_SEQUENCES} stop sequences are supported, got {len(stops)}",
+                       param="stop")
+    for s in stops:
+        _check_text(s, "stop")
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = getattr(req, name, None)
+        if value is not None and value > ctx.max_model_len:
+            raise ApiError(400, f"{name}={value} exceeds the context window of {ctx.max_model_len} tokens",
+                           param=name, code="invalid_value")
+
+
+def _check_model(model: str, ctx: ServerState, param: Optional[str]) -> None:
+    if model not in (ctx.served_model_name, ctx.engine.target.name):
+        raise ApiError(404, f"The model '{model}' does not exist; this server serves '{ctx.served_model_name}'",
+                       param=param, code="model_not_found")
+
+
+def _check_text(text: str, param: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"'{param}' is not valid Unicode (it holds a lone surrogate)", param=param,
+                       code="invalid_encoding")
+
+
+def _single_prompt(prompt: Any) -> Any:
+    """One prompt (text or token ids) from OpenAI's prompt forms."""
+    if isinstance(prompt, str):
+        _check_text(prompt, "prompt")
+        return prompt
+    if prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise ApiError(400, f"exactly one prompt per request is supported, got {len(prompt)}",
+                           param="prompt", code="unsupported_parameter")
+        return _single_prompt(prompt[0])
+    return list(prompt)
+
+
+def _sampling_params(req: Any, ctx: ServerState, max_tokens: int, logprobs: Optional[int]) -> SamplingParams:
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        # Below 1e-5, logits / temperature can overflow to inf (NaN probabilities); such a
+        # temperature is greedy in all but name, so decode greedily (vLLM's _SAMPLING_EPS).
+        temperature=0.0 if req.temperature < GREEDY_BELOW_TEMPERATURE else float(req.temperature),
+        top_p=float(req.top_p),
+        top_k=0 if req.top_k == -1 else req.top_k,  # vLLM's -1 means off, as does 0
+        seed=req.seed,
+        stop=req.stop_list(),
+        stop_token_ids=list(req.stop_token_ids or []),
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+    )
+    try:
+        params.validate()
+    except ValueError as e:
+        raise ApiError(400, str(e), param=str(e).split(" ", 1)[0], code="invalid_value")
+    return params
+
+
+def _tenant(request: Request, ctx: ServerState) -> str:
+    """The tenant of a request: from its API key when keys are configured, else the header."""
+    if ctx.api_keys:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "missing API key: send 'Authorization: Bearer YOUR_KEY'", code="invalid_api_key")
+        for key, tenant in ctx.api_keys.items():
+            if hmac.compare_digest(key.encode(), token.encode()):
+                return tenant
+        raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
+    tenant = request.headers.get(TENANT_HEADER)
+    if tenant is None:
+        return DEFAULT_TENANT
+    if not _TENANT_RE.match(tenant):
+        raise ApiError(400, f"invalid {TENANT_HEADER} header: 1-64 characters of letters, digits and _.:@-, "
+                       "starting with a letter or digit", param=TENANT_HEADER, code="invalid_tenant")
+    return tenant
+
+
+def _model_card(ctx: ServerState) -> dict[str, Any]:
+    return {"id": ctx.served_model_name, "object": "model", "created": ctx.created, "owned_by": "adaspec",
+            "max_model_len": ctx.max_model_len}
+
+
+# ---------------------------------------------------------------- errors
+def _install_error_handlers(app: FastAPI, ctx: ServerState) -> None:
+    def respond(err: ApiError) -> JSONResponse:
+        ctx.metrics.record_error(err.status, err.code)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return respond(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def request_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        loc = errors[0].get("loc", ()) if errors else ()
+        param = ".".join(str(p) for p in loc[1:]) or None
+        msg = errors[0].get("msg", "invalid request") if errors else "invalid request"
+        return respond(ApiError(400, f"Invalid value for '{param}': {msg}" if param else msg, param=param,
+                                code="invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return respond(ApiError(exc.status_code, message, type=kind, code=code,
+                                headers=dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return respond(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error",
+                                code="internal_error"))
+
+
+# ---------------------------------------------------------------- OpenAPI
+def _request_body(schema_name: str) -> dict[str, Any]:
+    """``openapi_extra`` declaring a JSON body that the route parses itself (for 400s, not 422s)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{schema_name}"}}}}}
+
+
+def _openapi(app: FastAPI, ctx: ServerState) -> dict[str, Any]:
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    _, defs = models_json_schema([(CompletionRequest, "validation"), (ChatCompletionRequest, "validation")],
+                                 ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(defs["$defs"])
+    for model in (CompletionRequest, ChatCompletionRequest):
+        props = components[model.__name__]["properties"]
+        for name, (allowed, reason) in model.unsupported_table.items():  # accepted only at their no-op value
+            props[name] = {"enum": list(allowed), "default": None, "description": f"Unsupported: {reason}."}
+        if ctx.engine is not None:  # the one valid model id, the context window and vocabulary, as checked
+            props["model"]["enum"] = [ctx.served_model_name]
+            for key in ("max_tokens", "max_completion_tokens"):
+                if key in props:
+                    _set_maximum(props[key], ctx.max_model_len)
+            if "prompt" in props:
+                _set_token_id_range(props["prompt"], int(ctx.engine.target.vocab_size) - 1)
+    app.openapi_schema = schema
+    return schema
+
+
+def _set_token_id_range(schema: Any, max_id: int) -> None:
+    """Bound every integer in ``schema`` (the prompt's token-id lists) to the vocabulary."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "integer":
+            schema["minimum"], schema["maximum"] = 0, max_id
+        for value in schema.values():
+            _set_token_id_range(value, max_id)
+    elif isinstance(schema, list):
+        for value in schema:
+            _set_token_id_range(value, max_id)
+
+
+def _set_maximum(prop: dict[str, Any], maximum: int) -> None:
+    for alt in prop.get("anyOf", [prop]):
+        if alt.get("type") == "integer":
+            alt["maximum"] = maximum
+
+
+# ---------------------------------------------------------------- learned state
+def _stateful(engine: Any) -> dict[str, Any]:
+    return {name: s for name, s in (getattr(engine, "speculators", {}) or {}).items()
+            if callable(getattr(s, "state_dict", None)) and callable(getattr(s, "load_state_dict", None))}
+
+
+def _load_learned_state(engine: Any, store: Any) -> None:
+    """Restore each speculator's learned state from ``store`` (a missing or bad snapshot: start empty)."""
+    for name, spec in _stateful(engine).items():
+        try:
+            state = store.load(name)
+            if state:
+                spec.load_state_dict(state)
+                log.info("restored learned state of speculator %s", name)
+        except Exception:
+            log.exception("could not restore learned state of speculator %s; starting empty", name)
+
+
+def _save_learned_state(engine: Any, store: Any) -> None:
+    """Write each speculator's non-empty learned state to ``store``."""
+    for name, spec in _stateful(engine).items():
+        try:
+            state = spec.state_dict()
+            if state:
+                store.save(name, state)
+                log.info("saved learned state of speculator %s", name)
+        except Exception:
+            log.exception("could not save learned state of speculator %s", name)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("adaspec")
+    except Exception:
+        return "0"

@@ -1,0 +1,187 @@
+"""``adaspec serve``: command-line options, API keys, and running the app with uvicorn.
+
+Run::
+
+    adaspec serve --model smollm2-135m-instruct --port 8000
+    # then any OpenAI client:
+    #   OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    # dashboard: http://127.0.0.1:8000/dashboard   metrics: /metrics
+
+API keys (``--api-keys`` or env ``ADASPEC_API_KEYS``): ``"key1:tenantA,key2:tenantB"``
+(a key without ``:tenant`` maps to the default tenant), or the path of a JSON
+or TOML file holding ``{"key1": "tenantA", ...}`` (optionally under a ``keys``
+table, or as a list of ``{"key": ..., "tenant": ...}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from adaspec.types import DEFAULT_TENANT
+
+API_KEYS_ENV = "ADASPEC_API_KEYS"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_LOOKAHEAD = 8
+DEFAULT_MAX_QUEUE = 32
+DEFAULT_MAX_ACTIVE = 8
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+
+
+def speculator_choices() -> list[str]:
+    """Names ``--speculator`` accepts: none, ngram, and suffix where it is installed."""
+    choices = ["none", "ngram"]
+    try:
+        from adaspec.speculators.suffix import SuffixSpeculator  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        choices.append("suffix")
+    return choices
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``serve`` options to ``parser`` (defaults as documented in ``--help``)."""
+    from adaspec.models import DEFAULT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="registry name, HF folder or GGUF file "
+                        f"(default {DEFAULT_MODEL})")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "int8"], help="default float32")
+    parser.add_argument("--speculator", default="ngram", choices=speculator_choices(),
+                        help="draft proposer; 'none' decodes plainly (default ngram)")
+    parser.add_argument("--lookahead", type=int, default=DEFAULT_LOOKAHEAD,
+                        help=f"most draft tokens per step, k (default {DEFAULT_LOOKAHEAD})")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="context window in tokens (default: the model's, at most 8192)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"default {DEFAULT_HOST}")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    parser.add_argument("--served-model-name", default=None, help="model id for clients (default: --model)")
+    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                        help=f"requests that may wait for a slot before 429 (default {DEFAULT_MAX_QUEUE})")
+    parser.add_argument("--max-active", type=int, default=DEFAULT_MAX_ACTIVE,
+                        help=f"requests decoded at once, interleaved (default {DEFAULT_MAX_ACTIVE})")
+    parser.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
+                        help="seconds per request; 0 for none; a cut request finishes with 'length' "
+                        f"(default {DEFAULT_REQUEST_TIMEOUT_S:g})")
+    parser.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+                        help="seconds in-flight requests may finish at shutdown before they are cut "
+                        f"(default {DEFAULT_SHUTDOWN_TIMEOUT_S:g})")
+    parser.add_argument("--api-keys", default=None,
+                        help=f"'key:tenant,...' or a JSON/TOML file (default: env {API_KEYS_ENV}; none: open)")
+    parser.add_argument("--state-dir", default=None,
+                        help="directory for learned-state snapshots (loaded at start, saved at shutdown)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def load_api_keys(spec: Optional[str]) -> dict[str, str]:
+    """API key -> tenant from ``"k1:tA,k2:tB"`` or a JSON / TOML file path.
+
+    Raises:
+        ValueError: an empty key or tenant, or a file of the wrong shape.
+    """
+    if spec is None or not spec.strip():
+        return {}
+    path = Path(spec.strip())
+    if path.suffix.lower() in (".json", ".toml") or path.is_file():
+        return _keys_from_file(path)
+    keys: dict[str, str] = {}
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, tenant = item.partition(":")
+        key, tenant = key.strip(), tenant.strip() if sep else DEFAULT_TENANT
+        if not key or not tenant:
+            raise ValueError(f"API key entry {item!r}: expected 'key:tenant'")
+        keys[key] = tenant
+    return keys
+
+
+def _keys_from_file(path: Path) -> dict[str, str]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".toml":
+        import tomllib
+
+        data: Any = tomllib.loads(text)
+    else:
+        data = json.loads(text)
+    if isinstance(data, dict) and "keys" in data:
+        data = data["keys"]
+    if isinstance(data, list):
+        try:
+            data = {d["key"]: d["tenant"] for d in data}
+        except (TypeError, KeyError):
+            raise ValueError(f"{path}: a list of keys needs {{'key': ..., 'tenant': ...}} entries") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and k and isinstance(v, str) and v
+                                             for k, v in data.items()):
+        raise ValueError(f"{path}: expected a mapping of API key -> tenant (non-empty strings)")
+    return dict(data)
+
+
+def build_engine(model: str, dtype: str = "float32", speculator: str = "ngram",
+                 lookahead: int = DEFAULT_LOOKAHEAD, max_model_len: Optional[int] = None) -> Any:
+    """Load the target model and build an Engine with the named speculator.
+
+    Raises:
+        ValueError: unknown model, dtype or speculator.
+    """
+    from adaspec.engine import Engine
+    from adaspec.target import load_target
+
+    speculators: list[Any] = []
+    if speculator == "ngram":
+        from adaspec.speculators.ngram import NgramSpeculator
+
+        speculators.append(NgramSpeculator())
+    elif speculator == "suffix":
+        from adaspec.speculators.suffix import SuffixSpeculator
+
+        speculators.append(SuffixSpeculator())
+    elif speculator != "none":
+        raise ValueError(f"unknown speculator {speculator!r}; choose from {speculator_choices()}")
+    target = load_target(model, dtype=dtype, max_model_len=max_model_len)
+    return Engine(target, speculators, lookahead=lookahead)
+
+
+def serve_from_args(args: argparse.Namespace) -> None:
+    """Run the server until interrupted (Ctrl-C drains in-flight requests, then saves learned state)."""
+    import uvicorn
+
+    from adaspec.server.app import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keys = load_api_keys(args.api_keys if args.api_keys is not None else os.environ.get(API_KEYS_ENV))
+    store = None
+    if args.state_dir:
+        from adaspec.store import SnapshotStore
+
+        store = SnapshotStore(args.state_dir)
+    app = create_app(
+        lambda: build_engine(args.model, args.dtype, args.speculator, args.lookahead, args.max_model_len),
+        args.served_model_name or args.model,
+        api_keys=keys,
+        max_queue=args.max_queue,
+        max_active=args.max_active,
+        request_timeout_s=args.request_timeout or None,
+        state_store=store,
+        drain_timeout_s=args.shutdown_timeout,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)))
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """``python -m adaspec.server.main``: the same as ``adaspec serve``."""
+    parser = argparse.ArgumentParser(prog="adaspec serve", description="OpenAI-compatible adaspec server")
+    add_serve_arguments(parser)
+    serve_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

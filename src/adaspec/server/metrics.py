@@ -1,0 +1,293 @@
+"""Server metrics: Prometheus counters (one registry per app) and the dashboard's series.
+
+Written by the engine worker thread after every step and every finished
+request; read by ``/metrics`` and ``/dashboard/stats.json`` on the event loop.
+One lock guards the Python-side aggregates; prometheus_client objects are
+thread-safe on their own.
+
+Per speculator (the key ``steps_by_speculator`` uses; "none" for a step
+without draft tokens)::
+
+    acceptance rate        = accepted / proposed draft tokens
+    mean acceptance length = tokens emitted on draft steps / draft steps
+                             (accepted + the recovered or bonus token, per target forward)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+NO_SPECULATOR = "none"  # steps_by_speculator key of a step with no draft tokens
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_GAP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+DRAFT_TOKEN_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32)
+THROUGHPUT_WINDOW_S = 10.0  # tokens/s gauge averages over this many seconds
+HISTORY_S = 600  # seconds of per-second buckets kept for the dashboard
+RECENT_REQUESTS = 25
+
+
+@dataclass
+class _SpeculatorTotals:
+    proposed: int = 0
+    accepted: int = 0
+    draft_steps: int = 0
+    emitted_on_draft_steps: int = 0
+    steps: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "proposed": self.proposed,
+            "accepted": self.accepted,
+            "draft_steps": self.draft_steps,
+            "steps": self.steps,
+            "acceptance_rate": self.accepted / self.proposed if self.proposed else None,
+            "mean_acceptance_length": (self.emitted_on_draft_steps / self.draft_steps
+                                       if self.draft_steps else None),
+        }
+
+
+@dataclass
+class _Bucket:
+    """One second of traffic."""
+
+    second: int
+    tokens: int = 0
+    requests: int = 0
+    by_speculator: dict[str, _SpeculatorTotals] = field(default_factory=dict)
+
+
+@dataclass
+class RequestRecord:
+    """A finished request as the dashboard lists it (no prompt or output text)."""
+
+    request_id: str
+    tenant: str
+    endpoint: str
+    stream: bool
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    elapsed_s: float
+    ttft_s: Optional[float]
+    acceptance_rate: Optional[float]  # None when nothing was proposed
+    mean_acceptance_length: Optional[float]  # None without draft steps
+    steps_by_speculator: dict[str, int]
+    finished_at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["tokens_per_s"] = self.completion_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        return d
+
+
+class ServerMetrics:
+    """Everything the server measures.
+
+    Args:
+        speculators: returns the engine's speculators by name (read at scrape
+            time for the learned-state size; a speculator that has
+            ``memory_stats()`` with ``{"tenants": {tenant: {"tokens", "nodes"}}}``
+            is reported per tenant).
+        queue_depth / active_requests: read at scrape time.
+    """
+
+    def __init__(self, speculators: Callable[[], dict[str, Any]] = dict,
+                 queue_depth: Callable[[], int] = lambda: 0,
+                 active_requests: Callable[[], int] = lambda: 0) -> None:
+        self.registry = CollectorRegistry()
+        self._lock = threading.Lock()
+        self._started = time.time()
+        self._buckets: deque[_Bucket] = deque(maxlen=HISTORY_S)
+        self._totals: dict[str, _SpeculatorTotals] = {}
+        self._lookahead: dict[int, int] = {}
+        self._recent: deque[RequestRecord] = deque(maxlen=RECENT_REQUESTS)
+        self._tokens_total = 0
+        self._requests_total = 0
+        self.speculators = speculators
+        self.queue_depth = queue_depth
+        self.active_requests = active_requests
+        r = self.registry
+        self.requests = Counter("adaspec_requests", "Finished requests", ["endpoint", "finish_reason"], registry=r)
+        self.errors = Counter("adaspec_request_errors", "Requests answered with an error", ["status", "code"],
+                              registry=r)
+        self.prompt_tokens = Counter("adaspec_prompt_tokens", "Prompt tokens of started requests", registry=r)
+        self.generation_tokens = Counter("adaspec_generation_tokens", "Generated tokens", registry=r)
+        Gauge("adaspec_tokens_per_second", f"Generated tokens per second over the last {THROUGHPUT_WINDOW_S:g} s",
+              registry=r).set_function(self.tokens_per_s)
+        self.ttft = Histogram("adaspec_time_to_first_token_seconds", "Submit to first generated token (incl. queue)",
+                              buckets=LATENCY_BUCKETS_S, registry=r)
+        self.itl = Histogram("adaspec_inter_token_latency_seconds",
+                             "Time between generated tokens (a step's gap divided over its tokens)",
+                             buckets=TOKEN_GAP_BUCKETS_S, registry=r)
+        self.e2e = Histogram("adaspec_request_duration_seconds", "Submit to finish", buckets=LATENCY_BUCKETS_S,
+                             registry=r)
+        self.queue_wait = Histogram("adaspec_queue_wait_seconds", "Submit to start (prefill)",
+                                    buckets=LATENCY_BUCKETS_S, registry=r)
+        self.draft_tokens = Counter("adaspec_draft_tokens", "Draft tokens proposed", ["speculator"], registry=r)
+        self.accepted_tokens = Counter("adaspec_accepted_tokens", "Draft tokens accepted", ["speculator"],
+                                       registry=r)
+        self.draft_steps = Counter("adaspec_draft_steps", "Target forwards that verified >= 1 draft token",
+                                   ["speculator"], registry=r)
+        self.acceptance_rate = Gauge("adaspec_acceptance_rate", "accepted / proposed draft tokens since start",
+                                     ["speculator"], registry=r)
+        self.mean_acceptance_length = Gauge(
+            "adaspec_mean_acceptance_length", "Tokens emitted per target forward on draft steps, since start",
+            ["speculator"], registry=r)
+        self.lookahead = Histogram("adaspec_draft_tokens_per_step",
+                                   "Draft tokens verified per target forward (the lookahead used)",
+                                   buckets=DRAFT_TOKEN_BUCKETS, registry=r)
+        self.controller_steps = Counter("adaspec_controller_steps", "Steps by the speculator the controller chose "
+                                        f"('{NO_SPECULATOR}': plain decoding)", ["speculator"], registry=r)
+        Gauge("adaspec_queue_depth", "Requests waiting to start", registry=r).set_function(
+            lambda: self.queue_depth())
+        Gauge("adaspec_active_requests", "Requests being decoded", registry=r).set_function(
+            lambda: self.active_requests())
+        r.register(_LearnedStateCollector(lambda: self.speculators()))
+
+    # ------------------------------------------------------------ writers
+    def record_step(self, speculator: str, num_draft_tokens: int, num_accepted: int, num_emitted: int,
+                    now: Optional[float] = None) -> None:
+        """Count one target forward (``speculator``: the stats key, "none" without drafts)."""
+        self.controller_steps.labels(speculator).inc()
+        self.lookahead.observe(num_draft_tokens)
+        self.generation_tokens.inc(num_emitted)
+        with self._lock:
+            bucket = self._bucket(now)
+            bucket.tokens += num_emitted
+            self._tokens_total += num_emitted
+            for totals in (self._totals.setdefault(speculator, _SpeculatorTotals()),
+                           bucket.by_speculator.setdefault(speculator, _SpeculatorTotals())):
+                totals.steps += 1
+                if num_draft_tokens > 0:
+                    totals.proposed += num_draft_tokens
+                    totals.accepted += num_accepted
+                    totals.draft_steps += 1
+                    totals.emitted_on_draft_steps += num_emitted
+            self._lookahead[num_draft_tokens] = self._lookahead.get(num_draft_tokens, 0) + 1
+            t = self._totals[speculator]
+        if num_draft_tokens > 0:
+            self.draft_tokens.labels(speculator).inc(num_draft_tokens)
+            self.accepted_tokens.labels(speculator).inc(num_accepted)
+            self.draft_steps.labels(speculator).inc()
+            self.acceptance_rate.labels(speculator).set(t.accepted / t.proposed)
+            self.mean_acceptance_length.labels(speculator).set(t.emitted_on_draft_steps / t.draft_steps)
+
+    def record_token_gap(self, gap_s: float, num_tokens: int) -> None:
+        """A step emitted ``num_tokens`` tokens ``gap_s`` after the request's previous ones."""
+        for _ in range(num_tokens):
+            self.itl.observe(gap_s / num_tokens)
+
+    def record_start(self, prompt_tokens: int, queue_wait_s: float) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.queue_wait.observe(queue_wait_s)
+
+    def record_finish(self, record: RequestRecord) -> None:
+        """A request ended (finished, timed out or cancelled)."""
+        self.requests.labels(record.endpoint, record.finish_reason).inc()
+        self.e2e.observe(record.elapsed_s)
+        with self._lock:
+            self._recent.append(record)
+            self._requests_total += 1
+            self._bucket(None).requests += 1
+
+    def record_error(self, status: int, code: Optional[str]) -> None:
+        self.errors.labels(str(status), code or "").inc()
+
+    def _bucket(self, now: Optional[float]) -> _Bucket:
+        second = int(now if now is not None else time.time())
+        if not self._buckets or self._buckets[-1].second < second:
+            self._buckets.append(_Bucket(second))
+        return self._buckets[-1]
+
+    # ------------------------------------------------------------ readers
+    def tokens_per_s(self, window_s: float = THROUGHPUT_WINDOW_S) -> float:
+        """Generated tokens per second over the last ``window_s`` seconds."""
+        now = time.time()
+        with self._lock:
+            n = sum(b.tokens for b in self._buckets if b.second > now - window_s)
+        return n / window_s
+
+    def snapshot(self, window_s: int = 120) -> dict[str, Any]:
+        """The dashboard's data: per-second series for the last ``window_s`` s, totals, recent requests.
+
+        Series are aligned to whole seconds, oldest first; acceptance values are
+        ``None`` for seconds in which the speculator proposed nothing.
+        """
+        now = int(time.time())
+        seconds = list(range(now - window_s + 1, now + 1))
+        with self._lock:
+            by_second = {b.second: b for b in self._buckets if b.second > now - window_s}
+            names = sorted({n for b in by_second.values() for n in b.by_speculator} | set(self._totals))
+            series: dict[str, Any] = {
+                "t": [s - now for s in seconds],
+                "tokens_per_s": [by_second[s].tokens if s in by_second else 0 for s in seconds],
+                "requests": [by_second[s].requests if s in by_second else 0 for s in seconds],
+                "acceptance_rate": {},
+                "mean_acceptance_length": {},
+                "steps": {},
+            }
+            for name in names:
+                per = [by_second[s].by_speculator.get(name) if s in by_second else None for s in seconds]
+                series["steps"][name] = [p.steps if p else 0 for p in per]
+                if name == NO_SPECULATOR:
+                    continue
+                series["acceptance_rate"][name] = [p.accepted / p.proposed if p and p.proposed else None
+                                                   for p in per]
+                series["mean_acceptance_length"][name] = [
+                    p.emitted_on_draft_steps / p.draft_steps if p and p.draft_steps else None for p in per]
+            return {
+                "now": time.time(),
+                "uptime_s": time.time() - self._started,
+                "queue_depth": self.queue_depth(),
+                "active_requests": self.active_requests(),
+                "tokens_per_s": sum(b.tokens for b in by_second.values() if b.second > now - THROUGHPUT_WINDOW_S)
+                / THROUGHPUT_WINDOW_S,
+                "totals": {
+                    "requests": self._requests_total,
+                    "generated_tokens": self._tokens_total,
+                    "by_speculator": {n: t.to_dict() for n, t in sorted(self._totals.items())},
+                    "draft_tokens_per_step": {str(k): v for k, v in sorted(self._lookahead.items())},
+                },
+                "series": series,
+                "recent_requests": [r.to_dict() for r in reversed(self._recent)],
+            }
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this app's registry."""
+        return generate_latest(self.registry)
+
+
+class _LearnedStateCollector:
+    """``adaspec_learned_state_tokens{speculator,tenant}`` read from speculators at scrape time."""
+
+    def __init__(self, speculators: Callable[[], dict[str, Any]]) -> None:
+        self._speculators = speculators
+
+    def describe(self) -> Iterable:
+        return []  # unknown label sets until scraped; keeps registration side-effect free
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        tokens = GaugeMetricFamily("adaspec_learned_state_tokens", "Tokens held in learned speculator state",
+                                   labels=["speculator", "tenant"])
+        nodes = GaugeMetricFamily("adaspec_learned_state_nodes", "Records (e.g. trie nodes) of learned state",
+                                  labels=["speculator", "tenant"])
+        for name, spec in (self._speculators() or {}).items():
+            stats_fn = getattr(spec, "memory_stats", None)
+            if not callable(stats_fn):
+                continue
+            try:
+                stats = stats_fn()
+            except Exception:  # a metrics scrape must never fail because of one speculator
+                continue
+            for tenant, s in (stats.get("tenants") or {}).items():
+                tokens.add_metric([name, str(tenant)], float(s.get("tokens", 0)))
+                nodes.add_metric([name, str(tenant)], float(s.get("nodes", 0)))
+        yield tokens
+        yield nodes
