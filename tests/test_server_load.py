@@ -198,3 +198,27 @@ def test_shutdown_cuts_what_does_not_finish_in_time(tiny_target) -> None:
     server.stop()
     assert events[-1] == "data: [DONE]" and '"finish_detail":"shutdown"' in events[-2]
     assert ('"finish_reason":"length"') in events[-2]
+
+
+class FailingEngine(Engine):
+    """Raises inside step while ``fail`` is set (an engine bug, as seen from the server)."""
+
+    fail = False
+
+    def step(self, state: Any) -> list[int]:
+        if self.fail and len(state.output_ids) >= 2:
+            raise RuntimeError("boom")
+        return super().step(state)
+
+
+def test_engine_error_is_a_json_500_and_the_worker_survives(tiny_target) -> None:
+    engine = FailingEngine(tiny_target, [])
+    with BackgroundServer(create_app(engine, MODEL)) as server:
+        engine.fail = True
+        r = httpx.post(server.base_url + "/v1/completions", json=body(10), timeout=30)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        with httpx.stream("POST", server.base_url + "/v1/completions", json=body(10, stream=True), timeout=30) as s:
+            events = [line for line in s.iter_lines() if line.startswith("data:")]
+        assert '"error"' in events[-2] and events[-1] == "data: [DONE]"
+        engine.fail = False
+        assert httpx.post(server.base_url + "/v1/completions", json=body(4), timeout=30).status_code == 200

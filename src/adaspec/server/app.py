@@ -35,6 +35,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -81,6 +82,7 @@ _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$")
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming handler checks for a client disconnect
 RETRY_AFTER_S = 1
 GREEDY_BELOW_TEMPERATURE = 1e-5  # a temperature under this decodes greedily
+LOGPROB_FLOOR = -9999.0  # sent for a logprob of -inf (JSON has no infinity)
 STATIC_DIR = resources.files("adaspec.server") / "static"
 
 
@@ -100,6 +102,7 @@ class ServerState:
     api_keys: dict[str, str]
     request_timeout_s: Optional[float]
     metrics: ServerMetrics
+    drain_timeout_s: float = 30.0
     engine: Any = None
     scheduler: Optional[Scheduler] = None
     created: int = field(default_factory=lambda: int(time.time()))
@@ -150,7 +153,7 @@ def create_app(
         with the app's lifespan.
     """
     ctx = ServerState(served_model_name=served_model_name or "", api_keys=dict(api_keys or {}),
-                      request_timeout_s=request_timeout_s, metrics=ServerMetrics())
+                      request_timeout_s=request_timeout_s, metrics=ServerMetrics(), drain_timeout_s=drain_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -171,7 +174,7 @@ def create_app(
         try:
             yield
         finally:
-            await anyio.to_thread.run_sync(scheduler.shutdown, drain_timeout_s)
+            await anyio.to_thread.run_sync(scheduler.shutdown, ctx.drain_timeout_s)
             if state_store is not None:
                 await anyio.to_thread.run_sync(_save_learned_state, engine, state_store)
 
@@ -423,8 +426,8 @@ class _CompletionFormat(_Format):
         for e in entries:
             offsets.append(self.text_offset)
             self.text_offset += len(e.token)
-        return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries], "text_offset": offsets}
+        return {"tokens": [e.token for e in entries], "token_logprobs": [_finite(e.logprob) for e in entries],
+                "top_logprobs": [{t: _finite(lp) for t, _, lp in e.top} for e in entries], "text_offset": offsets}
 
     def full(self, final: Chunk, prompt_tokens: int) -> dict[str, Any]:
         choice = {"index": 0, "text": final.text, "logprobs": self._logprobs(final.logprobs),
@@ -453,8 +456,8 @@ class _ChatFormat(_Format):
         if entries is None:
             return None
         return {"content": [
-            {"token": e.token, "logprob": e.logprob, "bytes": e.bytes,
-             "top_logprobs": [{"token": t, "logprob": lp, "bytes": b} for t, b, lp in e.top]}
+            {"token": e.token, "logprob": _finite(e.logprob), "bytes": e.bytes,
+             "top_logprobs": [{"token": t, "logprob": _finite(lp), "bytes": b} for t, b, lp in e.top]}
             for e in entries], "refusal": None}
 
     def full(self, final: Chunk, prompt_tokens: int) -> dict[str, Any]:
@@ -478,6 +481,11 @@ class _ChatFormat(_Format):
             finish = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": chunk.finish_reason}
             out.extend(self._tail(chunk, prompt_tokens, finish))
         return out
+
+
+def _finite(logprob: float) -> float:
+    """JSON has no -inf: an impossible token's logprob is sent as -9999.0, as OpenAI does."""
+    return logprob if math.isfinite(logprob) else LOGPROB_FLOOR
 
 
 # ---------------------------------------------------------------- request checks

@@ -28,6 +28,7 @@ API_KEYS_ENV = "ADASPEC_API_KEYS"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_LOOKAHEAD = 8
+ATLAS_LOOKAHEAD = 16
 DEFAULT_MAX_QUEUE = 32
 DEFAULT_MAX_ACTIVE = 8
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
@@ -35,15 +36,15 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 
 
 def speculator_choices() -> list[str]:
-    """Names ``--speculator`` accepts: none, ngram, and suffix where it is installed."""
-    choices = ["none", "ngram"]
-    try:
-        from adaspec.speculators.suffix import SuffixSpeculator  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        choices.append("suffix")
-    return choices
+    """Names ``--speculator`` accepts: the same as ``adaspec generate`` (:data:`adaspec.cli.SPECULATORS`)."""
+    from adaspec.cli import SPECULATORS
+
+    return list(SPECULATORS)
+
+
+def default_lookahead(speculator: str) -> int:
+    """k when ``--lookahead`` is not given: 16 for atlas (its controller picks k per step), else 8."""
+    return ATLAS_LOOKAHEAD if speculator == "atlas" else DEFAULT_LOOKAHEAD
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,8 +56,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "int8"], help="default float32")
     parser.add_argument("--speculator", default="ngram", choices=speculator_choices(),
                         help="draft proposer; 'none' decodes plainly (default ngram)")
-    parser.add_argument("--lookahead", type=int, default=DEFAULT_LOOKAHEAD,
-                        help=f"most draft tokens per step, k (default {DEFAULT_LOOKAHEAD})")
+    parser.add_argument("--lookahead", type=int, default=None,
+                        help=f"most draft tokens per step, k (default {DEFAULT_LOOKAHEAD}; "
+                        f"{ATLAS_LOOKAHEAD} for atlas)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="context window in tokens (default: the model's, at most 8192)")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"default {DEFAULT_HOST}")
@@ -124,29 +126,25 @@ def _keys_from_file(path: Path) -> dict[str, str]:
     return dict(data)
 
 
-def build_engine(model: str, dtype: str = "float32", speculator: str = "ngram",
-                 lookahead: int = DEFAULT_LOOKAHEAD, max_model_len: Optional[int] = None) -> Any:
-    """Load the target model and build an Engine with the named speculator.
+def build_engine(model: str, dtype: str = "float32", speculator: str = "ngram", lookahead: Optional[int] = None,
+                 max_model_len: Optional[int] = None) -> Any:
+    """Load the target model and build an Engine with the named speculator (as ``adaspec generate`` does).
+
+    Args:
+        lookahead: k; None for :func:`default_lookahead`.
 
     Raises:
         ValueError: unknown model, dtype or speculator.
     """
+    from adaspec.cli import build_speculators
     from adaspec.engine import Engine
     from adaspec.target import load_target
 
-    speculators: list[Any] = []
-    if speculator == "ngram":
-        from adaspec.speculators.ngram import NgramSpeculator
-
-        speculators.append(NgramSpeculator())
-    elif speculator == "suffix":
-        from adaspec.speculators.suffix import SuffixSpeculator
-
-        speculators.append(SuffixSpeculator())
-    elif speculator != "none":
+    if speculator not in speculator_choices():
         raise ValueError(f"unknown speculator {speculator!r}; choose from {speculator_choices()}")
     target = load_target(model, dtype=dtype, max_model_len=max_model_len)
-    return Engine(target, speculators, lookahead=lookahead)
+    k = default_lookahead(speculator) if lookahead is None else lookahead
+    return Engine(target, build_speculators(speculator, target), lookahead=k)
 
 
 def serve_from_args(args: argparse.Namespace) -> None:

@@ -278,12 +278,9 @@ class _LearnedStateCollector:
                                    labels=["speculator", "tenant"])
         nodes = GaugeMetricFamily("adaspec_learned_state_nodes", "Records (e.g. trie nodes) of learned state",
                                   labels=["speculator", "tenant"])
-        for name, spec in (self._speculators() or {}).items():
-            stats_fn = getattr(spec, "memory_stats", None)
-            if not callable(stats_fn):
-                continue
+        for name, spec in _memory_sources(self._speculators() or {}):
             try:
-                stats = stats_fn()
+                stats = spec.memory_stats()
             except Exception:  # a metrics scrape must never fail because of one speculator
                 continue
             for tenant, s in (stats.get("tenants") or {}).items():
@@ -291,3 +288,20 @@ class _LearnedStateCollector:
                 nodes.add_metric([name, str(tenant)], float(s.get("nodes", 0)))
         yield tokens
         yield nodes
+
+
+def _memory_sources(speculators: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Speculators with ``memory_stats()``, looking inside composites (their ``children``, e.g. atlas)."""
+    out: list[tuple[str, Any]] = []
+    seen: set[int] = set()
+    stack = list(speculators.items())
+    while stack:
+        name, spec = stack.pop(0)
+        if id(spec) in seen:
+            continue
+        seen.add(id(spec))
+        if callable(getattr(spec, "memory_stats", None)):
+            out.append((name, spec))
+        for child in getattr(spec, "children", None) or []:
+            stack.append((getattr(child, "name", type(child).__name__), child))
+    return out
