@@ -260,11 +260,26 @@ class Scheduler:
                 self._push(job, Failed(ApiError(503, "the server is shutting down", type="server_error",
                                                 code="shutting_down")))
             for job in admit:
-                self._admit(job)
+                self._guarded(self._admit, job)
             self.peak_active = max(self.peak_active, len(self._active))
             for job in list(self._active):  # one step each: round-robin
-                self._advance(job)
+                self._guarded(self._advance, job)
         log.info("engine worker stopped")
+
+    def _guarded(self, fn: Any, job: Job) -> None:
+        """Run one job's turn; an unexpected error fails that job only, never the worker."""
+        try:
+            fn(job)
+        except Exception as e:
+            log.exception("request %s failed in the scheduler", job.request_id)
+            if job.state is not None and not job.state.finished:
+                try:
+                    self.engine.abort(job.state, "abort")
+                except Exception:
+                    log.exception("abort failed for %s", job.request_id)
+            if job in self._active:
+                self._finish(job, "error")
+            self._push(job, Failed(e))
 
     def _admit(self, job: Job) -> None:
         if job.cancelled.is_set():
@@ -306,14 +321,7 @@ class Scheduler:
             self.engine.abort(state, CUT_REASON)
         else:
             mark = _StatsMark(state.stats)
-            try:
-                committed = self.engine.step(state)
-            except Exception as e:
-                log.exception("engine.step failed for %s", job.request_id)
-                self.engine.abort(state, "abort")
-                self._push(job, Failed(e))
-                self._finish(job, "error")
-                return
+            committed = self.engine.step(state)  # an error here fails this job (see _guarded)
             self._record_step(job, mark, committed)
         chunk = self._chunk(job, detail)
         if state.finished:  # leave the active set before the client can see the end
