@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test bench clean
+.PHONY: setup model demo test browser clean
 
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -23,7 +23,14 @@ model: setup
 demo: model
 	$(VENV)/bin/adaspec demo
 
-test: model
+# Headless Chromium for the dashboard test (Debian package; the test skips
+# with its reason where it cannot be installed).
+browser:
+	@command -v chromium >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) ) || \
+		echo "chromium not installed: the dashboard browser test will be skipped"
+
+test: model browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -234,3 +234,12 @@ def test_stream_concatenates_to_result(tiny_target, prompt_ids):
     assert "".join(d.text for d in deltas) == final.text
     assert sum((d.token_ids for d in deltas), []) == final.token_ids
     assert final.token_ids == Engine(tiny_target).generate(prompt_ids, params).token_ids
+
+
+def test_tiny_temperature_is_greedy_not_nan(tiny_target):
+    """A temperature like 5e-324 would overflow logits / T into NaN; it decodes greedily."""
+    prompt = tiny_target.tokenizer.encode("hello")
+    want = Engine(tiny_target).generate(prompt, SamplingParams(max_tokens=6)).token_ids
+    got = Engine(tiny_target, [NgramSpeculator()], lookahead=4).generate(
+        prompt, SamplingParams(max_tokens=6, temperature=5e-324, seed=1)).token_ids
+    assert got == want

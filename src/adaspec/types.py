@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 DEFAULT_TENANT = "default"
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -104,7 +105,8 @@ class SamplingParams:
 
     Attributes:
         max_tokens: most new tokens to generate (>= 1). Default 64.
-        temperature: 0 means greedy (argmax); > 0 samples. Default 0.0.
+        temperature: below ``GREEDY_TEMPERATURE`` (1e-5, as vLLM) means greedy
+            (argmax); above it samples. Default 0.0.
         top_p: nucleus mass in (0, 1]. Default 1.0 (off).
         top_k: keep the k most likely tokens; 0 means off. Default 0.
         seed: seeds the request's own generator so sampled output reproduces.
@@ -142,7 +144,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Tiny temperatures would overflow logits / temperature into NaN.
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 @dataclass
