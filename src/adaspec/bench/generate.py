@@ -19,8 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
-import torch
-
+from adaspec.bench.common import hf_generate as _hf_generate
 from adaspec.bench.prompts import BenchPrompt
 from adaspec.engine import Engine
 from adaspec.speculators import NgramSpeculator
@@ -37,19 +36,6 @@ class Record:
     seconds: float
     mean_acceptance_length: float
     matches_plain: Optional[bool]
-
-
-def _hf_generate(target: TargetModel, ids: list[int], max_tokens: int, lookup: int) -> list[int]:
-    model = target.model
-    inp = torch.tensor([ids])
-    kw = dict(max_new_tokens=max_tokens, do_sample=False, eos_token_id=sorted(target.eos_token_ids),
-              pad_token_id=sorted(target.eos_token_ids)[0])
-    if lookup:
-        kw["prompt_lookup_num_tokens"] = lookup
-    with torch.inference_mode():
-        out = model.generate(inp, attention_mask=torch.ones_like(inp), **kw)
-    gen = out[0, len(ids):].tolist()
-    return gen
 
 
 def run_generate_bench(target: TargetModel, prompts: list[BenchPrompt], max_tokens: int = 96, lookahead: int = 8,

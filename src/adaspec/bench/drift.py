@@ -1,0 +1,660 @@
+"""`adaspec bench drift`: a request stream whose workload shifts, every system side by side.
+
+The stream is a list of phases (default python -> rust -> chat -> sql ->
+tools, from the shared prompt sets; any JSONL of prompts can be a phase as
+``name=path.jsonl``), each a seeded sample of ``phase_length`` prompts, every
+prompt rendered with the model's chat template. Each request of the stream is
+run by every system, interleaved, in an order rotated per request, so slow
+spells of the shared machine hit all systems alike; learning systems are built
+empty and one instance of each persists across the whole stream. Every
+system's greedy output is compared token by token with plain decoding's.
+
+Systems are a registry of factories ``factory(target, options) -> BenchSystem``
+(:func:`register_system` adds one):
+
+- ``plain``: this engine, no speculator;
+- ``hf-plain`` / ``hf-prompt-lookup``: transformers ``model.generate()`` on the
+  same weights, plain and with ``prompt_lookup_num_tokens`` (default 10);
+- ``ngram``: prompt lookup in this engine (no learned state);
+- ``suffix``: the adaptive suffix speculator only (learns across requests);
+- ``static``: the draft head only (``adaspec.speculators.draft_head``), listed
+  when the module imports, skipped when the model has no checkpoint;
+- ``atlas``: the controller (``adaspec.controller.AtlasSpeculator``) over the
+  static and an empty suffix speculator, built as ``adaspec generate
+  --speculator atlas`` builds it;
+- ``vllm-plain`` / ``vllm-ngram`` / ``vllm-suffix``: vLLM's offline ``LLM`` on
+  the same model folder, listed only when ``vllm`` (and for suffix
+  ``arctic_inference``) imports; otherwise skipped with the reason printed.
+
+Outputs (in ``out_dir``): ``drift.jsonl`` (one :class:`RequestRecord` per
+system and request, written as the run goes), ``summary.md``, ``drift.png``,
+``run.json`` (settings and machine); the summary's definitions are in
+:mod:`adaspec.bench.report`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import random
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Protocol, Sequence
+
+from adaspec.bench.common import hf_generate
+from adaspec.bench.prompts import DOMAINS, BenchPrompt, load_domain, load_jsonl_prompts
+from adaspec.bench.report import RequestRecord, load_records, print_summary, write_report
+from adaspec.engine import Engine
+from adaspec.speculators import NgramSpeculator, SuffixSpeculator
+from adaspec.target import TargetModel
+from adaspec.types import SamplingParams, SpeculationStats
+
+DEFAULT_PHASES = DOMAINS  # python, rust, chat, sql, tools
+DEFAULT_SYSTEMS = ("plain", "hf-plain", "hf-prompt-lookup", "ngram", "suffix", "static", "atlas")
+DEFAULT_PHASE_LENGTH = 20
+DEFAULT_MAX_TOKENS = 64
+DEFAULT_LOOKAHEAD = 8
+DEFAULT_PROMPT_LOOKUP_TOKENS = 10
+DEFAULT_OUT = "bench_results/drift"
+PLAIN = "plain"
+
+
+# --------------------------------------------------------------- phases
+@dataclass
+class Phase:
+    """One stretch of the stream with one workload.
+
+    Attributes:
+        name: label in tables and the figure ("sql", or a JSONL phase's name).
+        prompts: the sampled prompts, in stream order.
+        source: a domain of :mod:`adaspec.bench.prompts` or a JSONL path.
+    """
+
+    name: str
+    prompts: list[BenchPrompt]
+    source: str
+
+
+def parse_phase_spec(spec: str) -> tuple[str, str]:
+    """``"sql"`` -> ("sql", "sql"); ``"mine=path.jsonl"`` -> ("mine", "path.jsonl").
+
+    Raises:
+        ValueError: an empty name or path, or an unknown domain.
+    """
+    spec = spec.strip()
+    if "=" in spec:
+        name, path = (s.strip() for s in spec.split("=", 1))
+        if not name or not path:
+            raise ValueError(f"phase {spec!r}: expected name=path.jsonl")
+        return name, path
+    if spec not in DOMAINS:
+        raise ValueError(f"unknown phase {spec!r}; choose from {', '.join(DOMAINS)} or give name=path.jsonl")
+    return spec, spec
+
+
+def build_phases(
+    specs: Sequence[str],
+    length: int,
+    seed: int = 0,
+    root: Optional[Path] = None,
+    fits: Optional[Callable[[BenchPrompt], bool]] = None,
+) -> list[Phase]:
+    """Sample ``length`` distinct prompts per phase, seeded.
+
+    Each phase shuffles its source with ``random.Random(f"{seed}:{i}:{name}")``
+    (i = the phase's position) and keeps the first ``length`` prompts that
+    ``fits`` accepts (e.g. prompt + max_tokens inside the context window), so a
+    phase never repeats a prompt and the same seed gives the same stream.
+
+    Args:
+        specs: domains (see ``adaspec.bench.prompts.DOMAINS``) or ``name=path.jsonl``.
+        length: prompts per phase (>= 1).
+        seed: sampling seed.
+        root: the prompt data folder (default: ``prompts_root()``).
+        fits: filter on candidate prompts (default: keep all).
+
+    Raises:
+        ValueError: unknown domain, ``length < 1``, or a source with fewer than
+            ``length`` usable prompts.
+    """
+    if length < 1:
+        raise ValueError(f"phase length must be >= 1, got {length}")
+    phases = []
+    for i, spec in enumerate(specs):
+        name, source = parse_phase_spec(spec)
+        pool = load_domain(source, root) if source in DOMAINS else load_jsonl_prompts(source, name)
+        order = list(range(len(pool)))
+        random.Random(f"{seed}:{i}:{name}").shuffle(order)
+        picked: list[BenchPrompt] = []
+        for j in order:
+            if fits is None or fits(pool[j]):
+                picked.append(pool[j])
+                if len(picked) == length:
+                    break
+        if len(picked) < length:
+            raise ValueError(f"phase {name!r}: {len(picked)} usable prompts in {source}, need {length}")
+        phases.append(Phase(name, picked, source))
+    return phases
+
+
+@dataclass
+class StreamRequest:
+    """One request of the stream, tokenized.
+
+    Attributes:
+        request_index / phase_index / index_in_phase: positions (0-based).
+        phase: the phase's name.
+        prompt_id: the prompt set's id.
+        prompt_ids: the prompt after the chat template, length T.
+    """
+
+    request_index: int
+    phase_index: int
+    index_in_phase: int
+    phase: str
+    prompt_id: str
+    prompt_ids: list[int]
+
+
+def build_stream(target: TargetModel, phases: Sequence[Phase]) -> list[StreamRequest]:
+    """Concatenate the phases; every prompt goes through the model's chat template."""
+    templ = Engine(target)
+    out: list[StreamRequest] = []
+    for pi, ph in enumerate(phases):
+        for j, p in enumerate(ph.prompts):
+            out.append(StreamRequest(len(out), pi, j, ph.name, p.prompt_id, templ.apply_chat_template(p.messages)))
+    return out
+
+
+# --------------------------------------------------------------- systems
+@dataclass
+class SystemOptions:
+    """Settings every system factory receives.
+
+    Attributes:
+        lookahead: k for this engine's speculative systems. Default 8.
+        prompt_lookup_tokens: transformers' ``prompt_lookup_num_tokens`` and
+            vLLM's n-gram ``num_speculative_tokens``. Default 10.
+        atlas_lookahead: the most draft tokens the controller may choose per
+            step (as ``adaspec generate --speculator atlas``). Default 16.
+    """
+
+    lookahead: int = DEFAULT_LOOKAHEAD
+    prompt_lookup_tokens: int = DEFAULT_PROMPT_LOOKUP_TOKENS
+    atlas_lookahead: int = 16
+
+
+@dataclass
+class SystemOutput:
+    """One request's result from one system.
+
+    Attributes:
+        token_ids: generated token ids (EOS that ended the request included).
+        seconds: wall time of the request, prefill included.
+        stats: speculation counters, or None when the system does not report
+            them (transformers, vLLM).
+    """
+
+    token_ids: list[int]
+    seconds: float
+    stats: Optional[SpeculationStats] = None
+
+
+class BenchSystem(Protocol):
+    """A way to run one request: ``run(prompt_ids, params) -> SystemOutput``."""
+
+    name: str
+
+    def run(self, prompt_ids: list[int], params: SamplingParams) -> SystemOutput: ...
+
+
+SystemFactory = Callable[[TargetModel, SystemOptions], BenchSystem]
+
+
+class SystemUnavailable(RuntimeError):
+    """Raised by a factory when its system cannot run here; the run skips it and prints why."""
+
+
+class EngineSystem:
+    """This engine with a fixed set of speculators (and controller); state persists across requests."""
+
+    def __init__(self, name: str, engine: Engine) -> None:
+        self.name = name
+        self.engine = engine
+
+    def run(self, prompt_ids: list[int], params: SamplingParams) -> SystemOutput:
+        t0 = time.perf_counter()
+        r = self.engine.generate(prompt_ids, params)
+        return SystemOutput(r.token_ids, time.perf_counter() - t0, r.speculation)
+
+
+class HFSystem:
+    """transformers ``model.generate()`` on the target's weights (``lookup`` = prompt_lookup_num_tokens)."""
+
+    def __init__(self, name: str, target: TargetModel, lookup: int) -> None:
+        self.name = name
+        self.target = target
+        self.lookup = lookup
+
+    def run(self, prompt_ids: list[int], params: SamplingParams) -> SystemOutput:
+        t0 = time.perf_counter()
+        ids = hf_generate(self.target, prompt_ids, params.max_tokens, self.lookup, params.temperature, params.seed)
+        return SystemOutput(ids, time.perf_counter() - t0)
+
+
+class VllmSystem:
+    """vLLM's offline ``LLM`` on the target's model folder (float32 only; no speculation counters).
+
+    Args:
+        speculative_config: vLLM's ``speculative_config`` dict, or None for plain.
+
+    Raises:
+        SystemUnavailable: the target is not float32 (vLLM's CPU build would
+            not run the same precision).
+    """
+
+    def __init__(self, name: str, target: TargetModel, speculative_config: Optional[dict]) -> None:
+        if target.dtype != "float32":
+            raise SystemUnavailable(f"vLLM runs float32 here and the target is {target.dtype}: not the same precision")
+        from vllm import LLM
+
+        from adaspec.models import resolve_model
+
+        self.name = name
+        kw = {"speculative_config": speculative_config} if speculative_config else {}
+        self.llm = LLM(model=str(resolve_model(target.name)), dtype="float32", max_model_len=target.max_model_len,
+                       seed=0, **kw)
+
+    def run(self, prompt_ids: list[int], params: SamplingParams) -> SystemOutput:
+        from vllm import SamplingParams as VllmParams
+
+        vp = VllmParams(max_tokens=params.max_tokens, temperature=params.temperature, seed=params.seed)
+        t0 = time.perf_counter()
+        out = self.llm.generate([{"prompt_token_ids": list(prompt_ids)}], vp, use_tqdm=False)
+        return SystemOutput(list(out[0].outputs[0].token_ids), time.perf_counter() - t0)
+
+
+def _engine(name: str, *speculators) -> Callable[[TargetModel, SystemOptions], BenchSystem]:
+    def factory(target: TargetModel, opts: SystemOptions) -> BenchSystem:
+        return EngineSystem(name, Engine(target, [make() for make in speculators], lookahead=opts.lookahead))
+    return factory
+
+
+SYSTEMS: dict[str, SystemFactory] = {
+    "plain": _engine("plain"),
+    "hf-plain": lambda target, opts: HFSystem("hf-plain", target, 0),
+    "hf-prompt-lookup": lambda target, opts: HFSystem("hf-prompt-lookup", target, opts.prompt_lookup_tokens),
+    "ngram": _engine("ngram", NgramSpeculator),
+    "suffix": _engine("suffix", SuffixSpeculator),
+}
+
+
+def register_system(name: str, factory: SystemFactory) -> None:
+    """Add (or replace) a system: ``factory(target, options)`` returns an object with
+    ``name`` and ``run(prompt_ids, params) -> SystemOutput``, built with empty learned state."""
+    SYSTEMS[name] = factory
+
+
+def _static_factory(target: TargetModel, opts: SystemOptions) -> BenchSystem:
+    from adaspec.speculators.draft_head import load_static_speculator
+
+    try:
+        spec = load_static_speculator(target)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemUnavailable(f"no draft head for {target.name}: {e}") from e
+    return EngineSystem("static", Engine(target, [spec], lookahead=opts.lookahead))
+
+
+def _atlas_factory(target: TargetModel, opts: SystemOptions) -> BenchSystem:
+    # Exactly what `adaspec generate --speculator atlas` runs: the controller
+    # over the static speculator (when the model has one) and an empty suffix
+    # speculator, its cost model calibrated on this machine.
+    from adaspec.cli import build_speculators
+
+    speculators = build_speculators("atlas", target)
+    if getattr(speculators[0], "static", None) is None:
+        print("system atlas: no static speculator for this model; the controller has the adaptive one only")
+    return EngineSystem("atlas", Engine(target, speculators, lookahead=opts.atlas_lookahead))
+
+
+def _vllm_factory(name: str, method: Optional[str]) -> SystemFactory:
+    def factory(target: TargetModel, opts: SystemOptions) -> BenchSystem:
+        cfg = None
+        if method == "ngram":
+            cfg = {"method": "ngram", "num_speculative_tokens": opts.prompt_lookup_tokens,
+                   "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+        elif method == "suffix":
+            cfg = {"method": "suffix", "num_speculative_tokens": opts.lookahead}
+        return VllmSystem(name, target, cfg)
+    return factory
+
+
+def _probe(module: str, attr: Optional[str] = None) -> Optional[str]:
+    """None when ``module`` (and ``attr`` in it) imports; else the reason."""
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # an optional extra: any import failure means "not here"
+        return f"{module} not importable ({type(e).__name__}: {e})"
+    if attr and not hasattr(mod, attr):
+        return f"{module}.{attr} does not exist yet"
+    return None
+
+
+# name -> (probe returning None or why not, factory); listed only when the probe passes.
+OPTIONAL_SYSTEMS: dict[str, tuple[Callable[[], Optional[str]], SystemFactory]] = {
+    "static": (lambda: _probe("adaspec.speculators.draft_head", "load_static_speculator"), _static_factory),
+    "atlas": (lambda: _probe("adaspec.controller", "AtlasSpeculator"), _atlas_factory),
+    "vllm-plain": (lambda: _probe("vllm"), _vllm_factory("vllm-plain", None)),
+    "vllm-ngram": (lambda: _probe("vllm"), _vllm_factory("vllm-ngram", "ngram")),
+    "vllm-suffix": (lambda: _probe("vllm") or _probe("arctic_inference"), _vllm_factory("vllm-suffix", "suffix")),
+}
+
+
+def available_systems() -> tuple[dict[str, SystemFactory], dict[str, str]]:
+    """(factories that can run here, {optional system: why it is not available})."""
+    ok = dict(SYSTEMS)
+    missing: dict[str, str] = {}
+    for name, (probe, factory) in OPTIONAL_SYSTEMS.items():
+        if name in ok:
+            continue
+        why = probe()
+        if why is None:
+            ok[name] = factory
+        else:
+            missing[name] = why
+    return ok, missing
+
+
+def build_systems(target: TargetModel, names: Sequence[str], options: Optional[SystemOptions] = None,
+                  log: Callable[[str], None] = print) -> list[BenchSystem]:
+    """Build the named systems (fresh, empty learned state); skip unavailable ones, logging why.
+
+    Raises:
+        ValueError: a name that is neither registered nor optional, or a repeated name.
+    """
+    options = options or SystemOptions()
+    ok, missing = available_systems()
+    unknown = [n for n in names if n not in ok and n not in missing]
+    if unknown:
+        raise ValueError(f"unknown systems {unknown}; choose from {sorted(set(ok) | set(missing))}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"systems repeated in {list(names)}")
+    built: list[BenchSystem] = []
+    for n in names:
+        if n in missing:
+            log(f"skipping system {n}: {missing[n]}")
+            continue
+        try:
+            built.append(ok[n](target, options))
+        except SystemUnavailable as e:
+            log(f"skipping system {n}: {e}")
+    return built
+
+
+# --------------------------------------------------------------- the run
+def _first_mismatch(got: Sequence[int], ref: Sequence[int]) -> Optional[int]:
+    """Index of the first differing token (the shorter length if one is a prefix); None if equal."""
+    for i, (a, b) in enumerate(zip(got, ref)):
+        if a != b:
+            return i
+    return None if len(got) == len(ref) else min(len(got), len(ref))
+
+
+def make_record(req: StreamRequest, system: str, out: SystemOutput) -> RequestRecord:
+    """A :class:`RequestRecord` from one system's output (matches_plain filled in later)."""
+    n = len(out.token_ids)
+    rec = RequestRecord(
+        system=system, phase=req.phase, phase_index=req.phase_index, request_index=req.request_index,
+        index_in_phase=req.index_in_phase, prompt_id=req.prompt_id, prompt_tokens=len(req.prompt_ids),
+        tokens=n, seconds=out.seconds, tokens_per_s=n / out.seconds if out.seconds > 0 else 0.0,
+    )
+    s = out.stats
+    if s is not None:
+        # Undefined (None) for a request with no draft step / no proposed token.
+        rec.mean_acceptance_length = s.mean_acceptance_length if s.draft_steps else None
+        rec.acceptance_rate = s.acceptance_rate if s.proposed else None
+        rec.draft_steps = s.draft_steps
+        rec.emitted_on_draft_steps = s.emitted_on_draft_steps
+        rec.proposed = s.proposed
+        rec.accepted = s.accepted
+        rec.target_forwards = s.target_forwards
+        rec.steps_by_speculator = dict(s.steps_by_speculator)
+        total = sum(s.steps_by_speculator.values())
+        rec.speculator_shares = {k: v / total for k, v in s.steps_by_speculator.items()} if total else {}
+        rec.lookahead_hist = {str(k): v for k, v in sorted(s.lookahead_hist.items())}
+    return rec
+
+
+def _warm_up(target: TargetModel, names: Sequence[str]) -> None:
+    """First forwards allocate and pick kernels; pay that outside the stream.
+
+    Uses throwaway stateless engines and a text from no prompt set, so no
+    learning system sees anything before the stream.
+    """
+    ids = Engine(target).encode_prompt("one two three four five six seven eight one two three four five six")
+    Engine(target).generate(ids, SamplingParams(max_tokens=8))
+    Engine(target, [NgramSpeculator()], lookahead=DEFAULT_LOOKAHEAD).generate(ids, SamplingParams(max_tokens=8))
+    if any(n.startswith("hf-") for n in names):
+        hf_generate(target, ids, 8, 0)
+        hf_generate(target, ids, 8, DEFAULT_PROMPT_LOOKUP_TOKENS)
+
+
+def run_drift(
+    target: TargetModel,
+    phases: Sequence[Phase],
+    systems: Sequence[str],
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    temperature: float = 0.0,
+    seed: int = 0,
+    progress: bool = True,
+    out_dir: Optional[str | Path] = None,
+    options: Optional[SystemOptions] = None,
+    built: Optional[Sequence[BenchSystem]] = None,
+    warm_up: bool = True,
+) -> list[RequestRecord]:
+    """Run the stream through every system, interleaved; returns one record per (system, request).
+
+    Request i runs the systems in the order ``names[i % n:] + names[:i % n]``.
+    With ``temperature == 0`` every system's output is compared with the
+    ``plain`` system's (``matches_plain``; None when ``plain`` is not among the
+    systems); with sampling each request gets seed ``seed * 1_000_003 + i``
+    and nothing is compared.
+
+    Args:
+        target: the loaded target model.
+        phases: from :func:`build_phases`.
+        systems: registry names; unavailable optional ones are skipped with a
+            printed reason.
+        max_tokens: most new tokens per request.
+        temperature: 0 for greedy.
+        seed: sampling seed (the phases carry their own sampling seed).
+        progress: show a tqdm bar.
+        out_dir: if given, ``drift.jsonl`` there is started afresh and gets each
+            request's records as soon as it finishes (a crashed run keeps what
+            finished); call
+            :func:`adaspec.bench.report.write_report` for the summary and figure.
+        options: lookahead etc. for the factories.
+        built: already built systems (tests inject these); overrides ``systems``.
+        warm_up: run a few throwaway tokens first. Default True.
+
+    Raises:
+        ValueError: unknown system names, or no system left to run.
+    """
+    from tqdm import tqdm
+
+    runners = list(built) if built is not None else build_systems(target, systems, options)
+    if not runners:
+        raise ValueError("no system to run")
+    names = [s.name for s in runners]
+    by_name = {s.name: s for s in runners}
+    stream = build_stream(target, phases)
+    if warm_up:
+        _warm_up(target, names)
+    jsonl = None
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        jsonl = open(Path(out_dir) / "drift.jsonl", "w", encoding="utf-8")
+    records: list[RequestRecord] = []
+    bar = tqdm(stream, desc="bench drift", disable=not progress, unit="req", dynamic_ncols=True)
+    try:
+        for req in bar:
+            params = SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                    seed=seed * 1_000_003 + req.request_index if temperature > 0 else None)
+            k = req.request_index % len(names)
+            outs: dict[str, SystemOutput] = {}
+            for name in names[k:] + names[:k]:
+                outs[name] = by_name[name].run(req.prompt_ids, params)
+            ref = outs.get(PLAIN) if temperature == 0 else None
+            batch = []
+            for name in names:  # records in a stable order, whatever the run order was
+                rec = make_record(req, name, outs[name])
+                if ref is not None and name != PLAIN:
+                    rec.first_mismatch = _first_mismatch(outs[name].token_ids, ref.token_ids)
+                    rec.matches_plain = rec.first_mismatch is None
+                batch.append(rec)
+            records += batch
+            if jsonl is not None:
+                for rec in batch:
+                    jsonl.write(json.dumps(rec.to_dict()) + "\n")
+                jsonl.flush()
+            bar.set_postfix_str(f"{req.phase} " + " ".join(f"{r.system}={r.tokens_per_s:.0f}" for r in batch))
+    finally:
+        bar.close()
+        if jsonl is not None:
+            jsonl.close()
+    return records
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on (for ``run.json`` and the report header)."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        if names:
+            cpu = names[0]
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+# --------------------------------------------------------------- CLI glue
+def add_drift_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``adaspec bench drift`` (see :func:`drift_from_args`)."""
+    from adaspec.models import DEFAULT_MODEL
+    from adaspec.target import DTYPES
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="registry name, HF folder or .gguf (default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="target precision (default: %(default)s)")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's, <= 8192)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's; on a shared machine 1 avoids spin-wait "
+                             "contention)")
+    parser.add_argument("--phases", default=",".join(DEFAULT_PHASES),
+                        help="comma list of domains (%s) or name=path.jsonl entries, in stream order "
+                             "(default: %%(default)s)" % ", ".join(DOMAINS))
+    parser.add_argument("--phase", action="append", default=[], metavar="NAME=PATH.jsonl",
+                        help="append a JSONL phase (lines with 'messages' or 'prompt'); repeatable")
+    parser.add_argument("--phase-length", type=int, default=DEFAULT_PHASE_LENGTH,
+                        help="requests per phase (default: %(default)s)")
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                        help="comma list; unavailable optional ones (static, atlas, vllm-*) are skipped "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="new tokens per request (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt sampling and sampling seed (default: %(default)s)")
+    parser.add_argument("--lookahead", type=int, default=DEFAULT_LOOKAHEAD, help="k for this engine (default: %(default)s)")
+    parser.add_argument("--prompt-lookup-tokens", type=int, default=DEFAULT_PROMPT_LOOKUP_TOKENS,
+                        help="transformers prompt_lookup_num_tokens (default: %(default)s)")
+    parser.add_argument("--skip", type=int, default=10,
+                        help="requests per phase left out of the 'after' columns (default: %(default)s)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: %(default)s)")
+    parser.add_argument("--from-jsonl", default=None, metavar="PATH",
+                        help="only rebuild summary.md and drift.png from an earlier run's drift.jsonl")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _header(args: argparse.Namespace, info: dict) -> list[str]:
+    return [
+        f"model `{args.model}`, dtype {args.dtype}, phases {info['phases']}, {args.phase_length} requests per "
+        f"phase, max_tokens {args.max_tokens}, temperature {args.temperature}, seed {args.seed}, "
+        f"lookahead {args.lookahead}, prompt_lookup_num_tokens {args.prompt_lookup_tokens}",
+        f"machine: {info['machine']['cpu']}, {info['machine']['cpu_count']} cores, "
+        f"torch {info['machine']['torch']} ({info['machine']['torch_threads']} intra-op threads); "
+        f"wall time {info.get('wall_s', 0) / 60:.1f} min",
+        "arguments: `" + " ".join(shlex.quote(a) for a in info["argv"][1:]) + "`",
+    ]
+
+
+def drift_from_args(args: argparse.Namespace) -> int:
+    """Run ``adaspec bench drift`` from parsed arguments; prints the summary and the output paths.
+
+    Returns 0 (mismatches are reported in the summary, not as an exit code).
+
+    Raises:
+        ValueError: bad phases or systems.
+    """
+    out = Path(args.out)
+    if args.from_jsonl:
+        records = load_records(args.from_jsonl)
+        info_path = Path(args.from_jsonl).with_name("run.json")
+        header = json.loads(info_path.read_text())["header"] if info_path.exists() else []
+        summary, md, png = write_report(records, out, header, skip=args.skip)
+        print_summary(summary)
+        print(f"wrote {md} and {png}")
+        return 0
+
+    from adaspec.target import load_target
+
+    specs = [s for s in args.phases.split(",") if s.strip()] + list(args.phase)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    target = load_target(args.model, dtype=args.dtype, max_model_len=args.max_model_len, num_threads=args.threads)
+    templ = Engine(target)
+
+    def fits(p: BenchPrompt) -> bool:
+        return len(templ.apply_chat_template(p.messages)) + args.max_tokens < target.max_model_len
+
+    phases = build_phases(specs, args.phase_length, seed=args.seed, fits=fits)
+    options = SystemOptions(lookahead=args.lookahead, prompt_lookup_tokens=args.prompt_lookup_tokens)
+    built = build_systems(target, systems, options)
+    info = {
+        "argv": sys.argv, "model": args.model, "dtype": args.dtype, "phases": [p.name for p in phases],
+        "phase_length": args.phase_length, "systems": [s.name for s in built], "requested_systems": systems,
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
+        "options": asdict(options), "machine": machine_info(),
+    }
+    print(f"bench drift: {len(phases)} phases x {args.phase_length} requests, systems {', '.join(info['systems'])}",
+          flush=True)
+    t0 = time.time()
+    records = run_drift(target, phases, systems, max_tokens=args.max_tokens, temperature=args.temperature,
+                        seed=args.seed, progress=not args.no_progress, out_dir=out, options=options, built=built)
+    info["wall_s"] = time.time() - t0
+    info["header"] = _header(args, info)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps(info, indent=2))
+    summary, md, png = write_report(records, out, info["header"], skip=args.skip)
+    print_summary(summary)
+    if summary.mismatches:
+        print(f"{len(summary.mismatches)} requests differ from plain decoding (see {md})")
+    print(f"wrote {out / 'drift.jsonl'}, {md}, {png}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m adaspec.bench.drift`` until the CLI wires ``adaspec bench drift``."""
+    p = argparse.ArgumentParser(prog="adaspec bench drift", description=__doc__.splitlines()[0])
+    add_drift_arguments(p)
+    return drift_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
