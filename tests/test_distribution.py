@@ -48,9 +48,10 @@ def tv(a: Counter, b: Counter) -> float:
     return 0.5 * sum(abs(a[k] / na - b[k] / nb) for k in keys)
 
 
-@pytest.mark.parametrize("params_kw", [dict(temperature=0.7, top_p=0.5), dict(temperature=1.0, top_k=3)],
-                         ids=["top_p", "top_k"])
-def test_sampling_distribution_preserved(small_vocab_target, params_kw):
+@pytest.mark.parametrize("params_kw,drafter", [(dict(temperature=0.7, top_p=0.5), "sampled"),
+                                               (dict(temperature=1.0, top_k=3), "random")],
+                         ids=["top_p-draft_probs", "top_k-point_mass"])
+def test_sampling_distribution_preserved(small_vocab_target, params_kw, drafter):
     t = small_vocab_target
     prompt = [3, 7, 1, 9]
     # The exact first-token distribution and its support.
@@ -62,13 +63,13 @@ def test_sampling_distribution_preserved(small_vocab_target, params_kw):
 
     plain_first, plain_second = histograms(Engine(t), prompt, params_kw)
     draft_row = torch.softmax(torch.randn(V, generator=torch.Generator().manual_seed(0)), -1)
-    for spec in (RandomSpeculator(V, seed=1), SampledDraftSpeculator(draft_row, seed=2)):
-        first, second = histograms(Engine(t, [spec], lookahead=4), prompt, params_kw)
-        assert set(first) <= support, f"{spec.name}: token outside the top-p/top-k set"
-        exact_counts = Counter({i: float(exact[i]) * RUNS for i in range(V)})
-        assert tv(first, exact_counts) < 0.05, spec.name
-        assert tv(first, plain_first) < 0.06, spec.name
-        assert tv(second, plain_second) < 0.1, spec.name
+    spec = SampledDraftSpeculator(draft_row, seed=2) if drafter == "sampled" else RandomSpeculator(V, seed=1)
+    first, second = histograms(Engine(t, [spec], lookahead=4), prompt, params_kw)
+    assert set(first) <= support, f"{spec.name}: token outside the top-p/top-k set"
+    exact_counts = Counter({i: float(exact[i]) * RUNS for i in range(V)})
+    assert tv(first, exact_counts) < 0.05, spec.name
+    assert tv(first, plain_first) < 0.06, spec.name
+    assert tv(second, plain_second) < 0.1, spec.name
 
 
 def test_seeded_requests_reproduce(small_vocab_target):

@@ -279,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--out", default=None, help="folder for generate.jsonl and generate.md")
     bg.set_defaults(func=cmd_bench_generate)
 
+    dr = bsub.add_parser("drift", help="workload-drift stream: every system side by side, phase by phase")
+    from adaspec.bench.drift import add_drift_arguments, drift_from_args
+
+    add_drift_arguments(dr)
+    dr.set_defaults(func=drift_from_args)
+
     d = sub.add_parser("demo", help="short generation comparison on the default model")
     _add_model_args(d)
     d.add_argument("--per-domain", type=int, default=2)
