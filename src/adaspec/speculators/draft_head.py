@@ -1,0 +1,554 @@
+"""Draft head: a small network on the target's hidden states (the static speculator).
+
+Follows EAGLE (Li et al. 2024, arXiv 2401.15077): autoregression at the
+*feature* level. The engine hands over ``f``, the target's last-layer hidden
+state (after the final norm) at the position that predicted the newest token
+``x``; the head predicts the feature of the next position from ``f`` and the
+embedding of ``x``, and the target's own (frozen) LM head turns that feature
+into next-token probabilities. Chaining the head on its own predicted features
+drafts k tokens::
+
+    f_1 = Head(f, emb(x));      draft d_1 ~ LMHead_d(f_1)
+    f_2 = Head(f_1, emb(d_1));  draft d_2 ~ LMHead_d(f_2)   ...
+
+Departures from EAGLE, for cost on a 2-core CPU (drafting must stay under
+~10% of a target forward per draft token) and because the engine passes one
+hidden state per step:
+
+- **no attention**: Head is a gated-MLP residual block, not a decoder layer;
+  ``f`` already summarises the context as the target saw it.
+- **a context successor instead**: what attention over the context buys a
+  drafter most is copying (code repeats its prompt's names; answers quote
+  their question). The speculator keeps a per-request n-gram index of the
+  committed tokens (the drafted chain overlaid while drafting) and gives the
+  head, besides ``emb(x)``, the embedding of the token that followed the most
+  recent earlier occurrence of the context's longest suffix (up to
+  ``context_ngram`` tokens, prompt lookup's rule) and that suffix's length.
+  The head learns when to trust it. On held-out target answers the successor
+  alone matches the target's next token about half the time.
+- **reduced draft vocabulary** (FR-Spec, Zhao et al. 2025, arXiv 2502.14856;
+  EAGLE-3's ``d2t`` map): the draft LM head holds only the ``Vd`` rows of the
+  target's LM head for the most frequent target tokens of the training corpus
+  (e.g. 8192 of 49152); ``draft_to_target`` maps a draft id back to a target
+  id. The full LM head alone costs ~20% of a target forward here.
+
+Exactness: ``draft_probs`` over the full vocabulary are zero outside the draft
+vocabulary. Rejection sampling stays exact for any draft distribution from
+which the draft token was actually sampled (a sampled token always has
+``draft_probs > 0``), so the restriction costs acceptance, never correctness.
+
+Glossary (see ``adaspec.types`` for the shared terms):
+
+- **feature**: a target last-layer hidden state after the final norm, ``[H]``;
+  ``feature[t]`` is what the LM head reads to predict token ``t + 1``.
+- **draft vocabulary**: the ``Vd`` target token ids the head can draft;
+  **draft id**: an index into it.
+- **chain**: the k drafts of one step, each conditioned on the previous ones.
+- **context successor** of position t: the token after the most recent
+  earlier occurrence (ending before t) of the longest suffix of ``tokens[:t+1]``
+  of length n <= ``context_ngram``; its **match length** n is 0 when none.
+
+The checkpoint (safetensors, fp16) holds the head's weights, the LM-head rows
+of the draft vocabulary, and ``draft_to_target``; the token embeddings are the
+target's own and are read from the target at load time. This module never
+imports transformers: it reads only tensors from the target object.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from adaspec.sampling import process_logits
+from adaspec.speculators.base import Speculator
+from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext
+
+CHECKPOINT_FORMAT = "adaspec.draft_head"
+CHECKPOINT_VERSION = 1
+
+# The LM-head rows in a checkpoint are fp16; a target whose rows differ by more
+# than this (relative to the largest row weight) is a different model.
+_LM_HEAD_MATCH_TOLERANCE = 2e-2
+
+
+@dataclass
+class DraftHeadConfig:
+    """Shape of a draft head.
+
+    Attributes:
+        hidden_size: H, the target's hidden size.
+        draft_vocab_size: Vd, rows of the draft LM head (<= target_vocab_size).
+        target_vocab_size: V, rows of the target's LM head.
+        intermediate_size: width of each gated-MLP block. Default 1536.
+        num_blocks: gated-MLP residual blocks. Default 1.
+        context_ngram: longest suffix matched for the context successor. Default 3.
+        rms_norm_eps: epsilon of the RMS norms. Default 1e-5.
+        target_name: the target model the head was trained for (informative).
+    """
+
+    hidden_size: int
+    draft_vocab_size: int
+    target_vocab_size: int
+    intermediate_size: int = 1536
+    num_blocks: int = 1
+    context_ngram: int = 3
+    rms_norm_eps: float = 1e-5
+    target_name: str = ""
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale (as in the llama family)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class GatedMLPBlock(nn.Module):
+    """``x + down(silu(gate(n(x))) * up(n(x)))``; ``down`` starts at zero so a new block is the identity."""
+
+    def __init__(self, hidden: int, intermediate: int, eps: float) -> None:
+        super().__init__()
+        self.norm = RMSNorm(hidden, eps)
+        self.gate = nn.Linear(hidden, intermediate, bias=False)
+        self.up = nn.Linear(hidden, intermediate, bias=False)
+        self.down = nn.Linear(intermediate, hidden, bias=False)
+        nn.init.zeros_(self.down.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+class DraftHeadNet(nn.Module):
+    """``feature_next = Head(feature, emb(token), emb(successor), match_length)`` and its logits.
+
+    Layout: RMS-normalise the feature, the token embedding and the context
+    successor's embedding separately (they live at different scales; a missing
+    successor stays zero), concatenate, project ``3H -> H``, add a learned
+    vector per match length, apply the gated-MLP blocks, and finish with an RMS
+    norm whose scale starts from the target's final norm, so the output lives
+    where target features live.
+
+    Buffers (saved with the weights, never trained):
+        lm_head: ``[Vd, H]`` the target's LM-head rows of the draft vocabulary.
+        draft_to_target: ``[Vd]`` int64 target id of each draft id.
+    """
+
+    def __init__(self, config: DraftHeadConfig) -> None:
+        super().__init__()
+        H, Vd = config.hidden_size, config.draft_vocab_size
+        if not 0 < Vd <= config.target_vocab_size:
+            raise ValueError(f"draft_vocab_size must be in 1..{config.target_vocab_size}, got {Vd}")
+        self.config = config
+        self.feature_norm = RMSNorm(H, config.rms_norm_eps)
+        self.token_norm = RMSNorm(H, config.rms_norm_eps)
+        self.successor_norm = RMSNorm(H, config.rms_norm_eps)
+        self.fc_in = nn.Linear(3 * H, H, bias=False)
+        self.match_embed = nn.Embedding(config.context_ngram + 1, H)
+        nn.init.zeros_(self.match_embed.weight)
+        self.blocks = nn.ModuleList(
+            [GatedMLPBlock(H, config.intermediate_size, config.rms_norm_eps) for _ in range(config.num_blocks)]
+        )
+        self.out_norm = RMSNorm(H, config.rms_norm_eps)
+        self.register_buffer("lm_head", torch.zeros(Vd, H))
+        self.register_buffer("draft_to_target", torch.arange(Vd, dtype=torch.long))
+
+    def forward(self, feature: torch.Tensor, token_emb: torch.Tensor, successor_emb: torch.Tensor,
+                match_length: torch.Tensor) -> torch.Tensor:
+        """Predict the next position's feature.
+
+        Args:
+            feature: ``[N, H]`` float32, the feature that predicted each token.
+            token_emb: ``[N, H]`` float32, the target's embedding of that token.
+            successor_emb: ``[N, H]`` float32, the target's embedding of the
+                token's context successor (zeros where there is none).
+            match_length: ``[N]`` int64 in ``0..context_ngram`` (0: no successor).
+
+        Returns:
+            ``[N, H]`` float32 predicted feature of the token's own position.
+        """
+        x = torch.cat([self.feature_norm(feature), self.token_norm(token_emb),
+                       self.successor_norm(successor_emb)], dim=-1)  # [N, 3H]
+        x = self.fc_in(x) + self.match_embed(match_length)  # [N, H]
+        for block in self.blocks:
+            x = block(x)
+        return self.out_norm(x)
+
+    def logits(self, feature: torch.Tensor) -> torch.Tensor:
+        """``[N, H]`` features -> ``[N, Vd]`` draft-vocabulary logits (the frozen LM-head rows)."""
+        return feature @ self.lm_head.t()
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def successor_inputs(embed: torch.Tensor, successor: torch.Tensor, match_length: torch.Tensor) -> torch.Tensor:
+    """``[N]`` successor ids (-1 = none) -> ``[N, H]`` embeddings, zero where there is none."""
+    emb = embed[successor.clamp(min=0)]  # [N, H]
+    return emb * (match_length > 0).unsqueeze(-1).to(emb.dtype)
+
+
+# ---------------------------------------------------------------- context successors
+NO_SUCCESSOR = -1
+
+
+class ContextIndex:
+    """Most recent end position of every n-gram (n = 1..max_ngram) of a token sequence.
+
+    ``add(tokens, p)`` records the n-grams ending at position p;
+    ``successor(tokens, t)`` looks up the longest suffix of ``tokens[:t+1]``
+    among the n-grams added so far (which must all end before t) and returns
+    ``(tokens[p + 1], n)`` for its most recent occurrence p, or
+    ``(NO_SUCCESSOR, 0)``. An optional ``overlay`` index (more recent
+    positions, e.g. a draft chain) is searched first for each n.
+    """
+
+    def __init__(self, max_ngram: int) -> None:
+        self.max_ngram = max_ngram
+        self.last: list[dict] = [dict() for _ in range(max_ngram + 1)]  # last[n]: ngram -> end position
+
+    def add(self, tokens: Sequence[int], p: int) -> None:
+        for n in range(1, min(self.max_ngram, p + 1) + 1):
+            self.last[n][tuple(tokens[p - n + 1 : p + 1])] = p
+
+    def successor(self, tokens: Sequence[int], t: int, overlay: Optional["ContextIndex"] = None) -> tuple[int, int]:
+        for n in range(min(self.max_ngram, t + 1), 0, -1):
+            key = tuple(tokens[t - n + 1 : t + 1])
+            p = overlay.last[n].get(key) if overlay is not None else None
+            if p is None:
+                p = self.last[n].get(key)
+            if p is not None:
+                return int(tokens[p + 1]), n
+        return NO_SUCCESSOR, 0
+
+
+def context_successors(tokens: Sequence[int], max_ngram: int) -> tuple[list[int], list[int]]:
+    """Context successor and match length at every position of ``tokens`` (see the glossary).
+
+    Returns:
+        ``(successor, match_length)``, two lists of ``len(tokens)`` ints.
+    """
+    index = ContextIndex(max_ngram)
+    succ, length = [], []
+    for t in range(len(tokens)):
+        s, n = index.successor(tokens, t)
+        succ.append(s)
+        length.append(n)
+        index.add(tokens, t)
+    return succ, length
+
+
+# ---------------------------------------------------------------- the target's tensors
+def target_embedding_weight(target: Any) -> torch.Tensor:
+    """``[V, H]`` float32 input embeddings of a loaded target (``adaspec.target.TargetModel``)."""
+    return target.model.model.embed_tokens.weight.detach()
+
+
+def target_lm_head_weight(target: Any) -> Optional[torch.Tensor]:
+    """``[V, H]`` float32 LM-head weight of a target, or None when it is not a dense tensor.
+
+    A quantized LM head (e.g. ``torch.ao`` dynamic int8, whose ``weight`` is a
+    method returning a quantized tensor) is dequantized.
+    """
+    w = getattr(target.model.lm_head, "weight", None)
+    if callable(w) and not isinstance(w, torch.Tensor):
+        w = w()
+    if isinstance(w, torch.Tensor):
+        if w.is_quantized:
+            w = w.dequantize()
+        return w.detach().float()
+    return None
+
+
+def target_final_norm_weight(target: Any) -> Optional[torch.Tensor]:
+    """``[H]`` scale of the target's final norm (where features live), or None."""
+    norm = getattr(target.model.model, "norm", None)
+    w = getattr(norm, "weight", None)
+    return w.detach().float() if isinstance(w, torch.Tensor) else None
+
+
+def new_draft_head(target: Any, draft_vocab: Sequence[int], intermediate_size: int = 1536,
+                   num_blocks: int = 1, context_ngram: int = 3, seed: int = 0) -> DraftHeadNet:
+    """A fresh (untrained) head for ``target`` with the given draft vocabulary.
+
+    Args:
+        target: a loaded target model.
+        draft_vocab: Vd distinct target token ids, most useful first.
+        intermediate_size / num_blocks / context_ngram: see :class:`DraftHeadConfig`.
+        seed: initialisation seed.
+
+    Raises:
+        ValueError: empty, duplicated or out-of-range draft vocabulary, or a
+            target without a dense LM head.
+    """
+    V = int(target.vocab_size)
+    ids = [int(t) for t in draft_vocab]
+    if not ids or len(set(ids)) != len(ids) or not all(0 <= t < V for t in ids):
+        raise ValueError(f"draft vocabulary must be distinct ids in 0..{V - 1}, got {len(ids)} ids")
+    lm = target_lm_head_weight(target)
+    if lm is None:
+        raise ValueError("the target's LM head is not a dense tensor; train the head on a float32 target")
+    emb = target_embedding_weight(target)
+    cfg = DraftHeadConfig(hidden_size=int(emb.shape[1]), draft_vocab_size=len(ids), target_vocab_size=V,
+                          intermediate_size=intermediate_size, num_blocks=num_blocks,
+                          context_ngram=context_ngram, target_name=str(target.name))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = DraftHeadNet(cfg)
+    idx = torch.tensor(ids, dtype=torch.long)
+    with torch.no_grad():
+        net.lm_head.copy_(lm[idx])
+        net.draft_to_target.copy_(idx)
+        norm = target_final_norm_weight(target)
+        if norm is not None and norm.shape == net.out_norm.weight.shape:
+            net.out_norm.weight.copy_(norm)
+    return net
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_draft_head(net: DraftHeadNet, path: str | Path, training: Optional[dict] = None,
+                    dtype: torch.dtype = torch.float16) -> Path:
+    """Write ``net`` as a safetensors checkpoint (weights in ``dtype``, ids int64).
+
+    Args:
+        net: the head.
+        path: output file (``.safetensors``); written atomically.
+        training: JSON-serialisable notes (data, steps, held-out numbers).
+        dtype: storage dtype of the float tensors. Default float16.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, t in net.state_dict().items():
+        t = t.detach().cpu()
+        tensors[name] = t.to(dtype).contiguous() if t.is_floating_point() else t.contiguous()
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "version": str(CHECKPOINT_VERSION),
+        "config": json.dumps(asdict(net.config)),
+        "training": json.dumps(training or {}),
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def load_draft_head(path: str | Path) -> tuple[DraftHeadNet, dict]:
+    """Read a checkpoint written by :func:`save_draft_head`; weights come back as float32.
+
+    Returns:
+        ``(net, training_notes)``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a draft-head checkpoint, or an unknown version.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no draft-head checkpoint at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a draft-head checkpoint (format {meta.get('format')!r})")
+        if meta.get("version") != str(CHECKPOINT_VERSION):
+            raise ValueError(f"{path}: unsupported draft-head checkpoint version {meta.get('version')!r}")
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    cfg = DraftHeadConfig(**json.loads(meta["config"]))
+    net = DraftHeadNet(cfg)
+    net.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()})
+    net.eval()
+    return net, json.loads(meta.get("training") or "{}")
+
+
+def shipped_checkpoint_path(target_name: str) -> Path:
+    """Where the packaged checkpoint for ``target_name`` lives (it may not exist)."""
+    return Path(__file__).resolve().parent.parent / "data" / f"draft_head-{target_name}.safetensors"
+
+
+# ---------------------------------------------------------------- the speculator
+@dataclass
+class _RequestState:
+    """Per request: the committed tokens seen so far and their n-gram index.
+
+    Invariant: ``index`` holds the n-grams ending at positions ``0 .. len(tokens) - 2``
+    (the newest committed token's n-grams are added to the draft chain's overlay).
+    """
+
+    tokens: list[int]
+    index: ContextIndex
+
+
+class DraftHeadSpeculator(Speculator):
+    """Drafts a chain of tokens with a draft head on the target's hidden state.
+
+    Greedy requests get the argmax chain (no ``draft_probs``); sampled requests
+    get tokens sampled from the head's distribution, processed with the
+    request's temperature / top-k / top-p over the draft vocabulary, and that
+    distribution as ``draft_probs`` (zero outside the draft vocabulary).
+    ``confidence[i]`` is the head's probability of draft token i.
+
+    Per request it keeps the committed tokens' n-gram index (for the context
+    successor), freed by ``stop_request``.
+
+    Draft sampling uses one generator for the whole speculator, seeded once:
+    each draft must be a fresh draw from its ``draft_probs`` for rejection
+    sampling to be exact over requests (a sampler re-seeded per prompt would
+    repeat the same drafts for every seed of the same prompt and bias the
+    output). A fresh speculator given the same requests in the same order
+    reproduces its drafts, hence seeded outputs.
+
+    Args:
+        net: the trained head (float32, eval mode).
+        embed_weight: ``[V, H]`` float32, the target's input embeddings.
+        seed: seed of the draft sampler. Default 0.
+
+    Raises:
+        ValueError: if ``embed_weight`` does not match the head's shape.
+    """
+
+    name = "draft_head"
+    needs_hidden_states = True
+    provides_draft_probs = True
+
+    def __init__(self, net: DraftHeadNet, embed_weight: torch.Tensor, seed: int = 0) -> None:
+        cfg = net.config
+        if tuple(embed_weight.shape) != (cfg.target_vocab_size, cfg.hidden_size):
+            raise ValueError(
+                f"target embeddings have shape {tuple(embed_weight.shape)}; the draft head was built for "
+                f"vocabulary {cfg.target_vocab_size} x hidden {cfg.hidden_size}"
+            )
+        self.net = net.eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.embed = embed_weight  # [V, H], shared with the target (not copied)
+        self.vocab_size = cfg.target_vocab_size
+        self.seed = seed
+        self._draft_to_target: list[int] = net.draft_to_target.tolist()
+        self._zero = torch.zeros(1, cfg.hidden_size)
+        self._match_ids = [torch.tensor([n]) for n in range(cfg.context_ngram + 1)]
+        self._requests: dict[str, _RequestState] = {}
+        self._generator = torch.Generator().manual_seed(seed)
+
+    # ---------------------------------------------------------------- lifecycle
+    def start_request(self, request_id: str, prompt_ids: Sequence[int], tenant: str = DEFAULT_TENANT) -> None:
+        self._requests[request_id] = self._new_state()
+
+    def stop_request(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+
+    def _new_state(self) -> _RequestState:
+        return _RequestState(tokens=[], index=ContextIndex(self.net.config.context_ngram))
+
+    def _sync(self, ctx: ProposeContext) -> _RequestState:
+        """The request's state with every committed token indexed (see :class:`_RequestState`)."""
+        st = self._requests.get(ctx.request_id)
+        if st is None:  # a caller that skipped start_request
+            st = self._requests[ctx.request_id] = self._new_state()
+        toks = ctx.token_ids
+        n_old = len(st.tokens)
+        if len(toks) < n_old or (n_old and toks[n_old - 1] != st.tokens[-1]):
+            # Committed tokens only ever grow; anything else is a new context: rebuild.
+            st.tokens, st.index, n_old = [], ContextIndex(self.net.config.context_ngram), 0
+        st.tokens.extend(int(t) for t in toks[n_old:])
+        for p in range(max(0, n_old - 1), len(st.tokens) - 1):
+            st.index.add(st.tokens, p)
+        return st
+
+    # ---------------------------------------------------------------- drafting
+    @torch.inference_mode()
+    def propose(self, ctx: ProposeContext, max_draft_tokens: int) -> DraftProposal:
+        """Draft up to ``max_draft_tokens`` tokens; nothing when ``ctx.hidden_state`` is None."""
+        if ctx.hidden_state is None or max_draft_tokens <= 0 or not ctx.token_ids:
+            return DraftProposal(speculator=self.name)
+        st = self._sync(ctx)
+        greedy = ctx.temperature <= 0.0
+        seq = list(st.tokens)  # committed tokens, then the chain
+        overlay = ContextIndex(self.net.config.context_ngram)  # n-grams ending at the newest token or later
+        feature = ctx.hidden_state.float().reshape(1, -1)  # [1, H]
+        ids: list[int] = []
+        conf: list[float] = []
+        rows: list[torch.Tensor] = []  # [Vd] each, sampled requests only
+        for _ in range(max_draft_tokens):
+            t = len(seq) - 1
+            succ, n = st.index.successor(seq, t, overlay)
+            succ_emb = self.embed[succ].unsqueeze(0) if n else self._zero  # [1, H]
+            feature = self.net(feature, self.embed[seq[t]].unsqueeze(0), succ_emb, self._match_ids[n])  # [1, H]
+            logits = self.net.logits(feature)  # [1, Vd]
+            if greedy:
+                j = int(torch.argmax(logits[0]))
+                c = float(torch.softmax(logits[0], dim=-1)[j])
+            else:
+                probs = process_logits(logits, ctx.temperature, ctx.top_k, ctx.top_p)[0]  # [Vd]
+                j = int(torch.multinomial(probs, 1, generator=self._generator))
+                c = float(probs[j])
+                rows.append(probs)
+            token = self._draft_to_target[j]
+            ids.append(token)
+            conf.append(c)
+            overlay.add(seq, t)
+            seq.append(token)
+        draft_probs = None
+        if rows:
+            draft_probs = torch.zeros(len(rows), self.vocab_size)  # [n, V]
+            draft_probs[:, self.net.draft_to_target] = torch.stack(rows)
+        return DraftProposal(token_ids=ids, draft_probs=draft_probs, confidence=conf, speculator=self.name)
+
+
+def check_matches_target(net: DraftHeadNet, target: Any) -> None:
+    """Refuse a head trained for another target.
+
+    Raises:
+        ValueError: vocabulary size, hidden size, or the LM-head rows differ.
+    """
+    cfg = net.config
+    V = int(target.vocab_size)
+    emb = target_embedding_weight(target)
+    if cfg.target_vocab_size != V or cfg.hidden_size != int(emb.shape[1]):
+        raise ValueError(
+            f"draft head was trained for vocabulary {cfg.target_vocab_size} x hidden {cfg.hidden_size} "
+            f"({cfg.target_name or 'unknown target'}); target {target.name} has {V} x {int(emb.shape[1])}"
+        )
+    lm = target_lm_head_weight(target)
+    if lm is not None:
+        rows = lm[net.draft_to_target]  # [Vd, H]
+        scale = float(rows.abs().max()) or 1.0
+        err = float((rows - net.lm_head).abs().max()) / scale
+        if err > _LM_HEAD_MATCH_TOLERANCE:
+            raise ValueError(
+                f"draft head was trained for {cfg.target_name or 'another target'}: its LM-head rows differ from "
+                f"{target.name}'s (max relative difference {err:.3g})"
+            )
+
+
+def load_static_speculator(target: Any, path: Optional[str | Path] = None, seed: int = 0) -> DraftHeadSpeculator:
+    """The draft-head speculator for a loaded target.
+
+    Args:
+        target: a loaded target model (``adaspec.target.TargetModel``).
+        path: a checkpoint file; default: the one shipped in the package for
+            ``target.name`` (``adaspec/data/draft_head-<name>.safetensors``).
+        seed: base seed of the draft samplers.
+
+    Raises:
+        FileNotFoundError: no checkpoint for this target.
+        ValueError: the checkpoint was trained for a different target.
+    """
+    path = Path(path) if path is not None else shipped_checkpoint_path(str(target.name))
+    net, _ = load_draft_head(path)
+    check_matches_target(net, target)
+    return DraftHeadSpeculator(net, target_embedding_weight(target).float(), seed=seed)
