@@ -117,3 +117,19 @@ def test_real_model_f16_output_independent_of_k(real_target):
     for k in (1, 2, 3, 5, 8):
         r = Engine(real_target, [NgramSpeculator()], lookahead=k).generate(prompt, SamplingParams(max_tokens=128))
         assert r.token_ids == plain, f"k={k}"
+
+
+@pytest.mark.real_model
+def test_real_model_int8_speculation_equals_int8_plain():
+    """The default fast path stays exact: greedy with speculation equals plain on the same int8 weights."""
+    from adaspec.speculators import SuffixSpeculator
+    from adaspec.target import load_target
+
+    target = load_target("smollm2-135m-instruct", dtype="int8")
+    eng = Engine(target)
+    prompt = eng.encode_prompt("Write a Python function that checks whether a number is prime.", chat=True)
+    plain = plain_ids(target, prompt, 64)
+    for spec, k in ((NgramSpeculator(), 8), (SuffixSpeculator(), 16)):
+        for _ in range(2):  # the suffix speculator drafts long blocks the second time
+            r = Engine(target, [spec], lookahead=k).generate(prompt, SamplingParams(max_tokens=64))
+            assert r.token_ids == plain, spec.name

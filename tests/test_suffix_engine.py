@@ -48,7 +48,8 @@ def test_cli_state_dir_round_trip(tiny_model_dir, tmp_path):
     """`adaspec generate --speculator suffix --state-dir` persists what it learned."""
     state = tmp_path / "state"
     cmd = [sys.executable, "-m", "adaspec.cli", "generate", "--model", str(tiny_model_dir), "--prompt", "hello there",
-           "--max-tokens", "16", "--speculator", "suffix", "--state-dir", str(state), "--json"]
+           "--max-tokens", "16", "--speculator", "suffix", "--state-dir", str(state), "--json",
+           "--dtype", "float32"]
     first = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     second = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     assert first["token_ids"] == second["token_ids"]

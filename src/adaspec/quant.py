@@ -38,6 +38,7 @@ cached prompt (:func:`measure_step_cost`).
 from __future__ import annotations
 
 import json
+import os
 import math
 import statistics
 import time
@@ -463,6 +464,13 @@ def attention_kernel() -> Optional[object]:
         try:
             if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
                 raise RuntimeError(f"CPU capability {torch.backends.cpu.get_cpu_capability()} lacks AVX2")
+            try:  # the PyPI `ninja` package (requirements.lock) puts its binary beside the venv's python
+                import ninja
+
+                if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
+                    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+            except ImportError:
+                pass
             from torch.utils.cpp_extension import load_inline
 
             from adaspec.models import cache_root
