@@ -234,15 +234,20 @@ class FusedInt8Group(nn.Module):
     row is normalised and quantized once and fbgemm runs one matmul. Each output
     column is the same exact integer dot product as in a separate layer, with
     the same per-channel weight scale and per-row activation scale, so the
-    result is bitwise equal to the unfused layers. The model keeps calling its
-    members (``q_proj``, ``k_proj``, ...): the first call on an input computes
-    all outputs and the others return their slice when called on the *same
-    tensor object* (``is``); on any other input a member computes afresh.
+    result is bitwise equal to the unfused layers.
+
+    The model keeps calling its members (``q_proj``, ``k_proj``, ...): the first
+    call on an input computes all outputs; the others get their slice when
+    called on the *same tensor object* (``is``), and any other input is computed
+    afresh. The stash is per thread and dropped once every member has been
+    served, so it never holds activations past the layer.
     """
 
     def __init__(self, linears: Sequence[nn.Linear], activation_bits: Optional[int] = None,
                  weight_bits: Optional[int] = None):
         super().__init__()
+        import threading
+
         weight = torch.cat([lin.weight.detach().float() for lin in linears])  # [sum N_i, K]
         biases = [lin.bias for lin in linears]
         bias = None
@@ -254,15 +259,30 @@ class FusedInt8Group(nn.Module):
         for lin in linears:
             bounds.append(bounds[-1] + lin.out_features)
         self.bounds = bounds
-        self._last_input: Optional[torch.Tensor] = None
-        self._last_output: Optional[torch.Tensor] = None
+        self._stash = threading.local()  # .input, .output, .served
+
+    def __getstate__(self):  # deepcopy / pickle: the per-thread stash is not state
+        state = self.__dict__.copy()
+        state.pop("_stash", None)
+        return state
+
+    def __setstate__(self, state):
+        import threading
+
+        self.__dict__.update(state)
+        self._stash = threading.local()
 
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Member ``index``'s output for ``x`` (``[..., K]`` -> ``[..., N_index]``, a view)."""
-        if x is not self._last_input:
-            self._last_output = self.linear(x)  # [..., sum N_i]
-            self._last_input = x
-        return self._last_output[..., self.bounds[index]:self.bounds[index + 1]]
+        st = self._stash
+        if getattr(st, "input", None) is not x or index in st.served:
+            st.output = self.linear(x)  # [..., sum N_i]
+            st.input, st.served = x, set()
+        out = st.output[..., self.bounds[index]:self.bounds[index + 1]]
+        st.served.add(index)
+        if len(st.served) == len(self.bounds) - 1:
+            st.input = st.output = None
+        return out
 
 
 class FusedInt8Member(nn.Module):
@@ -513,8 +533,9 @@ def invariant_attention_forward(
     new tokens, query i (absolute position ``S - T + i``) attends to keys
     ``[0, S - T + i]`` by a computation that is the same whatever T is:
 
-    - with :func:`attention_kernel`: the compiled kernel (fixed operation order
-      per output row; K/V read once for all queries);
+    - with the compiled kernel (:func:`attention_kernel`, pinned on the module by
+      :func:`use_invariant_attention`): a fixed operation order per output row,
+      K/V read once for all queries;
     - otherwise: one ``scaled_dot_product_attention`` call per query over its
       visible keys (its GQA group packed as rows, as transformers does for
       decoding) -- the very call plain decoding makes for that position.
@@ -551,7 +572,9 @@ def invariant_attention_forward(
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None,
                                              scale=scaling, enable_gqa=n_rep > 1)  # [1, H, T, D]
         return out.transpose(1, 2).contiguous(), None
-    kernel = attention_kernel() if _kernel_fits(query, key) else None
+    pinned = getattr(module, "_adaspec_attention_kernel", None)
+    kernel = pinned[0] if pinned is not None else attention_kernel()
+    kernel = kernel if _kernel_fits(query, key) else None
     if kernel is not None:
         # query [1, H, T, D] -> [T, H, D] (a view of the projection output)
         return kernel(query[0].transpose(0, 1), key[0], value[0], float(scaling))[None], None
@@ -564,8 +587,15 @@ def invariant_attention_forward(
     return (outs[0] if T == 1 else torch.cat(outs, dim=1)), None  # [1, T, H, D]
 
 
-def use_invariant_attention(model: nn.Module) -> None:
+def use_invariant_attention(model: nn.Module) -> str:
     """Register :func:`invariant_attention_forward` and switch ``model`` to it (in place).
+
+    The implementation (compiled kernel or SDPA per query, see
+    :func:`attention_kernel`) is chosen here, once, and pinned on every
+    attention module, so one model never mixes the two (their roundings differ).
+
+    Returns:
+        "cpp" or "sdpa per query".
 
     Raises:
         RuntimeError: the model does not dispatch attention through
@@ -577,6 +607,7 @@ def use_invariant_attention(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):
         raise RuntimeError("use_invariant_attention needs a transformers PreTrainedModel")
+    kernel = attention_kernel()
     # Setting the config field directly: the attention modules share this config
     # object and read the field on every call; set_attn_implementation() would
     # validate against the hub-kernel list first.
@@ -585,6 +616,9 @@ def use_invariant_attention(model: nn.Module) -> None:
         sub_config = getattr(sub, "config", None)
         if sub_config is not None and hasattr(sub_config, "_attn_implementation"):
             sub_config._attn_implementation = INVARIANT_ATTENTION
+        if hasattr(sub, "num_key_value_groups"):  # an attention module
+            sub._adaspec_attention_kernel = (kernel,)  # tuple: not a submodule/parameter
+    return "cpp" if kernel is not None else "sdpa per query"
 
 
 # --------------------------------------------------------------------------- calibration data
@@ -961,10 +995,9 @@ def quantize_model_int8(model: nn.Module, calibration_ids: Optional[Sequence[tor
         if hasattr(model, "_tied_weights_keys"):
             model._tied_weights_keys = {} if isinstance(model._tied_weights_keys, dict) else []
     if invariant_attention:
-        use_invariant_attention(model)
+        report["attention_kernel"] = use_invariant_attention(model)
         report["attention"] = INVARIANT_ATTENTION
-        report["attention_kernel"] = "cpp" if attention_kernel() is not None else "sdpa per query"
-        if _KERNEL_STATE.get("error"):
+        if report["attention_kernel"] != "cpp" and _KERNEL_STATE.get("error"):
             report["attention_kernel_error"] = _KERNEL_STATE["error"]
     return report
 
