@@ -179,6 +179,24 @@ def test_training_lowers_loss(trained):
     assert last < 0.5 * first, (first, last)
 
 
+def test_int8_copy_drafts_like_the_float_head(trained):
+    from adaspec.speculators.draft_head import quantize_head
+
+    net = trained["net"]
+    q = quantize_head(net)
+    p = trained["packed"]
+    f, tok = p.hidden[:32].float(), p.token_ids[1:33]
+    from adaspec.speculators.draft_head import successor_inputs
+
+    args = (f, trained["embed"][tok], successor_inputs(trained["embed"], p.successor[1:33], p.match_length[1:33]),
+            p.match_length[1:33])
+    with torch.no_grad():
+        a, b = net.logits(net(*args)), q.logits(q(*args))
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+    assert float((a - b).abs().max()) < 0.1 * float(a.abs().max())
+    assert net.fc_in.weight.dtype == torch.float32  # the original is untouched
+
+
 def test_evaluation_of_a_fitted_head(trained):
     ev = evaluate_head(trained["net"], trained["embed"], trained["packed"], max_k=4)["overall"]
     lengths = [ev["acceptance_length"][str(k)] for k in range(1, 5)]
@@ -204,9 +222,11 @@ def test_greedy_exactness_with_head(tiny_target, trained):
         assert r.speculation.acceptance_rate > 0.5, "the fitted head should get drafts accepted"
 
 
-def test_untrained_head_greedy_exact_other_prompt(tiny_target):
+@pytest.mark.parametrize("int8", [True, False], ids=["int8", "fp32"])
+def test_untrained_head_greedy_exact_other_prompt(tiny_target, int8):
     net = new_draft_head(tiny_target, list(range(300)), intermediate_size=64, seed=1)
-    spec = DraftHeadSpeculator(net, target_embedding_weight(tiny_target))
+    spec = DraftHeadSpeculator(net, target_embedding_weight(tiny_target), int8=int8)
+    assert spec.int8 == int8
     prompt = tiny_target.tokenizer.encode("The three primary colors are")
     plain = plain_ids(tiny_target, prompt, 40, ignore_eos=True)
     r = Engine(tiny_target, [spec], lookahead=4).generate(prompt, SamplingParams(max_tokens=40, ignore_eos=True))
@@ -305,6 +325,7 @@ def test_checkpoint_roundtrip_and_target_check(tiny_target, trained, tmp_path):
         assert torch.allclose(a.float(), b.float(), atol=2e-3, rtol=2e-3), k  # fp16 storage
     spec = load_static_speculator(tiny_target, path)
     assert spec.name == "draft_head" and spec.needs_hidden_states
+    assert spec.int8  # the documented default: draft in int8
 
     other = load_target(str(build_tiny_model_dir(tmp_path / "other", seed=7)))
     with pytest.raises(ValueError, match="LM-head rows differ"):

@@ -186,10 +186,38 @@ class DraftHeadNet(nn.Module):
 
     def logits(self, feature: torch.Tensor) -> torch.Tensor:
         """``[N, H]`` features -> ``[N, Vd]`` draft-vocabulary logits (the frozen LM-head rows)."""
+        int8_head = getattr(self, "lm_head_int8", None)  # set by quantize_head only
+        if int8_head is not None:
+            return int8_head(feature)
         return feature @ self.lm_head.t()
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def quantize_head(net: DraftHeadNet) -> DraftHeadNet:
+    """An int8 inference copy of ``net`` (drafting only; training uses the float head).
+
+    ``fc_in``, the blocks' linears and the draft LM head become
+    :class:`adaspec.quant.Int8Linear` (fbgemm int8; one weight scale per output
+    channel, one activation scale per token). Drafting one token reads ~8M
+    weights, which in fp32 (~33 MB) is bound by memory bandwidth: the fp32
+    draft LM head alone took ~6 ms per token here, its int8 version ~0.1 ms.
+    The draft distribution changes slightly; exactness does not depend on it.
+
+    Raises:
+        RuntimeError: no fbgemm quantized engine on this CPU.
+    """
+    import copy
+
+    from adaspec.quant import Int8Linear
+
+    q = copy.deepcopy(net).eval()
+    q.fc_in = Int8Linear(net.fc_in.weight)
+    for qb, b in zip(q.blocks, net.blocks):
+        qb.gate, qb.up, qb.down = Int8Linear(b.gate.weight), Int8Linear(b.up.weight), Int8Linear(b.down.weight)
+    q.lm_head_int8 = Int8Linear(net.lm_head)
+    return q
 
 
 def successor_inputs(embed: torch.Tensor, successor: torch.Tensor, match_length: torch.Tensor) -> torch.Tensor:
@@ -257,10 +285,14 @@ def target_embedding_weight(target: Any) -> torch.Tensor:
 def target_lm_head_weight(target: Any) -> Optional[torch.Tensor]:
     """``[V, H]`` float32 LM-head weight of a target, or None when it is not a dense tensor.
 
-    A quantized LM head (e.g. ``torch.ao`` dynamic int8, whose ``weight`` is a
-    method returning a quantized tensor) is dequantized.
+    A quantized LM head is dequantized: ``adaspec.quant.Int8Linear`` (its
+    ``dequantized_weight()``) or ``torch.ao`` dynamic int8 (whose ``weight`` is
+    a method returning a quantized tensor).
     """
-    w = getattr(target.model.lm_head, "weight", None)
+    head = target.model.lm_head
+    if callable(getattr(head, "dequantized_weight", None)):
+        return head.dequantized_weight().detach().float()
+    w = getattr(head, "weight", None)
     if callable(w) and not isinstance(w, torch.Tensor):
         w = w()
     if isinstance(w, torch.Tensor):
@@ -416,6 +448,12 @@ class DraftHeadSpeculator(Speculator):
         net: the trained head (float32, eval mode).
         embed_weight: ``[V, H]`` float32, the target's input embeddings.
         seed: seed of the draft sampler. Default 0.
+        int8: draft with :func:`quantize_head`'s int8 copy (about 3x cheaper
+            per draft token here); falls back to float32 where fbgemm is
+            missing. Default True.
+
+    Attributes:
+        int8: whether drafting actually runs in int8.
 
     Raises:
         ValueError: if ``embed_weight`` does not match the head's shape.
@@ -425,16 +463,23 @@ class DraftHeadSpeculator(Speculator):
     needs_hidden_states = True
     provides_draft_probs = True
 
-    def __init__(self, net: DraftHeadNet, embed_weight: torch.Tensor, seed: int = 0) -> None:
+    def __init__(self, net: DraftHeadNet, embed_weight: torch.Tensor, seed: int = 0, int8: bool = True) -> None:
         cfg = net.config
         if tuple(embed_weight.shape) != (cfg.target_vocab_size, cfg.hidden_size):
             raise ValueError(
                 f"target embeddings have shape {tuple(embed_weight.shape)}; the draft head was built for "
                 f"vocabulary {cfg.target_vocab_size} x hidden {cfg.hidden_size}"
             )
-        self.net = net.eval()
-        for p in self.net.parameters():
+        net = net.eval()
+        for p in net.parameters():
             p.requires_grad_(False)
+        self.int8 = False
+        if int8:
+            try:
+                net, self.int8 = quantize_head(net), True
+            except (RuntimeError, ImportError):
+                pass  # no fbgemm here: draft in float32
+        self.net = net
         self.embed = embed_weight  # [V, H], shared with the target (not copied)
         self.vocab_size = cfg.target_vocab_size
         self.seed = seed
@@ -535,14 +580,16 @@ def check_matches_target(net: DraftHeadNet, target: Any) -> None:
             )
 
 
-def load_static_speculator(target: Any, path: Optional[str | Path] = None, seed: int = 0) -> DraftHeadSpeculator:
+def load_static_speculator(target: Any, path: Optional[str | Path] = None, seed: int = 0,
+                           int8: bool = True) -> DraftHeadSpeculator:
     """The draft-head speculator for a loaded target.
 
     Args:
         target: a loaded target model (``adaspec.target.TargetModel``).
         path: a checkpoint file; default: the one shipped in the package for
             ``target.name`` (``adaspec/data/draft_head-<name>.safetensors``).
-        seed: base seed of the draft samplers.
+        seed: seed of the draft sampler.
+        int8: draft with the int8 copy of the head (see :class:`DraftHeadSpeculator`).
 
     Raises:
         FileNotFoundError: no checkpoint for this target.
@@ -551,4 +598,4 @@ def load_static_speculator(target: Any, path: Optional[str | Path] = None, seed:
     path = Path(path) if path is not None else shipped_checkpoint_path(str(target.name))
     net, _ = load_draft_head(path)
     check_matches_target(net, target)
-    return DraftHeadSpeculator(net, target_embedding_weight(target).float(), seed=seed)
+    return DraftHeadSpeculator(net, target_embedding_weight(target).float(), seed=seed, int8=int8)

@@ -106,6 +106,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--num-prompts", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--lookahead", type=int, default=4)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "int8"), help="target dtype")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="write the JSON result here too")
     args = parser.parse_args(argv)
@@ -117,9 +118,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    target = load_target(args.model)
+    target = load_target(args.model, dtype=args.dtype)
     spec = load_static_speculator(target, args.checkpoint)
-    result = {"model": args.model, "checkpoint": args.checkpoint or "shipped", "torch_threads": torch.get_num_threads()}
+    result = {"model": args.model, "dtype": args.dtype, "checkpoint": args.checkpoint or "shipped",
+              "torch_threads": torch.get_num_threads()}
     for domain in [d.strip() for d in args.domains.split(",") if d.strip()]:
         result[domain] = measure(target, spec, heldout_prompts(domain, args.num_prompts), args.max_tokens,
                                  args.lookahead)
