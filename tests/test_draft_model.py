@@ -153,3 +153,19 @@ def test_cache_resyncs_after_rejections(tiny_target, draft_dirs):
     assert spec._requests["r"].cache.get_seq_length() == len(spec._requests["r"].fed)
     spec.stop_request("r")
     assert "r" not in spec._requests
+
+
+def test_cli_static_with_draft_model(tiny_model_dir):
+    """`adaspec generate --speculator static --draft-model M` drafts with a model and stays exact."""
+    import json
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "adaspec.cli", "generate", "--model", str(tiny_model_dir), "--prompt", "hello",
+            "--max-tokens", "12", "--dtype", "float32", "--json"]
+    plain = json.loads(subprocess.run(base + ["--speculator", "none"], capture_output=True, text=True,
+                                      check=True).stdout)
+    drafted = json.loads(subprocess.run(base + ["--speculator", "static", "--draft-model", str(tiny_model_dir)],
+                                        capture_output=True, text=True, check=True).stdout)
+    assert drafted["token_ids"] == plain["token_ids"]
+    assert drafted["speculation"]["acceptance_rate"] == 1.0  # the target drafting for itself (F11)

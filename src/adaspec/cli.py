@@ -15,7 +15,7 @@ SPECULATORS = ("none", "ngram", "suffix", "static", "atlas")
 DEFAULT_DTYPE = "int8"  # the fastest exact path (batch-invariant int8, see adaspec.quant)
 
 
-def build_speculators(name: str, target=None, calibrate: bool = True) -> list:
+def build_speculators(name: str, target=None, calibrate: bool = True, draft_model: Optional[str] = None) -> list:
     """Speculator objects for ``--speculator``.
 
     ``atlas`` is the confidence-aware controller over the static speculator
@@ -37,6 +37,10 @@ def build_speculators(name: str, target=None, calibrate: bool = True) -> list:
             costs = CostModel(measure_step_cost(target, ks=[1, 2, 3, 5, 9, 13, 17], repeats=3, prompt_len=32))
         return [AtlasSpeculator(static=static, adaptive=SuffixSpeculator(), cost_model=costs)]
     if name == "static":
+        if draft_model:
+            from adaspec.speculators.draft_model import DraftModelSpeculator
+
+            return [DraftModelSpeculator.from_pretrained(draft_model, target)]
         static = _static_or_none(target)
         if static is None:
             raise ValueError("no static speculator is available for this model")
@@ -112,7 +116,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             logprobs=args.logprobs)
     params.validate()
     target = load_target(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
-    speculators = build_speculators(args.speculator, target)
+    speculators = build_speculators(args.speculator, target, draft_model=args.draft_model)
     store = restore_state(args.state_dir, speculators) if args.state_dir else None
     lookahead = args.lookahead if args.lookahead is not None else (16 if args.speculator == "atlas" else 8)
     engine = Engine(target, speculators, lookahead=lookahead)
@@ -247,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--speculator", default="ngram", choices=SPECULATORS)
     g.add_argument("--lookahead", type=int, default=None,
                    help="most draft tokens per step (default: 8; 16 for atlas, whose controller picks k per step)")
+    g.add_argument("--draft-model", default=None,
+                   help="with --speculator static: a smaller causal LM with the target's tokenizer instead of the draft head")
     g.add_argument("--tenant", default="default", help="tenant whose learned state is used (default: %(default)s)")
     g.add_argument("--state-dir", default=None,
                    help="folder of learned-state snapshots: restored at start, written at the end")
@@ -291,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-tokens", type=int, default=64)
     d.add_argument("--out", default="bench_out/demo")
     d.set_defaults(func=cmd_demo)
+
+    from adaspec.train.cli import add_train_arguments, train_from_args
+
+    ts = sub.add_parser("train-speculator", help="train a draft head (static speculator) for a model")
+    add_train_arguments(ts)
+    ts.set_defaults(func=train_from_args)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     try:
