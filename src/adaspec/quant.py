@@ -624,27 +624,8 @@ def use_invariant_attention(model: nn.Module) -> str:
 # --------------------------------------------------------------------------- calibration data
 
 
-def prompts_root() -> Path:
-    """The shared prompt folder: ``$ADASPEC_PROMPTS`` or ``../shared/data/prompts`` above the repo.
-
-    Raises:
-        FileNotFoundError: neither exists.
-    """
-    import os
-
-    env = os.environ.get("ADASPEC_PROMPTS")
-    if env:
-        return Path(env)
-    for parent in Path(__file__).resolve().parents:
-        cand = parent.parent / "shared" / "data" / "prompts"
-        if cand.is_dir():
-            return cand
-    raise FileNotFoundError("prompt data not found: set ADASPEC_PROMPTS to the shared/data/prompts folder")
-
-
-def _jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+# Prompt sets are found the same way as the benchmarks find them.
+from adaspec.bench.prompts import _jsonl, prompts_root  # noqa: E402
 
 
 # Spec-Bench's own categories; its other 80 rows (writing, roleplay, ...) are
