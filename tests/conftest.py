@@ -64,6 +64,32 @@ def tiny_target(tiny_model_dir):
     return load_target(str(tiny_model_dir), max_model_len=512)
 
 
+SMALL_VOCAB = 16
+
+
+@pytest.fixture(scope="module")
+def small_vocab_target(tmp_path_factory):
+    """A tiny random model with a 16-token vocabulary and softened logits, for sampling tests.
+
+    Module scope: each test module gets its own instance.
+    """
+    from adaspec.target import load_target
+
+    d = build_tiny_model_dir(tmp_path_factory.mktemp("v16") / "m", seed=5, vocab_size=SMALL_VOCAB)
+    t = load_target(str(d), max_model_len=64)
+    # Soften the logits so several tokens have real mass (a wide init makes them peaky).
+    with torch.no_grad():
+        t.model.lm_head.weight.mul_(0.15)
+    return t
+
+
+def tv(a, b) -> float:
+    """Total variation distance between two histograms (Counters)."""
+    keys = set(a) | set(b)
+    na, nb = sum(a.values()), sum(b.values())
+    return 0.5 * sum(abs(a[k] / na - b[k] / nb) for k in keys)
+
+
 @pytest.fixture(scope="session")
 def real_target():
     from adaspec.target import load_target

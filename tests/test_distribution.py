@@ -14,23 +14,12 @@ import torch
 
 from adaspec.engine import Engine
 from adaspec.sampling import process_logits
-from adaspec.target import load_target
 from adaspec.types import SamplingParams
-from conftest import build_tiny_model_dir
+from conftest import SMALL_VOCAB as V
+from conftest import tv
 from scripted import RandomSpeculator, SampledDraftSpeculator
 
-V = 16
 RUNS = 2000
-
-
-@pytest.fixture(scope="module")
-def small_vocab_target(tmp_path_factory):
-    d = build_tiny_model_dir(tmp_path_factory.mktemp("v16") / "m", seed=5, vocab_size=V)
-    t = load_target(str(d), max_model_len=64)
-    # Soften the logits so several tokens have real mass (a wide init makes them peaky).
-    with torch.no_grad():
-        t.model.lm_head.weight.mul_(0.15)
-    return t
 
 
 def histograms(engine, prompt, params_kw):
@@ -40,12 +29,6 @@ def histograms(engine, prompt, params_kw):
         first[r.token_ids[0]] += 1
         second[(r.token_ids[0], r.token_ids[1])] += 1
     return first, second
-
-
-def tv(a: Counter, b: Counter) -> float:
-    keys = set(a) | set(b)
-    na, nb = sum(a.values()), sum(b.values())
-    return 0.5 * sum(abs(a[k] / na - b[k] / nb) for k in keys)
 
 
 @pytest.mark.parametrize("params_kw,drafter", [(dict(temperature=0.7, top_p=0.5), "sampled"),

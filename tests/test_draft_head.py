@@ -35,7 +35,7 @@ from adaspec.train.draft_head import (
     train_draft_head,
 )
 from adaspec.types import ProposeContext, SamplingParams
-from conftest import REAL_MODEL, build_tiny_model_dir
+from conftest import REAL_MODEL, SMALL_VOCAB, build_tiny_model_dir, tv
 
 PROMPT = "def fibonacci(n):\n    # return the n-th Fibonacci number\n"
 
@@ -265,23 +265,8 @@ def test_propose_contract(tiny_target, trained):
 
 
 # ---------------------------------------------------------------- sampling distribution
-V = 16
+V = SMALL_VOCAB
 RUNS = 2000
-
-
-@pytest.fixture(scope="module")
-def small_vocab_target(tmp_path_factory):
-    d = build_tiny_model_dir(tmp_path_factory.mktemp("v16h") / "m", seed=5, vocab_size=V)
-    t = load_target(str(d), max_model_len=64)
-    with torch.no_grad():  # softer logits: several tokens with real mass
-        t.model.lm_head.weight.mul_(0.15)
-    return t
-
-
-def tv(a: Counter, b: Counter) -> float:
-    keys = set(a) | set(b)
-    na, nb = sum(a.values()), sum(b.values())
-    return 0.5 * sum(abs(a[k] / na - b[k] / nb) for k in keys)
 
 
 @pytest.mark.parametrize("params_kw", [dict(temperature=0.8, top_p=0.7), dict(temperature=1.0, top_k=4)],
