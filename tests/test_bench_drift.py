@@ -71,6 +71,14 @@ def test_default_phase_order_and_counts():
     assert "JSON schemas" in phases[4].prompts[0].messages[0]["content"]
 
 
+def test_chat_prompts_have_no_duplicate_questions():
+    # Spec-Bench repeats the 80 MT-bench questions; the chat set must hold each once.
+    from adaspec.bench.prompts import load_domain
+
+    texts = [p.messages[0]["content"] for p in load_domain("chat")]
+    assert len(texts) == len(set(texts)) == 80 + 400
+
+
 def test_jsonl_phase(tmp_path):
     path = tmp_path / "mine.jsonl"
     rows = [{"prompt": f"question {i}"} for i in range(5)]

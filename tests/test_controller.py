@@ -159,3 +159,52 @@ def test_atlas_state_round_trip():
         b.load_state_dict({"children": {"nope": {}}})
     with pytest.raises(ValueError):
         AtlasSpeculator()
+
+
+def test_atlas_warns_when_the_static_checkpoint_does_not_fit(tiny_target, monkeypatch):
+    # No checkpoint for the model: atlas runs with the adaptive speculator only, quietly.
+    from adaspec import cli
+    from adaspec.speculators import draft_head
+
+    (atlas,) = cli.build_speculators("atlas", tiny_target, calibrate=False)
+    assert atlas.static is None and atlas.adaptive is not None
+
+    # A checkpoint that does not fit the target is reported, not swallowed.
+    def wrong(target):
+        raise ValueError("checkpoint trained for hidden size 576, target has 64")
+
+    monkeypatch.setattr(draft_head, "load_static_speculator", wrong)
+    with pytest.warns(RuntimeWarning, match="hidden size 576"):
+        (atlas,) = cli.build_speculators("atlas", tiny_target, calibrate=False)
+    assert atlas.static is None
+    with pytest.raises(ValueError, match="hidden size 576"):
+        cli.build_speculators("static", tiny_target)
+
+
+@pytest.mark.parametrize("explore_every", [0, 16])
+def test_static_speculator_is_probed_again_after_it_was_dropped(tiny_target, explore_every):
+    # Phase 1 the static speculator is always wrong and gets dropped; phase 2 it is
+    # always right. Only the shadow probes let its estimate recover.
+    tok = tiny_target.tokenizer
+    prompts = [tok.encode(f"zzq xk {i} {i * 7}") for i in range(6)]
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    plain_engine = Engine(tiny_target)
+    plain = {tuple(p): plain_engine.generate(p, params).token_ids for p in prompts}
+    static = PlainLookup("static", plain, 0, tiny_target.vocab_size)
+    atlas = AtlasSpeculator(static=static, adaptive=None, cost_model=frozen_costs(FLAT), static_prior=0.5,
+                            explore_every=explore_every)
+    eng = Engine(tiny_target, [atlas], lookahead=16)
+    for p in prompts[:3]:
+        r = eng.generate(p, params)
+    assert r.speculation.steps_by_speculator.get("none", 0) > 0.8 * r.speculation.target_forwards
+    static.num_right = 16
+    for p in prompts[3:]:
+        r = eng.generate(p, params)
+        assert r.token_ids == plain[tuple(p)]
+    share = r.speculation.steps_by_speculator.get("static", 0) / r.speculation.target_forwards
+    if explore_every:
+        assert share > 0.5 and r.speculation.mean_acceptance_length > 4.0
+    else:
+        assert share == 0.0  # without probes a dropped speculator never returns
+    with pytest.raises(ValueError):
+        AtlasSpeculator(static=static, explore_every=-1)

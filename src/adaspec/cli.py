@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -41,10 +42,15 @@ def build_speculators(name: str, target=None, calibrate: bool = True, draft_mode
             from adaspec.speculators.draft_model import DraftModelSpeculator
 
             return [DraftModelSpeculator.from_pretrained(draft_model, target)]
-        static = _static_or_none(target)
-        if static is None:
-            raise ValueError("no static speculator is available for this model")
-        return [static]
+        from adaspec.speculators.draft_head import load_static_speculator
+
+        if target is None:
+            raise ValueError("the static speculator needs the loaded target model")
+        try:
+            return [load_static_speculator(target)]
+        except FileNotFoundError:
+            raise ValueError("no static speculator is available for this model "
+                             "(train one with `adaspec train-speculator`, or give --draft-model)") from None
     if name == "none":
         return []
     if name == "ngram":
@@ -68,7 +74,12 @@ def _static_or_none(target):
         return None
     try:
         return load_static_speculator(target)
-    except (FileNotFoundError, ValueError):
+    except FileNotFoundError:
+        return None  # no checkpoint shipped for this model
+    except ValueError as e:
+        # A checkpoint exists but does not fit this target: say so rather than
+        # silently running without the static speculator.
+        warnings.warn(f"static speculator not used: {e}", RuntimeWarning, stacklevel=2)
         return None
 
 

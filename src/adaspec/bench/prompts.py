@@ -58,11 +58,16 @@ def load_rust(root: Path) -> list[BenchPrompt]:
             for i, r in enumerate(rows)]
 
 
+# Spec-Bench's own categories; its other 80 rows (writing, roleplay, ...) are
+# the MT-bench questions again, which load_chat already takes from mt_bench/.
+SPEC_BENCH_OWN = ("translation", "summarization", "qa", "math_reasoning", "rag")
+
+
 def load_chat(root: Path) -> list[BenchPrompt]:
     out = [BenchPrompt("chat", f"mt_bench/{r['question_id']}", _user(r["turns"][0]))
            for r in _jsonl(root / "mt_bench" / "question.jsonl")]
     out += [BenchPrompt("chat", f"spec_bench/{r['question_id']}", _user(r["turns"][0]))
-            for r in _jsonl(root / "spec_bench" / "question.jsonl") if r.get("category") != "mt_bench"]
+            for r in _jsonl(root / "spec_bench" / "question.jsonl") if r.get("category") in SPEC_BENCH_OWN]
     return out
 
 
