@@ -36,7 +36,7 @@ def test_serve_argument_defaults() -> None:
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
     a = parser.parse_args([])
-    assert (a.model, a.dtype, a.speculator, a.lookahead) == (DEFAULT_MODEL, "float32", "ngram", None)
+    assert (a.model, a.dtype, a.speculator, a.lookahead) == (DEFAULT_MODEL, "int8", "atlas", None)
     assert (default_lookahead("ngram"), default_lookahead("atlas")) == (DEFAULT_LOOKAHEAD, 16)
     assert (a.host, a.port, a.served_model_name, a.max_model_len) == ("127.0.0.1", 8000, None, None)
     assert (a.max_queue, a.max_active, a.request_timeout) == (DEFAULT_MAX_QUEUE, DEFAULT_MAX_ACTIVE,

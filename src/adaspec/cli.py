@@ -14,6 +14,7 @@ from adaspec.models import DEFAULT_MODEL
 
 SPECULATORS = ("none", "ngram", "suffix", "static", "atlas")
 DEFAULT_DTYPE = "int8"  # the fastest exact path (batch-invariant int8, see adaspec.quant)
+DEFAULT_SPECULATOR = "atlas"  # the controller over the static and the adaptive speculator
 
 
 def build_speculators(name: str, target=None, calibrate: bool = True, draft_model: Optional[str] = None) -> list:
@@ -259,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--logprobs", type=int, default=None, help="return logprobs with this many top alternatives")
-    g.add_argument("--speculator", default="ngram", choices=SPECULATORS)
+    g.add_argument("--speculator", default=DEFAULT_SPECULATOR, choices=SPECULATORS,
+                   help="draft proposer; none decodes plainly (default: %(default)s)")
     g.add_argument("--lookahead", type=int, default=None,
                    help="most draft tokens per step (default: 8; 16 for atlas, whose controller picks k per step)")
     g.add_argument("--draft-model", default=None,

@@ -554,7 +554,7 @@ def add_drift_arguments(parser: argparse.ArgumentParser) -> None:
     from adaspec.target import DTYPES
 
     parser.add_argument("--model", default=DEFAULT_MODEL, help="registry name, HF folder or .gguf (default: %(default)s)")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="target precision (default: %(default)s)")
+    parser.add_argument("--dtype", default="int8", choices=list(DTYPES), help="target precision (default: %(default)s)")
     parser.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's, <= 8192)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's; on a shared machine 1 avoids spin-wait "

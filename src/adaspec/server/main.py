@@ -49,13 +49,15 @@ def default_lookahead(speculator: str) -> int:
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``serve`` options to ``parser`` (defaults as documented in ``--help``)."""
+    from adaspec.cli import DEFAULT_DTYPE, DEFAULT_SPECULATOR
     from adaspec.models import DEFAULT_MODEL
 
     parser.add_argument("--model", default=DEFAULT_MODEL, help="registry name, HF folder or GGUF file "
                         f"(default {DEFAULT_MODEL})")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "int8"], help="default float32")
-    parser.add_argument("--speculator", default="ngram", choices=speculator_choices(),
-                        help="draft proposer; 'none' decodes plainly (default ngram)")
+    parser.add_argument("--dtype", default=DEFAULT_DTYPE, choices=["float32", "int8"],
+                        help=f"target precision (default {DEFAULT_DTYPE}: batch-invariant, exact)")
+    parser.add_argument("--speculator", default=DEFAULT_SPECULATOR, choices=speculator_choices(),
+                        help=f"draft proposer; 'none' decodes plainly (default {DEFAULT_SPECULATOR})")
     parser.add_argument("--lookahead", type=int, default=None,
                         help=f"most draft tokens per step, k (default {DEFAULT_LOOKAHEAD}; "
                         f"{ATLAS_LOOKAHEAD} for atlas)")
@@ -126,7 +128,7 @@ def _keys_from_file(path: Path) -> dict[str, str]:
     return dict(data)
 
 
-def build_engine(model: str, dtype: str = "float32", speculator: str = "ngram", lookahead: Optional[int] = None,
+def build_engine(model: str, dtype: str = "int8", speculator: str = "atlas", lookahead: Optional[int] = None,
                  max_model_len: Optional[int] = None) -> Any:
     """Load the target model and build an Engine with the named speculator (as ``adaspec generate`` does).
 
