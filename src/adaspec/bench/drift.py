@@ -428,6 +428,8 @@ def make_record(req: StreamRequest, system: str, out: SystemOutput) -> RequestRe
         total = sum(s.steps_by_speculator.values())
         rec.speculator_shares = {k: v / total for k, v in s.steps_by_speculator.items()} if total else {}
         rec.lookahead_hist = {str(k): v for k, v in sorted(s.lookahead_hist.items())}
+        rec.draft_seconds = s.draft_time_s
+        rec.verify_seconds = s.verify_time_s
     return rec
 
 

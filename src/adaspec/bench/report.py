@@ -70,6 +70,10 @@ class RequestRecord:
         speculator_shares: ``steps_by_speculator`` as fractions of ``target_forwards``.
         lookahead_hist: draft tokens verified per step -> number of steps
             (keys are strings, as in JSON).
+        draft_seconds: time spent proposing drafts, the controller's decisions
+            included (None when the system does not report it).
+        verify_seconds: time spent in verify forwards and acceptance (None
+            when not reported).
         matches_plain: greedy output identical to plain decoding's; None when
             not checked (the plain system itself, sampling, or no plain run).
         first_mismatch: index of the first differing token when
@@ -96,6 +100,8 @@ class RequestRecord:
     steps_by_speculator: dict[str, int] = field(default_factory=dict)
     speculator_shares: dict[str, float] = field(default_factory=dict)
     lookahead_hist: dict[str, int] = field(default_factory=dict)
+    draft_seconds: Optional[float] = None
+    verify_seconds: Optional[float] = None
     matches_plain: Optional[bool] = None
     first_mismatch: Optional[int] = None
 
@@ -230,6 +236,10 @@ class DriftSummary:
         steady_tokens_per_s / recovery: see the module docstring.
         mean_acceptance_length / acceptance_rate: per phase and ``overall_mal``
             / ``overall_acceptance_rate``, pooled.
+        draft_share: drafting time (speculators and controller) over drafting
+            plus verify time, pooled over the stream; None when not reported.
+        speculator_shares: per phase, target forwards per speculator as fractions
+            (``"none"`` = plain decoding steps).
         checked / matched: greedy requests compared with plain / identical.
         mismatches: every differing request.
         blocks: per block of ``block`` requests.
@@ -255,6 +265,8 @@ class DriftSummary:
     overall_mal: dict[str, Optional[float]]
     acceptance_rate: dict[str, dict[str, Optional[float]]]
     overall_acceptance_rate: dict[str, Optional[float]]
+    draft_share: dict[str, Optional[float]]
+    speculator_shares: dict[str, dict[str, dict[str, float]]]
     checked: dict[str, int]
     matched: dict[str, int]
     mismatches: list[Mismatch]
@@ -320,6 +332,19 @@ def summarize(
             mean_acceptance_length={s: mean_acceptance_length([r for r in rs if r.system == s]) for s in systems},
         ))
 
+    def draft_share(rs: Sequence[RequestRecord]) -> Optional[float]:
+        rs = [r for r in rs if r.draft_seconds is not None and r.verify_seconds is not None]
+        total = sum(r.draft_seconds + r.verify_seconds for r in rs)
+        return sum(r.draft_seconds for r in rs) / total if total > 0 else None
+
+    def shares(rs: Sequence[RequestRecord]) -> dict[str, float]:
+        steps: dict[str, int] = {}
+        for r in rs:
+            for k, v in r.steps_by_speculator.items():
+                steps[k] = steps.get(k, 0) + v
+        total = sum(steps.values())
+        return {k: v / total for k, v in sorted(steps.items())} if total else {}
+
     return DriftSummary(
         systems=systems, phases=phases, baseline=baseline, skip=skip, fraction=fraction, window=window, block=block,
         tokens_per_s=tps, overall=overall,
@@ -334,6 +359,8 @@ def summarize(
         overall_mal={s: mean_acceptance_length([r for r in records if r.system == s]) for s in systems},
         acceptance_rate=per_phase(acceptance_rate),
         overall_acceptance_rate={s: acceptance_rate([r for r in records if r.system == s]) for s in systems},
+        draft_share={s: draft_share([r for r in records if r.system == s]) for s in systems},
+        speculator_shares=per_phase(shares),
         checked=checked, matched=matched, mismatches=mismatches, blocks=blocks,
     )
 
@@ -389,6 +416,12 @@ def summary_tables(s: DriftSummary) -> list[Table]:
                 f"{_f(s.overall_mal[sy], 2)} ({_f(s.overall_acceptance_rate[sy], 2)})"]
                for sy in s.systems if any(v is not None for v in s.mean_acceptance_length[sy].values())],
               "pooled: tokens emitted on steps with a draft / such steps; accepted / proposed drafts."),
+        Table("who drafted: share of target forwards per speculator, per phase", ["system", *ph, "drafting time"],
+              [[sy, *[", ".join(f"{k} {v:.0%}" for k, v in s.speculator_shares[sy][p].items()) or "-" for p in ph],
+                _f(None if s.draft_share[sy] is None else 100 * s.draft_share[sy], 1, "%")]
+               for sy in s.systems if any(len(v) > 1 for v in s.speculator_shares[sy].values())],
+              "'none' = a plain decoding step. drafting time = time proposing drafts (speculators and the "
+              "controller's decisions) / (that + verify time), over the stream."),
         Table("greedy output identical to plain decoding", ["system", "identical / checked", "mismatches"],
               [[sy, f"{s.matched[sy]}/{s.checked[sy]}",
                 ", ".join(f"#{m.request_index} ({m.phase} {m.prompt_id}, token {m.first_mismatch})"
