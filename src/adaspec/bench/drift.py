@@ -55,7 +55,7 @@ from adaspec.speculators import NgramSpeculator, SuffixSpeculator
 from adaspec.target import TargetModel
 from adaspec.types import SamplingParams, SpeculationStats
 
-DEFAULT_PHASES = DOMAINS  # python, rust, chat, sql, tools
+DEFAULT_PHASES = ("python", "rust", "chat", "sql", "tools")  # "noise" is opt-in (the speed-floor check)
 DEFAULT_SYSTEMS = ("plain", "hf-plain", "hf-prompt-lookup", "ngram", "suffix", "static", "atlas")
 DEFAULT_PHASE_LENGTH = 20
 DEFAULT_MAX_TOKENS = 64

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-DOMAINS = ("python", "rust", "chat", "sql", "tools")
+DOMAINS = ("python", "rust", "chat", "sql", "tools", "noise")
 
 
 @dataclass
@@ -103,12 +103,30 @@ def load_tools(root: Path) -> list[BenchPrompt]:
     return out
 
 
+def load_noise(root: Path, count: int = 500, length: int = 80, seed: int = 0) -> list[BenchPrompt]:
+    """Prompts nothing can predict: continue a seeded random string of characters.
+
+    Not read from ``root``: generated, so every machine gets the same ones. Run
+    with sampling (temperature 1) for a stream on which no speculator should
+    pay, to measure the speed floor (plain decoding's speed).
+    """
+    import random
+    import string
+
+    rng = random.Random(seed)
+    alphabet = string.ascii_letters + string.digits + string.punctuation + " "
+    return [BenchPrompt("noise", f"noise/{i}", _user(
+        "Continue this string of random characters:\n" + "".join(rng.choice(alphabet) for _ in range(length))))
+        for i in range(count)]
+
+
 LOADERS: dict[str, Callable[[Path], list[BenchPrompt]]] = {
     "python": load_python,
     "rust": load_rust,
     "chat": load_chat,
     "sql": load_sql,
     "tools": load_tools,
+    "noise": load_noise,
 }
 
 
