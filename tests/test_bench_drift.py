@@ -373,3 +373,17 @@ def test_drift_from_args_end_to_end(tiny_model_dir, tmp_path, capsys):
     again = p.parse_args(["--from-jsonl", str(out / "drift.jsonl"), "--out", str(tmp_path / "re")])
     assert drift_from_args(again) == 0
     assert (tmp_path / "re" / "summary.md").read_text() == (out / "summary.md").read_text()
+
+
+def test_demo_runs_the_short_drift_benchmark(tiny_model_dir, tmp_path, capsys):
+    from adaspec import cli
+
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--model", str(tiny_model_dir), "--dtype", "float32", "--phase-length", "1",
+                     "--systems", "plain,suffix,atlas", "--max-tokens", "4", "--out", str(out)]) == 0
+    records = load_records(out / "drift.jsonl")
+    assert sorted({r.phase for r in records}) == sorted(["python", "rust", "chat", "sql", "tools"])
+    assert {r.system for r in records} == {"plain", "suffix", "atlas"}
+    text = capsys.readouterr().out
+    assert "drifting request stream" in text and "tokens/s per phase" in text
+    assert str(out / "drift.png") in text and (out / "drift.png").stat().st_size > 0

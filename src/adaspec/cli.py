@@ -182,7 +182,7 @@ def cmd_bench_step_cost(args: argparse.Namespace) -> int:
 
     results = {}
     for dtype in args.dtypes.split(","):
-        target = load_target(args.model, dtype=dtype)
+        target = load_target(args.model, dtype=dtype, num_threads=args.threads)
         results[dtype] = measure_step_cost(target, range(1, args.max_k + 1), repeats=args.repeats)
         print(f"{dtype}: k=1 {results[dtype][1]:.1f} ms, k=8 {results[dtype].get(8, float('nan')):.1f} ms", flush=True)
     table = format_step_cost(results)
@@ -208,7 +208,7 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
     from adaspec.target import load_target
 
     prompts = _bench_prompts(args.domains, args.per_domain, args.prompts_file)
-    target = load_target(args.model, dtype=args.dtype)
+    target = load_target(args.model, dtype=args.dtype, num_threads=args.threads)
     records = run_generate_bench(target, prompts, max_tokens=args.max_tokens, lookahead=args.lookahead,
                                  systems=args.systems.split(",") if args.systems else None)
     table = summarize(records)
@@ -222,14 +222,31 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_SYSTEMS = "plain,hf-prompt-lookup,suffix,static,atlas"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """A short side-by-side generation comparison on the default model."""
-    ns = argparse.Namespace(domains="python,rust,chat,sql", per_domain=args.per_domain, prompts_file=None,
-                            model=args.model, dtype=args.dtype, max_tokens=args.max_tokens, lookahead=8,
-                            systems=None, out=args.out)
-    print("adaspec demo: greedy generation, this engine (plain / prompt lookup) vs transformers generate()",
-          flush=True)
-    return cmd_bench_generate(ns)
+    """The drift benchmark, short: five phases of real prompts, adaspec vs plain and transformers.
+
+    About 10 minutes on a 2-core machine with the defaults; prints the summary
+    and where the figure is (``<out>/drift.png``).
+    """
+    from adaspec.bench.drift import add_drift_arguments, drift_from_args
+
+    p = argparse.ArgumentParser(prog="adaspec demo")
+    add_drift_arguments(p)
+    argv = ["--model", args.model, "--dtype", args.dtype, "--phase-length", str(args.phase_length),
+            "--skip", str(args.skip), "--systems", args.systems, "--max-tokens", str(args.max_tokens),
+            "--out", args.out]
+    if args.threads is not None:
+        argv += ["--threads", str(args.threads)]
+    if args.max_model_len is not None:
+        argv += ["--max-model-len", str(args.max_model_len)]
+    ns = p.parse_args(argv)
+    print(f"adaspec demo: a drifting request stream (Python -> Rust -> chat -> SQL -> tool calls), "
+          f"{args.phase_length} requests per phase, greedy, {args.max_tokens} new tokens each; systems {args.systems}. "
+          "Every speculative output is checked against plain decoding.", flush=True)
+    return drift_from_args(ns)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -285,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--dtypes", default="float32,int8")
     sc.add_argument("--max-k", type=int, default=16)
     sc.add_argument("--repeats", type=int, default=7)
+    sc.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's; on a shared machine 1 avoids spin-wait contention)")
     sc.add_argument("--out", default=None, help="write the Markdown table here")
     sc.set_defaults(func=cmd_bench_step_cost)
     bg = bsub.add_parser("generate", help="this engine vs transformers generate(), same prompts")
@@ -295,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--max-tokens", type=int, default=96)
     bg.add_argument("--lookahead", type=int, default=8)
     bg.add_argument("--systems", default=None, help="comma list (default: all)")
+    bg.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's; on a shared machine 1 avoids spin-wait contention)")
     bg.add_argument("--out", default=None, help="folder for generate.jsonl and generate.md")
     bg.set_defaults(func=cmd_bench_generate)
 
@@ -304,11 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_drift_arguments(dr)
     dr.set_defaults(func=drift_from_args)
 
-    d = sub.add_parser("demo", help="short generation comparison on the default model")
+    d = sub.add_parser("demo", help="short drift benchmark on the default model (~10 min on 2 cores)")
     _add_model_args(d)
-    d.add_argument("--per-domain", type=int, default=2)
-    d.add_argument("--max-tokens", type=int, default=64)
-    d.add_argument("--out", default="bench_out/demo")
+    d.add_argument("--phase-length", type=int, default=8, help="requests per phase (default: %(default)s)")
+    d.add_argument("--skip", type=int, default=3,
+                   help="requests per phase left out of the 'after' columns (default: %(default)s)")
+    d.add_argument("--systems", default=DEMO_SYSTEMS, help="comma list (default: %(default)s)")
+    d.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default: %(default)s)")
+    d.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    d.add_argument("--out", default="bench_out/demo", help="output folder (default: %(default)s)")
     d.set_defaults(func=cmd_demo)
 
     from adaspec.train.cli import add_train_arguments, train_from_args
