@@ -285,6 +285,18 @@ class Engine:
         return state.finished
 
     def _find_stop_string(self, state: RequestState) -> bool:
+        # Checked after every token, so a new occurrence ends in the newest
+        # token's text. Decode only a tail long enough to hold the longest stop
+        # string (a token is >= 1 byte, a character <= 4; up to 3 leading chars
+        # of a tail may decode differently, e.g. a split UTF-8 sequence), and
+        # decode everything only on a hit, to find the exact cut: O(n) per
+        # request instead of O(n^2).
+        longest = max(len(x) for x in state.params.stop)
+        tail_tokens = 4 * longest + 8
+        if len(state.output_ids) > tail_tokens:
+            tail = self.decode(state.output_ids[-tail_tokens:])
+            if len(tail) >= longest + 3 and not any(x in tail for x in state.params.stop):
+                return False
         text = self.decode(state.output_ids)
         hits = [i for i in (text.find(s) for s in state.params.stop) if i >= 0]
         if hits:
