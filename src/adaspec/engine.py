@@ -238,6 +238,7 @@ class Engine:
             temperature=state.params.temperature,
             top_k=state.params.top_k,
             top_p=state.params.top_p,
+            seed=state.params.seed,
         )
         t0 = time.perf_counter()
         proposal = spec.propose(ctx, decision.lookahead)

@@ -43,6 +43,10 @@ class ProposeContext:
         temperature / top_k / top_p: the request's sampling parameters; a
             speculator that returns ``draft_probs`` must process its logits with
             them (``adaspec.sampling.process_logits``); temperature 0 is greedy.
+        seed: the request's seed, or None. A speculator that samples its drafts
+            draws them, for a seeded request, from a generator of that request
+            (``adaspec.speculators.base.request_draft_generator``), so the
+            request reproduces whatever else the speculator served before.
     """
 
     request_id: str
@@ -53,6 +57,7 @@ class ProposeContext:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    seed: Optional[int] = None
 
 
 @dataclass

@@ -10,7 +10,22 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
+
 from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext
+
+
+def request_draft_generator(seed: int) -> torch.Generator:
+    """The draft sampler of a seeded request.
+
+    Its stream is a function of the request's seed alone (mixed with a constant
+    so it differs from the verifier's generator, which the engine seeds with the
+    seed itself): a seeded request then draws the same drafts, hence the same
+    output, whatever the speculator served before. Drafts stay fresh draws from
+    ``draft_probs`` across seeds, which rejection sampling needs to be exact.
+    Unseeded requests use the speculator's own generator.
+    """
+    return torch.Generator().manual_seed((int(seed) * 0x9E3779B97F4A7C15 + 0x5EED) % (1 << 63))
 
 
 class Speculator:

@@ -65,7 +65,7 @@ import torch
 from torch import nn
 
 from adaspec.sampling import process_logits
-from adaspec.speculators.base import Speculator
+from adaspec.speculators.base import Speculator, request_draft_generator
 from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext
 
 CHECKPOINT_FORMAT = "adaspec.draft_head"
@@ -423,6 +423,7 @@ class _RequestState:
 
     tokens: list[int]
     index: ContextIndex
+    generator: Optional[torch.Generator] = None  # a seeded request's draft sampler
 
 
 class DraftHeadSpeculator(Speculator):
@@ -437,12 +438,12 @@ class DraftHeadSpeculator(Speculator):
     Per request it keeps the committed tokens' n-gram index (for the context
     successor), freed by ``stop_request``.
 
-    Draft sampling uses one generator for the whole speculator, seeded once:
-    each draft must be a fresh draw from its ``draft_probs`` for rejection
-    sampling to be exact over requests (a sampler re-seeded per prompt would
-    repeat the same drafts for every seed of the same prompt and bias the
-    output). A fresh speculator given the same requests in the same order
-    reproduces its drafts, hence seeded outputs.
+    Draft sampling: a seeded request draws from its own generator
+    (:func:`~adaspec.speculators.base.request_draft_generator`), so it
+    reproduces whatever the speculator served before; unseeded requests share
+    one generator, seeded once. Either way each draft is a fresh draw from its
+    ``draft_probs``, which rejection sampling needs to be exact (a sampler
+    re-seeded by prompt alone would repeat the same drafts for every sample).
 
     Args:
         net: the trained head (float32, eval mode).
@@ -515,6 +516,13 @@ class DraftHeadSpeculator(Speculator):
         return st
 
     # ---------------------------------------------------------------- drafting
+    def _sampler(self, st: _RequestState, ctx: ProposeContext) -> torch.Generator:
+        if ctx.seed is None:
+            return self._generator
+        if st.generator is None:
+            st.generator = request_draft_generator(ctx.seed)
+        return st.generator
+
     @torch.inference_mode()
     def propose(self, ctx: ProposeContext, max_draft_tokens: int) -> DraftProposal:
         """Draft up to ``max_draft_tokens`` tokens; nothing when ``ctx.hidden_state`` is None."""
@@ -539,7 +547,7 @@ class DraftHeadSpeculator(Speculator):
                 c = float(torch.softmax(logits[0], dim=-1)[j])
             else:
                 probs = process_logits(logits, ctx.temperature, ctx.top_k, ctx.top_p)[0]  # [Vd]
-                j = int(torch.multinomial(probs, 1, generator=self._generator))
+                j = int(torch.multinomial(probs, 1, generator=self._sampler(st, ctx)))
                 c = float(probs[j])
                 rows.append(probs)
             token = self._draft_to_target[j]

@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from adaspec.sampling import process_logits
-from adaspec.speculators.base import Speculator
+from adaspec.speculators.base import Speculator, request_draft_generator
 from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext
 
 
@@ -41,6 +41,7 @@ class _RequestCache:
 
     cache: Any
     fed: list[int] = field(default_factory=list)
+    generator: Optional[torch.Generator] = None  # a seeded request's draft sampler
 
 
 def check_same_tokenizer(target_tokenizer: Any, draft_tokenizer: Any, draft_name: str = "draft model") -> None:
@@ -97,10 +98,11 @@ class DraftModelSpeculator(Speculator):
             tokenizer's size, at most V and V_draft); the rest are masked.
         max_model_len: the draft model's context window; drafting stops before
             a position would reach it.
-        seed: seed of the draft sampler, one generator for the whole
-            speculator: each draft must be a fresh draw from its
-            ``draft_probs`` for rejection sampling to be exact over requests.
-            Default 0.
+        seed: seed of the draft sampler shared by unseeded requests; a seeded
+            request draws from its own
+            (:func:`~adaspec.speculators.base.request_draft_generator`).
+            Either way each draft is a fresh draw from its ``draft_probs``,
+            which rejection sampling needs to be exact. Default 0.
         model_name: for messages.
 
     Raises:
@@ -216,7 +218,9 @@ class DraftModelSpeculator(Speculator):
                 c = float(torch.softmax(logits, dim=-1)[tok])
             else:
                 probs = process_logits(logits.unsqueeze(0), ctx.temperature, ctx.top_k, ctx.top_p)[0]
-                tok = int(torch.multinomial(probs, 1, generator=self._generator))
+                if ctx.seed is not None and req.generator is None:
+                    req.generator = request_draft_generator(ctx.seed)
+                tok = int(torch.multinomial(probs, 1, generator=req.generator or self._generator))
                 c = float(probs[tok])
                 rows.append(probs)
             ids.append(tok)
