@@ -42,3 +42,35 @@ def test_adapter_resets_a_reused_row():
     arr, n = batch([[7, 8, 9]])  # a different request now occupies row 0
     assert isinstance(prop.propose([[9]], n, arr)[0], list)
     assert len(prop._rows) == 1 and prop.lookahead == 8
+
+
+def test_atlas_adapter_learns_and_judges_its_drafts():
+    from adaspec.integrations.vllm_proposer import AdaspecAtlasProposer
+
+    cfg = SimpleNamespace(speculative_config=SimpleNamespace(num_speculative_tokens=6))
+    prop = AdaspecAtlasProposer(cfg)
+    atlas = prop.speculator
+    pattern = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    drafted = []
+    for r in range(4):  # the same output four times, in row r % 2, vLLM-style steps
+        seq = [1, 2, 3 + r]
+        pending = []
+        i = 0
+        while i < len(pattern):
+            # vLLM accepts the longest right prefix of the draft, then samples one token.
+            acc = 0
+            while acc < len(pending) and i + acc < len(pattern) and pending[acc] == pattern[i + acc]:
+                acc += 1
+            step = pattern[i : i + acc + 1]
+            i += len(step)
+            seq = seq + step
+            rows = [[9, 9]] * (r % 2) + [seq]
+            arr, n = batch(rows)
+            drafts = prop.propose([[]] * (r % 2) + [step], n, arr)
+            pending = drafts[r % 2]
+            assert len(pending) <= 6
+            drafted.append(len(pending))
+    est = atlas.estimator("suffix", "default")
+    # Chosen drafts were judged with their real acceptance: the estimate rose above its prior.
+    assert est.position_probs(1)[0] > 0.5
+    assert max(drafted) >= 3 and atlas.choices.get("suffix", 0) > 0

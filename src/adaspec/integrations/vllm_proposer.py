@@ -56,6 +56,7 @@ class AdaspecSuffixProposer:
         self.speculator = speculator
         self.tenant = tenant
         self._rows: dict[int, tuple[str, list[int], int]] = {}  # row -> (request_id, tokens seen, prompt len)
+        self._last_draft: dict[int, list[int]] = {}  # row -> the draft proposed for it last step
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         """Model-free speculator: nothing to load."""
@@ -89,10 +90,13 @@ class AdaspecSuffixProposer:
             request_id, prompt_len = self._track(row, tokens, len(tokens) - len(sampled))
             ctx = ProposeContext(request_id=request_id, token_ids=tokens, num_prompt_tokens=prompt_len,
                                  tenant=self.tenant)
-            drafts.append(list(self.speculator.propose(ctx, self.lookahead).token_ids))
+            draft = list(self.speculator.propose(ctx, self.lookahead).token_ids)
+            self._last_draft[row] = draft
+            drafts.append(draft)
         live = set(range(len(sampled_token_ids)))
         for row in [r for r in self._rows if r not in live]:
             self.speculator.stop_request(self._rows.pop(row)[0])
+            self._last_draft.pop(row, None)
         return drafts
 
     def _track(self, row: int, tokens: list[int], prompt_len_guess: int) -> tuple[str, int]:
@@ -102,10 +106,17 @@ class AdaspecSuffixProposer:
             if len(seen) <= len(tokens) and tokens[: len(seen)] == seen:
                 new = tokens[len(seen):]
                 if new:
-                    self.speculator.observe(rid, new, 0, 0)
+                    # vLLM committed the accepted prefix of last step's draft plus one
+                    # token: tell the speculator how its draft fared.
+                    draft = self._last_draft.pop(row, [])
+                    accepted = 0
+                    while accepted < min(len(draft), len(new) - 1) and draft[accepted] == new[accepted]:
+                        accepted += 1
+                    self.speculator.observe(rid, new, accepted, len(draft))
                 self._rows[row] = (rid, tokens, prompt_len)
                 return rid, prompt_len
             self.speculator.stop_request(rid)
+        self._last_draft.pop(row, None)
         rid = f"vllm-row{row}-{next(_ids)}"
         prompt_len = max(1, prompt_len_guess)
         self.speculator.start_request(rid, tokens[:prompt_len], self.tenant)
@@ -113,3 +124,24 @@ class AdaspecSuffixProposer:
             self.speculator.observe(rid, tokens[prompt_len:], 0, 0)
         self._rows[row] = (rid, tokens, prompt_len)
         return rid, prompt_len
+
+
+class AdaspecAtlasProposer(AdaspecSuffixProposer):
+    """vLLM ``custom_class`` drafter running adaspec's controller over the suffix speculator.
+
+    The same :class:`~adaspec.controller.AtlasSpeculator` as ``--speculator
+    atlas``, without the static draft head (the hook passes no hidden states):
+    each step it drafts, for each request, the suffix speculator's draft cut to
+    the length that maximises expected tokens per second, or nothing. vLLM
+    reports no verify times through the hook, so the cost model keeps its flat
+    prior (verification as cheap for k tokens as for one, as on a GPU).
+
+    Load with ``"model": "adaspec.integrations.vllm_proposer.AdaspecAtlasProposer"``.
+    """
+
+    def __init__(self, vllm_config: Any = None, *args: Any, tenant: str = DEFAULT_TENANT, **kwargs: Any) -> None:
+        from adaspec.controller import AtlasSpeculator
+        from adaspec.speculators.suffix import SuffixSpeculator
+
+        super().__init__(vllm_config, *args, speculator=AtlasSpeculator(adaptive=SuffixSpeculator()),
+                         tenant=tenant, **kwargs)
