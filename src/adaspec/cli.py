@@ -323,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_drift_arguments(dr)
     dr.set_defaults(func=drift_from_args)
 
+    rs = bsub.add_parser("restart", help="a restarted server vs before the restart vs a cold one, on repeated traffic")
+    from adaspec.bench.restart import add_restart_arguments, restart_from_args
+
+    add_restart_arguments(rs)
+    rs.set_defaults(func=restart_from_args)
+
     d = sub.add_parser("demo", help="short drift benchmark on the default model (~10 min on 2 cores)")
     _add_model_args(d)
     d.add_argument("--phase-length", type=int, default=8, help="requests per phase (default: %(default)s)")

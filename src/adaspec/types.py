@@ -232,6 +232,7 @@ class SpeculationStats:
             "mean_acceptance_length": self.mean_acceptance_length,
             "target_forwards": self.target_forwards,
             "draft_steps": self.draft_steps,
+            "emitted_on_draft_steps": self.emitted_on_draft_steps,
             "acceptance_by_position": self.acceptance_by_position,
             "steps_by_speculator": dict(self.steps_by_speculator),
             "lookahead_hist": {str(k): v for k, v in sorted(self.lookahead_hist.items())},
