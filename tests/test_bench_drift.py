@@ -387,3 +387,24 @@ def test_demo_runs_the_short_drift_benchmark(tiny_model_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "drifting request stream" in text and "tokens/s per phase" in text
     assert str(out / "drift.png") in text and (out / "drift.png").stat().st_size > 0
+
+
+def test_who_drafted_and_time_shares():
+    recs = [_rec("atlas", 0, 0, 10, 1.0, steps_by_speculator={"suffix": 6, "none": 2},
+                 draft_seconds=0.1, verify_seconds=0.9, controller_seconds=0.01),
+            _rec("atlas", 0, 1, 10, 1.0, steps_by_speculator={"suffix": 1, "draft_head": 3},
+                 draft_seconds=0.3, verify_seconds=0.7, controller_seconds=0.03)]
+    s = summarize(recs)
+    assert s.speculator_shares["atlas"]["p0"] == pytest.approx({"draft_head": 0.25, "none": 1 / 6,
+                                                                "suffix": 7 / 12})
+    assert s.draft_share["atlas"] == pytest.approx(0.2) and s.controller_share["atlas"] == pytest.approx(0.02)
+    md = format_markdown(s)
+    assert "draft_head 25%, none 17%, suffix 58%" in md and "| 20.0% | 2.00% |" in md
+
+
+def test_atlas_system_records_controller_time(tiny_target):
+    systems = build_systems(tiny_target, ["atlas"], SystemOptions())
+    from adaspec.types import SamplingParams
+
+    out = systems[0].run(tiny_target.tokenizer.encode("def f(x):"), SamplingParams(max_tokens=8, ignore_eos=True))
+    assert out.controller_seconds is not None and 0 < out.controller_seconds < out.seconds

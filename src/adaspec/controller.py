@@ -322,6 +322,9 @@ class AtlasSpeculator(Speculator):
         self._tenant_of: dict[str, str] = {}
         self._pending: dict[str, list[_PendingDraft]] = {}
         self.choices: dict[str, int] = {}
+        # The controller's own time (decisions, estimates, shadow judging), children's
+        # drafting and learning excluded; seconds, cumulative over all requests.
+        self.decision_time_s = 0.0
 
     # ---------------------------------------------------------------- estimates
     def estimator(self, speculator: str, tenant: str) -> AcceptanceEstimator:
@@ -349,6 +352,13 @@ class AtlasSpeculator(Speculator):
         self.costs.observe_verify(tokens_fed, verify_s * 1000.0)
 
     def propose(self, ctx: ProposeContext, max_draft_tokens: int) -> DraftProposal:
+        t0 = _time.perf_counter()
+        self._child_s = 0.0
+        out = self._decide(ctx, max_draft_tokens)
+        self.decision_time_s += _time.perf_counter() - t0 - self._child_s
+        return out
+
+    def _decide(self, ctx: ProposeContext, max_draft_tokens: int) -> DraftProposal:
         bound = min(max_draft_tokens, self.max_lookahead)
         pending: list[_PendingDraft] = []
         self._pending[ctx.request_id] = pending
@@ -358,7 +368,9 @@ class AtlasSpeculator(Speculator):
         if self.adaptive is not None and bound > 0:
             t0 = _time.perf_counter()
             a = self._draft(self.adaptive, ctx, bound)
-            self.costs.observe_draft(self.adaptive.name, max(1, a.num_draft_tokens), (_time.perf_counter() - t0) * 1000)
+            dt = _time.perf_counter() - t0
+            self._child_s += dt
+            self.costs.observe_draft(self.adaptive.name, max(1, a.num_draft_tokens), dt * 1000)
             pending.append(_PendingDraft(self.adaptive.name, a.token_ids, a.confidence, chosen=False))
             if a.num_draft_tokens:
                 est = self.estimator(self.adaptive.name, ctx.tenant)
@@ -382,8 +394,9 @@ class AtlasSpeculator(Speculator):
             if pays or explore:
                 t0 = _time.perf_counter()
                 s = self._draft(self.static, ctx, k)
-                self.costs.observe_draft(self.static.name, max(1, s.num_draft_tokens),
-                                         (_time.perf_counter() - t0) * 1000)
+                dt = _time.perf_counter() - t0
+                self._child_s += dt
+                self.costs.observe_draft(self.static.name, max(1, s.num_draft_tokens), dt * 1000)
                 # Not chosen, it is still judged in the shadow (see observe).
                 pending.append(_PendingDraft(self.static.name, s.token_ids, s.confidence, chosen=False))
                 if s.num_draft_tokens:
@@ -408,6 +421,13 @@ class AtlasSpeculator(Speculator):
         return d
 
     def observe(self, request_id: str, token_ids: Sequence[int], num_accepted: int, num_draft_tokens: int) -> None:
+        t0 = _time.perf_counter()
+        self._judge(request_id, token_ids, num_accepted, num_draft_tokens)
+        self.decision_time_s += _time.perf_counter() - t0
+        for s in self.children:
+            s.observe(request_id, token_ids, num_accepted, num_draft_tokens)
+
+    def _judge(self, request_id: str, token_ids: Sequence[int], num_accepted: int, num_draft_tokens: int) -> None:
         tenant = self._tenant_of.get(request_id, DEFAULT_TENANT)
         for p in self._pending.pop(request_id, []):
             est = self.estimator(p.speculator, tenant)
@@ -421,8 +441,6 @@ class AtlasSpeculator(Speculator):
                 while acc < judged and p.token_ids[acc] == token_ids[acc]:
                     acc += 1
                 est.observe(judged, acc, p.confidence)
-        for s in self.children:
-            s.observe(request_id, token_ids, num_accepted, num_draft_tokens)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:

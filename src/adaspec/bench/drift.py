@@ -199,11 +199,14 @@ class SystemOutput:
         seconds: wall time of the request, prefill included.
         stats: speculation counters, or None when the system does not report
             them (transformers, vLLM).
+        controller_seconds: the controller's own time in this request
+            (decisions, estimates; drafting excluded), for systems with one.
     """
 
     token_ids: list[int]
     seconds: float
     stats: Optional[SpeculationStats] = None
+    controller_seconds: Optional[float] = None
 
 
 class BenchSystem(Protocol):
@@ -228,10 +231,18 @@ class EngineSystem:
         self.name = name
         self.engine = engine
 
+    def _controller_s(self) -> Optional[float]:
+        times = [s.decision_time_s for s in self.engine.speculators.values() if hasattr(s, "decision_time_s")]
+        return sum(times) if times else None
+
     def run(self, prompt_ids: list[int], params: SamplingParams) -> SystemOutput:
+        c0 = self._controller_s()
         t0 = time.perf_counter()
         r = self.engine.generate(prompt_ids, params)
-        return SystemOutput(r.token_ids, time.perf_counter() - t0, r.speculation)
+        out = SystemOutput(r.token_ids, time.perf_counter() - t0, r.speculation)
+        if c0 is not None:
+            out.controller_seconds = self._controller_s() - c0
+        return out
 
 
 class HFSystem:
@@ -430,6 +441,7 @@ def make_record(req: StreamRequest, system: str, out: SystemOutput) -> RequestRe
         rec.lookahead_hist = {str(k): v for k, v in sorted(s.lookahead_hist.items())}
         rec.draft_seconds = s.draft_time_s
         rec.verify_seconds = s.verify_time_s
+    rec.controller_seconds = out.controller_seconds
     return rec
 
 

@@ -74,6 +74,8 @@ class RequestRecord:
             included (None when the system does not report it).
         verify_seconds: time spent in verify forwards and acceptance (None
             when not reported).
+        controller_seconds: the controller's own time (decisions, estimates,
+            shadow judging; children's drafting excluded); None without one.
         matches_plain: greedy output identical to plain decoding's; None when
             not checked (the plain system itself, sampling, or no plain run).
         first_mismatch: index of the first differing token when
@@ -102,6 +104,7 @@ class RequestRecord:
     lookahead_hist: dict[str, int] = field(default_factory=dict)
     draft_seconds: Optional[float] = None
     verify_seconds: Optional[float] = None
+    controller_seconds: Optional[float] = None
     matches_plain: Optional[bool] = None
     first_mismatch: Optional[int] = None
 
@@ -238,6 +241,8 @@ class DriftSummary:
             / ``overall_acceptance_rate``, pooled.
         draft_share: drafting time (speculators and controller) over drafting
             plus verify time, pooled over the stream; None when not reported.
+        controller_share: the controller's own time over drafting plus verify
+            time (part of ``draft_share``); None without a controller.
         speculator_shares: per phase, target forwards per speculator as fractions
             (``"none"`` = plain decoding steps).
         checked / matched: greedy requests compared with plain / identical.
@@ -266,6 +271,7 @@ class DriftSummary:
     acceptance_rate: dict[str, dict[str, Optional[float]]]
     overall_acceptance_rate: dict[str, Optional[float]]
     draft_share: dict[str, Optional[float]]
+    controller_share: dict[str, Optional[float]]
     speculator_shares: dict[str, dict[str, dict[str, float]]]
     checked: dict[str, int]
     matched: dict[str, int]
@@ -337,6 +343,12 @@ def summarize(
         total = sum(r.draft_seconds + r.verify_seconds for r in rs)
         return sum(r.draft_seconds for r in rs) / total if total > 0 else None
 
+    def controller_share(rs: Sequence[RequestRecord]) -> Optional[float]:
+        rs = [r for r in rs if r.controller_seconds is not None and r.draft_seconds is not None
+              and r.verify_seconds is not None]
+        total = sum(r.draft_seconds + r.verify_seconds for r in rs)
+        return sum(r.controller_seconds for r in rs) / total if total > 0 else None
+
     def shares(rs: Sequence[RequestRecord]) -> dict[str, float]:
         steps: dict[str, int] = {}
         for r in rs:
@@ -360,6 +372,7 @@ def summarize(
         acceptance_rate=per_phase(acceptance_rate),
         overall_acceptance_rate={s: acceptance_rate([r for r in records if r.system == s]) for s in systems},
         draft_share={s: draft_share([r for r in records if r.system == s]) for s in systems},
+        controller_share={s: controller_share([r for r in records if r.system == s]) for s in systems},
         speculator_shares=per_phase(shares),
         checked=checked, matched=matched, mismatches=mismatches, blocks=blocks,
     )
@@ -416,12 +429,15 @@ def summary_tables(s: DriftSummary) -> list[Table]:
                 f"{_f(s.overall_mal[sy], 2)} ({_f(s.overall_acceptance_rate[sy], 2)})"]
                for sy in s.systems if any(v is not None for v in s.mean_acceptance_length[sy].values())],
               "pooled: tokens emitted on steps with a draft / such steps; accepted / proposed drafts."),
-        Table("who drafted: share of target forwards per speculator, per phase", ["system", *ph, "drafting time"],
+        Table("who drafted: share of target forwards per speculator, per phase",
+              ["system", *ph, "drafting time", "controller time"],
               [[sy, *[", ".join(f"{k} {v:.0%}" for k, v in s.speculator_shares[sy][p].items()) or "-" for p in ph],
-                _f(None if s.draft_share[sy] is None else 100 * s.draft_share[sy], 1, "%")]
+                _f(None if s.draft_share[sy] is None else 100 * s.draft_share[sy], 1, "%"),
+                _f(None if s.controller_share[sy] is None else 100 * s.controller_share[sy], 2, "%")]
                for sy in s.systems if any(len(v) > 1 for v in s.speculator_shares[sy].values())],
               "'none' = a plain decoding step. drafting time = time proposing drafts (speculators and the "
-              "controller's decisions) / (that + verify time), over the stream."),
+              "controller's decisions) / (that + verify time), over the stream; controller time = the "
+              "controller's own part of it plus its bookkeeping after each step, same denominator."),
         Table("greedy output identical to plain decoding", ["system", "identical / checked", "mismatches"],
               [[sy, f"{s.matched[sy]}/{s.checked[sy]}",
                 ", ".join(f"#{m.request_index} ({m.phase} {m.prompt_id}, token {m.first_mismatch})"
