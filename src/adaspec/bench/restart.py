@@ -60,16 +60,16 @@ def _serve(engine: Any, store: Any, prompts: Sequence[BenchPrompt], max_tokens: 
     res = ReplayResult(name)
     app = create_app(engine, "m", state_store=store)
     with BackgroundServer(app) as server, httpx.Client(base_url=server.base_url, timeout=600) as client:
+        from tqdm import tqdm
+
         todo = [(p, False) for p in warm] + [(p, True) for p in prompts]
-        for i, (p, counted) in enumerate(todo):
+        for p, counted in tqdm(todo, desc=name, unit="req", disable=not progress):
             body = {"model": "m", "messages": p.messages, "max_tokens": max_tokens, "temperature": 0}
             t0 = time.perf_counter()
             r = client.post("/v1/chat/completions", json=body)
             dt = time.perf_counter() - t0
             r.raise_for_status()
             data = r.json()
-            if progress:
-                print(f"\r{name}: {i + 1}/{len(todo)}", end="", flush=True)
             if not counted:
                 continue
             stats = data["adaspec"]
@@ -78,8 +78,6 @@ def _serve(engine: Any, store: Any, prompts: Sequence[BenchPrompt], max_tokens: 
             res.draft_steps += stats.get("draft_steps", 0)
             res.emitted_on_draft_steps += stats.get("emitted_on_draft_steps", 0)
             res.outputs.append(data["choices"][0]["message"]["content"])
-    if progress:
-        print(flush=True)
     return res
 
 
