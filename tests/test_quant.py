@@ -365,3 +365,13 @@ def test_real_model_int8_invariant_and_close_in_perplexity():
     vocab = model.config.vocab_size
     results = quant.check_batch_invariance(model, _ids(24, 13, vocab), _ids(9, 14, vocab), chunks=[2, 9])
     assert all(r.invariant for r in results), results
+
+
+def test_bench_quality_table(tiny_model_dir):
+    from adaspec.bench.quality import format_quality, measure_quality
+
+    res = measure_quality(str(tiny_model_dir), ["float32", "int8"], n_per_domain=2, max_tokens=24)
+    assert set(res) == {"float32", "int8"} and set(res["int8"]) == {"python", "rust", "chat", "all"}
+    assert all(r["ppl"] > 1 and r["tokens"] > 0 for row in res.values() for r in row.values())
+    table = format_quality(res)
+    assert table.splitlines()[0] == "| dtype | python | rust | chat | all |" and "x) |" in table

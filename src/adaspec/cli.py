@@ -323,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_drift_arguments(dr)
     dr.set_defaults(func=drift_from_args)
 
+    bq = bsub.add_parser("quality", help="perplexity per target precision on held-out text")
+    from adaspec.bench.quality import add_quality_arguments, quality_from_args
+
+    add_quality_arguments(bq)
+    bq.set_defaults(func=quality_from_args)
+
     rs = bsub.add_parser("restart", help="a restarted server vs before the restart vs a cold one, on repeated traffic")
     from adaspec.bench.restart import add_restart_arguments, restart_from_args
 
