@@ -8,6 +8,7 @@ lookahead; the confidence-aware controller builds on the same protocol.
 
 from __future__ import annotations
 
+import statistics
 import time as _time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -120,56 +121,74 @@ def choose_lookahead(
 class CostModel:
     """Measured costs: target forward time by tokens fed, draft time per token by speculator.
 
-    Starts from ``verify_ms_table`` (e.g. from ``bench step-cost`` at start-up)
-    or, without one, from a flat prior; every observed forward updates its
-    entry with an exponential moving average, so the model follows the
-    machine. Entries never observed are interpolated from their neighbours.
+    Verify time is ``scale * (a + b * n)`` for n tokens fed:
+
+    - the **shape** ``a + b * n`` (b >= 0) is fitted once to the seed table
+      (``bench step-cost`` at start-up) with the Theil-Sen estimator (median of
+      pairwise slopes), so one stalled measurement cannot bend it; without a
+      seed table the shape is flat (as on a GPU);
+    - the **scale** follows the machine: an exponential moving average of
+      observed / predicted over every verify forward, whatever its n. One
+      observation above twice the prediction (a stall of the machine, not the
+      model) is clipped to that.
+
+    Pooling every step into one scale is far steadier on a noisy machine than
+    a table of per-n averages, where a single slow step prices a lookahead out
+    of use until that n happens to be measured again.
 
     Args:
         verify_ms_table: ``{tokens_fed: ms}`` seed values.
-        ema: weight of a new observation (0..1]. Default 0.1.
+        ema: weight of a new observation (0..1]; 0 freezes the model at the
+            seed table. Default 0.05.
     """
 
-    def __init__(self, verify_ms_table: Optional[dict[int, float]] = None, ema: float = 0.1) -> None:
+    def __init__(self, verify_ms_table: Optional[dict[int, float]] = None, ema: float = 0.05) -> None:
         self.ema = ema
-        self.verify: dict[int, float] = dict(verify_ms_table or {})
+        self.verify: dict[int, float] = dict(verify_ms_table or {})  # the seed table, for inspection
+        self.a, self.b = _theil_sen(self.verify) if self.verify else (1.0, 0.0)
+        self.scale: Optional[float] = 1.0 if self.verify else None  # None: no data yet
         self.draft_ms: dict[str, float] = {}
 
     def observe_verify(self, tokens_fed: int, ms: float) -> None:
-        old = self.verify.get(tokens_fed)
-        self.verify[tokens_fed] = ms if old is None else (1 - self.ema) * old + self.ema * ms
+        if self.ema <= 0:
+            return
+        ratio = ms / (self.a + self.b * tokens_fed)
+        if self.scale is None:
+            self.scale = ratio
+            return
+        self.scale = (1 - self.ema) * self.scale + self.ema * min(ratio, 2.0 * self.scale)
 
     def observe_draft(self, speculator: str, num_tokens: int, ms: float) -> None:
         if num_tokens <= 0:
             return
         per = ms / num_tokens
         old = self.draft_ms.get(speculator)
-        self.draft_ms[speculator] = per if old is None else (1 - self.ema) * old + self.ema * per
+        k = self.ema if self.ema > 0 else 0.1
+        self.draft_ms[speculator] = per if old is None else (1 - k) * old + k * per
+
+    def line(self) -> tuple[float, float]:
+        """``(a, b)`` of the current ``verify_ms(n) = a + b * n``, ms; ``(50, 0)`` before any data."""
+        if self.scale is None:
+            return 50.0, 0.0  # flat prior until the first measurement
+        return self.scale * self.a, self.scale * self.b
 
     def verify_ms(self, tokens_fed: int) -> float:
-        if tokens_fed in self.verify:
-            return self.verify[tokens_fed]
-        if not self.verify:
-            return 50.0  # flat prior until the first measurement
-        known = sorted(self.verify)
-        lo = max((n for n in known if n < tokens_fed), default=None)
-        hi = min((n for n in known if n > tokens_fed), default=None)
-        if lo is None:
-            return self.verify[hi]
-        if hi is None:
-            # Extrapolate no flatter than the last known point (cost never falls with n).
-            return self.verify[lo] * tokens_fed / lo if len(known) == 1 else max(
-                self.verify[lo], self.verify[lo] + (tokens_fed - lo) * _slope(self.verify, known))
-        w = (tokens_fed - lo) / (hi - lo)
-        return (1 - w) * self.verify[lo] + w * self.verify[hi]
+        a, b = self.line()
+        return max(a + b * tokens_fed, 1e-3)
 
     def draft_ms_per_token(self, speculator: str, default: float = 0.0) -> float:
         return self.draft_ms.get(speculator, default)
 
 
-def _slope(table: dict[int, float], known: list[int]) -> float:
-    a, b = known[-2], known[-1]
-    return max(0.0, (table[b] - table[a]) / (b - a))
+def _theil_sen(table: dict[int, float]) -> tuple[float, float]:
+    """Robust line ``(a, b)`` through ``{n: ms}``: b = median pairwise slope (>= 0), a = median of ms - b n."""
+    pts = sorted(table.items())
+    slopes = [(y2 - y1) / (n2 - n1) for i, (n1, y1) in enumerate(pts) for n2, y2 in pts[i + 1:] if n2 != n1]
+    b = max(0.0, statistics.median(slopes)) if slopes else 0.0
+    a = statistics.median(y - b * n for n, y in pts)
+    if a <= 0:  # never let the line predict a free or negative forward
+        a = max(min(y for _, y in pts) * 0.5, 1e-3)
+    return a, b
 
 
 @dataclass
