@@ -56,7 +56,8 @@ from adaspec.target import TargetModel
 from adaspec.types import SamplingParams, SpeculationStats
 
 DEFAULT_PHASES = ("python", "rust", "chat", "sql", "tools")  # "noise" is opt-in (the speed-floor check)
-DEFAULT_SYSTEMS = ("plain", "hf-plain", "hf-prompt-lookup", "ngram", "suffix", "static", "atlas")
+DEFAULT_SYSTEMS = ("plain", "hf-plain", "hf-prompt-lookup", "ngram", "suffix", "static", "atlas",
+                   "vllm-plain", "vllm-ngram", "vllm-suffix")  # vllm-* skipped, with the reason, where unavailable
 DEFAULT_PHASE_LENGTH = 20
 DEFAULT_MAX_TOKENS = 64
 DEFAULT_LOOKAHEAD = 8
