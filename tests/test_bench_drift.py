@@ -408,3 +408,21 @@ def test_atlas_system_records_controller_time(tiny_target):
 
     out = systems[0].run(tiny_target.tokenizer.encode("def f(x):"), SamplingParams(max_tokens=8, ignore_eos=True))
     assert out.controller_seconds is not None and 0 < out.controller_seconds < out.seconds
+
+
+def test_floor_systems_exact_and_controller_drops_random_drafts(tiny_target):
+    from adaspec.types import SamplingParams
+
+    systems = {s.name: s for s in build_systems(tiny_target, ["plain", "nothing", "random", "atlas-random"],
+                                                 SystemOptions())}
+    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    prompts = [tiny_target.tokenizer.encode(f"zq{i} xv{i * 3} kw") for i in range(3)]
+    for p in prompts:
+        want = systems["plain"].run(p, params).token_ids
+        outs = {n: systems[n].run(p, params) for n in ("nothing", "random", "atlas-random")}
+        assert all(o.token_ids == want for o in outs.values())
+    assert outs["nothing"].stats.proposed == 0
+    assert outs["random"].stats.proposed > 0 and outs["random"].stats.acceptance_rate < 0.1
+    # By the third request the controller has stopped drafting with the random speculator.
+    steps = outs["atlas-random"].stats.steps_by_speculator
+    assert steps.get("random", 0) <= 0.1 * sum(steps.values())

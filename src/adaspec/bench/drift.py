@@ -22,6 +22,8 @@ Systems are a registry of factories ``factory(target, options) -> BenchSystem``
 - ``atlas``: the controller (``adaspec.controller.AtlasSpeculator``) over the
   static and an empty suffix speculator, built as ``adaspec generate
   --speculator atlas`` builds it;
+- ``nothing`` / ``random`` / ``atlas-random``: speed-floor systems that never
+  pay (FAULT_CASES.md F15; see ``_floor_factory``), not in the default list;
 - ``vllm-plain`` / ``vllm-ngram`` / ``vllm-suffix``: vLLM's offline ``LLM`` on
   the same model folder, listed only when ``vllm`` (and for suffix
   ``arctic_inference``) imports; otherwise skipped with the reason printed.
@@ -304,6 +306,9 @@ SYSTEMS: dict[str, SystemFactory] = {
     "hf-prompt-lookup": lambda target, opts: HFSystem("hf-prompt-lookup", target, opts.prompt_lookup_tokens),
     "ngram": _engine("ngram", NgramSpeculator),
     "suffix": _engine("suffix", SuffixSpeculator),
+    "nothing": lambda target, opts: _floor_factory("nothing")(target, opts),
+    "random": lambda target, opts: _floor_factory("random")(target, opts),
+    "atlas-random": lambda target, opts: _floor_factory("atlas-random")(target, opts),
 }
 
 
@@ -333,6 +338,33 @@ def _atlas_factory(target: TargetModel, opts: SystemOptions) -> BenchSystem:
     if getattr(speculators[0], "static", None) is None:
         print("system atlas: no static speculator for this model; the controller has the adaptive one only")
     return EngineSystem("atlas", Engine(target, speculators, lookahead=opts.atlas_lookahead))
+
+
+def _floor_factory(name: str) -> SystemFactory:
+    """Speed-floor systems (FAULT_CASES.md F15): speculators that never pay.
+
+    - ``nothing``: a speculator that proposes nothing, at the fixed lookahead;
+    - ``random``: random-token drafts at the fixed lookahead (no controller);
+    - ``atlas-random``: the controller over a random-token "static" speculator
+      (claiming 0.9 confidence) and an empty suffix speculator; it should learn
+      to stop drafting with the random one.
+    """
+    def factory(target: TargetModel, opts: SystemOptions) -> BenchSystem:
+        from adaspec.bench.baselines import NothingSpeculator, RandomTokenSpeculator
+
+        if name == "nothing":
+            return EngineSystem(name, Engine(target, [NothingSpeculator()], lookahead=opts.lookahead))
+        if name == "random":
+            return EngineSystem(name, Engine(target, [RandomTokenSpeculator(target.vocab_size)],
+                                             lookahead=opts.lookahead))
+        from adaspec.bench.step_cost import measure_step_cost
+        from adaspec.controller import AtlasSpeculator, CostModel
+
+        costs = CostModel(measure_step_cost(target, ks=[1, 2, 3, 5, 9, 13, 17], repeats=3, prompt_len=32))
+        atlas = AtlasSpeculator(static=RandomTokenSpeculator(target.vocab_size), adaptive=SuffixSpeculator(),
+                                cost_model=costs)
+        return EngineSystem(name, Engine(target, [atlas], lookahead=opts.atlas_lookahead))
+    return factory
 
 
 def _vllm_factory(name: str, method: Optional[str]) -> SystemFactory:
