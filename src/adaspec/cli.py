@@ -238,7 +238,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     argv = ["--model", args.model, "--dtype", args.dtype, "--phase-length", str(args.phase_length),
             "--skip", str(args.skip), "--systems", args.systems, "--max-tokens", str(args.max_tokens),
             "--out", args.out]
-    if args.threads is not None:
+    if args.threads:
         argv += ["--threads", str(args.threads)]
     if args.max_model_len is not None:
         argv += ["--max-model-len", str(args.max_model_len)]
@@ -342,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests per phase left out of the 'after' columns (default: %(default)s)")
     d.add_argument("--systems", default=DEMO_SYSTEMS, help="comma list (default: %(default)s)")
     d.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default: %(default)s)")
-    d.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    d.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default: %(default)s: on a 2-core machine with anything else "
+                        "running, a 2-thread team spin-waits for a core and runs several times slower)")
     d.add_argument("--out", default="bench_out/demo", help="output folder (default: %(default)s)")
     d.set_defaults(func=cmd_demo)
 
