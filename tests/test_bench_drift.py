@@ -426,3 +426,10 @@ def test_floor_systems_exact_and_controller_drops_random_drafts(tiny_target):
     # By the third request the controller has stopped drafting with the random speculator.
     steps = outs["atlas-random"].stats.steps_by_speculator
     assert steps.get("random", 0) <= 0.1 * sum(steps.values())
+
+
+def test_peer_systems_are_told_apart():
+    from adaspec.bench.report import is_peer
+
+    assert is_peer("hf-plain") and is_peer("vllm-ngram")
+    assert not any(is_peer(s) for s in ("plain", "ngram", "suffix", "static", "atlas", "atlas-random"))

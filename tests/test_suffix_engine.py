@@ -72,3 +72,10 @@ def test_restart_bench_replays_as_well_after_a_restart(tiny_model_dir, tmp_path)
     assert before.mean_acceptance_length > (cold.mean_acceptance_length or 1.0)
     table = format_restart([before, after, cold])
     assert "after restart" in table and "2/2" in table
+
+
+def test_state_inspect_of_a_missing_directory_is_an_error(tmp_path, capsys):
+    from adaspec import cli
+
+    assert cli.main(["state", "inspect", str(tmp_path / "nope")]) == 2
+    assert "no such state directory" in capsys.readouterr().err

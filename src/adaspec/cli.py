@@ -258,6 +258,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_state(args: argparse.Namespace) -> int:
     from adaspec.store import format_inspect
 
+    if not Path(args.dir).is_dir():
+        raise FileNotFoundError(f"{args.dir}: no such state directory")
     print(format_inspect(args.dir))
     return 0
 

@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -174,7 +175,7 @@ def resolve_model(name: str, progress: bool = True) -> Path:
         if not (out / "config.json").exists():
             gguf = REGISTRY[name].locate_gguf()
             if progress:
-                print(f"converting {gguf.name} to safetensors in {out} (once)...", flush=True)
+                print(f"converting {gguf.name} to safetensors in {out} (once)...", file=sys.stderr, flush=True)
             _convert_gguf(gguf, out)
         return out
     path = Path(name).expanduser()
