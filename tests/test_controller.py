@@ -228,3 +228,36 @@ def test_static_speculator_is_probed_again_after_it_was_dropped(tiny_target, exp
         assert share == 0.0  # without probes a dropped speculator never returns
     with pytest.raises(ValueError):
         AtlasSpeculator(static=static, explore_every=-1)
+
+
+def test_sampled_requests_keep_a_sampled_draft_whose_confidence_is_low(small_vocab_target):
+    # At a high temperature a draft sampled from a flat distribution is accepted often
+    # (min(1, p/q) with p nearly flat too) although each token's q(x) is 1/16. The
+    # controller must judge it by its acceptance, per mode, not by that confidence.
+    import torch
+
+    from scripted import SampledDraftSpeculator
+
+    t = small_vocab_target
+
+    class Flat(SampledDraftSpeculator):
+        name = "flat"
+
+        def propose(self, ctx, k):
+            d = super().propose(ctx, k)
+            d.confidence = [float(self.row[x]) for x in d.token_ids]
+            d.speculator = self.name
+            return d
+
+    V = t.vocab_size
+    atlas = AtlasSpeculator(static=Flat(torch.full((V,), 1.0 / V)), adaptive=SuffixSpeculator(),
+                            cost_model=frozen_costs(FLAT), static_prior=0.5)
+    eng = Engine(t, [atlas], lookahead=8)
+    for seed in range(3):
+        r = eng.generate([3, 7, 1, 9], SamplingParams(max_tokens=48, temperature=2.0, seed=seed, ignore_eos=True))
+    steps = r.speculation.steps_by_speculator
+    assert steps.get("flat", 0) > 0.5 * sum(steps.values())
+    assert r.speculation.mean_acceptance_length > 2.0
+    # Sampled traffic taught the sampled-mode estimates only.
+    assert atlas.estimator("flat", "default", "greedy").position_probs(1)[0] == pytest.approx(0.5)
+    assert atlas.estimator("flat", "default", "sampled").position_probs(1)[0] > 0.6

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from adaspec.speculators.base import Speculator
-from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext
+from adaspec.types import DEFAULT_TENANT, GREEDY_TEMPERATURE, DraftProposal, ProposeContext
 
 
 @dataclass
@@ -264,6 +264,8 @@ class _PendingDraft:
     token_ids: list[int]
     confidence: Optional[list[float]]
     chosen: bool
+    mode: str = "greedy"  # "greedy" or "sampled": estimates are kept per mode
+    sampled_draft: bool = False  # drawn from draft_probs (judged only when verified)
 
 
 class AtlasSpeculator(Speculator):
@@ -287,6 +289,13 @@ class AtlasSpeculator(Speculator):
        pays;
     3. the better plan, by expected tokens per second, is returned; plain
        decoding wins when neither beats ``1 / verify_ms(1)``.
+
+    Estimates are kept per speculator, tenant and mode (greedy or sampled
+    requests): a deterministic draft token is accepted with the target's p(x),
+    a sampled one with min(1, p(x)/q(x)). Under sampling, a draft drawn from
+    ``draft_probs`` is judged by its position estimates, since its confidence
+    q(x) says nothing about min(1, p/q), and it is not judged in the shadow,
+    because matching the target's sample is rarer than acceptance.
 
     Learning: every child observes every committed token. The adaptive draft is
     also judged in the shadow when it was not chosen (its tokens compared with
@@ -346,8 +355,9 @@ class AtlasSpeculator(Speculator):
         self.decision_time_s = 0.0
 
     # ---------------------------------------------------------------- estimates
-    def estimator(self, speculator: str, tenant: str) -> AcceptanceEstimator:
-        key = (speculator, tenant)
+    def estimator(self, speculator: str, tenant: str, mode: str = "greedy") -> AcceptanceEstimator:
+        """The acceptance estimates of ``speculator`` for ``tenant`` under ``mode`` ("greedy" or "sampled")."""
+        key = (speculator, tenant, mode)
         est = self._estimators.get(key)
         if est is None:
             prior = self.static_prior if self.static is not None and speculator == self.static.name else 0.3
@@ -379,6 +389,21 @@ class AtlasSpeculator(Speculator):
 
     def _decide(self, ctx: ProposeContext, max_draft_tokens: int) -> DraftProposal:
         bound = min(max_draft_tokens, self.max_lookahead)
+        # Acceptance differs between greedy and sampled requests (a sampled draft
+        # token is accepted with min(1, p/q), a deterministic one with p), so each
+        # mode has its own estimates; and a draft sampled from draft_probs has a
+        # confidence q(x) that says nothing about min(1, p/q): position estimates
+        # then replace the confidence calibration.
+        mode = "greedy" if ctx.temperature < GREEDY_TEMPERATURE else "sampled"
+
+        def accept_probs(est: AcceptanceEstimator, d: DraftProposal) -> list[float]:
+            if d.confidence and not (mode == "sampled" and d.draft_probs is not None):
+                return est.calibrated(d.confidence)
+            return est.position_probs(d.num_draft_tokens)
+
+        def pend(name: str, d: DraftProposal) -> _PendingDraft:
+            return _PendingDraft(name, d.token_ids, d.confidence, chosen=False, mode=mode,
+                                 sampled_draft=mode == "sampled" and d.draft_probs is not None)
         pending: list[_PendingDraft] = []
         self._pending[ctx.request_id] = pending
         verify_ms = self.costs.verify_ms
@@ -390,17 +415,17 @@ class AtlasSpeculator(Speculator):
             dt = _time.perf_counter() - t0
             self._child_s += dt
             self.costs.observe_draft(self.adaptive.name, max(1, a.num_draft_tokens), dt * 1000)
-            pending.append(_PendingDraft(self.adaptive.name, a.token_ids, a.confidence, chosen=False))
+            pending.append(pend(self.adaptive.name, a))
             if a.num_draft_tokens:
-                est = self.estimator(self.adaptive.name, ctx.tenant)
-                probs = est.calibrated(a.confidence) if a.confidence else est.position_probs(a.num_draft_tokens)
+                est = self.estimator(self.adaptive.name, ctx.tenant, mode)
+                probs = accept_probs(est, a)
                 k, rate = choose_lookahead(probs, self.costs.draft_ms_per_token(self.adaptive.name), verify_ms,
                                            a.num_draft_tokens)
                 if k > 0:
                     plans.append((rate, _truncate(a, k)))
 
         if self.static is not None and bound > 0:
-            est = self.estimator(self.static.name, ctx.tenant)
+            est = self.estimator(self.static.name, ctx.tenant, mode)
             draft_ms = self.costs.draft_ms_per_token(self.static.name, default=2.0)
             k, rate = choose_lookahead(est.position_probs(bound), draft_ms, verify_ms, bound)
             best_other = max((r for r, _ in plans), default=1000.0 / max(verify_ms(1), 1e-6))
@@ -417,9 +442,9 @@ class AtlasSpeculator(Speculator):
                 self._child_s += dt
                 self.costs.observe_draft(self.static.name, max(1, s.num_draft_tokens), dt * 1000)
                 # Not chosen, it is still judged in the shadow (see observe).
-                pending.append(_PendingDraft(self.static.name, s.token_ids, s.confidence, chosen=False))
+                pending.append(pend(self.static.name, s))
                 if s.num_draft_tokens:
-                    probs = est.calibrated(s.confidence) if s.confidence else est.position_probs(s.num_draft_tokens)
+                    probs = accept_probs(est, s)
                     k2, rate2 = choose_lookahead(probs, 0.0, verify_ms, s.num_draft_tokens)  # drafting already paid
                     if k2 > 0:
                         plans.append((rate2, _truncate(s, k2)))
@@ -449,10 +474,12 @@ class AtlasSpeculator(Speculator):
     def _judge(self, request_id: str, token_ids: Sequence[int], num_accepted: int, num_draft_tokens: int) -> None:
         tenant = self._tenant_of.get(request_id, DEFAULT_TENANT)
         for p in self._pending.pop(request_id, []):
-            est = self.estimator(p.speculator, tenant)
+            est = self.estimator(p.speculator, tenant, p.mode)
             if p.chosen:
                 est.observe(num_draft_tokens, num_accepted, p.confidence)
-            elif p.token_ids:
+            elif p.token_ids and not p.sampled_draft:
+                # (A sampled draft token matches the target's sample less often than
+                # rejection sampling would accept it: judging it so would be biased.)
                 # Shadow judgement: compare with what the target committed; positions
                 # past the committed tokens are unknown and not judged.
                 judged = min(len(p.token_ids), len(token_ids))
