@@ -433,3 +433,14 @@ def test_peer_systems_are_told_apart():
 
     assert is_peer("hf-plain") and is_peer("vllm-ngram")
     assert not any(is_peer(s) for s in ("plain", "ngram", "suffix", "static", "atlas", "atlas-random"))
+
+
+def test_bad_bench_arguments_are_refused(tmp_path, capsys):
+    from adaspec import cli
+
+    assert cli.main(["bench", "quality", "--dtypes", ""]) == 2
+    assert cli.main(["bench", "quality", "--dtypes", "float32,int4"]) == 2
+    assert cli.main(["demo", "--skip", "-1", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "at least one dtype" in err and "int4" in err and "--skip must be >= 0" in err
+    assert not (tmp_path / "d").exists()

@@ -261,3 +261,37 @@ def test_sampled_requests_keep_a_sampled_draft_whose_confidence_is_low(small_voc
     # Sampled traffic taught the sampled-mode estimates only.
     assert atlas.estimator("flat", "default", "greedy").position_probs(1)[0] == pytest.approx(0.5)
     assert atlas.estimator("flat", "default", "sampled").position_probs(1)[0] > 0.6
+
+
+def test_atlas_estimates_survive_a_snapshot(tiny_target):
+    import json
+
+    tok = tiny_target.tokenizer
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    prompts = [tok.encode(f"SELECT a{i} FROM t WHERE") for i in range(3)]
+    plain_engine = Engine(tiny_target)
+    plain = {tuple(p): plain_engine.generate(p, params).token_ids for p in prompts}
+
+    def build():
+        return AtlasSpeculator(static=PlainLookup("static", plain, 2, tiny_target.vocab_size),
+                               adaptive=SuffixSpeculator(), cost_model=frozen_costs(FLAT), static_prior=0.6)
+
+    a = build()
+    eng_a = Engine(tiny_target, [a], lookahead=16)
+    for p in prompts[:2]:
+        eng_a.generate(p, params)
+    state = json.loads(json.dumps(a.state_dict(), allow_nan=False))  # what the snapshot store writes
+    assert {e["speculator"] for e in state["estimates"]} == {"static", "suffix"}
+    b = build()
+    b.load_state_dict(state)
+    assert b.state_dict() == a.state_dict()
+    # Restored, it decides exactly as the original would on the next request.
+    ra = eng_a.generate(prompts[2], params)
+    rb = Engine(tiny_target, [b], lookahead=16).generate(prompts[2], params)
+    assert ra.token_ids == rb.token_ids == plain[tuple(prompts[2])]
+    assert ra.speculation.steps_by_speculator == rb.speculation.steps_by_speculator
+    bad = dict(state, estimates=[dict(state["estimates"][0], calibration=[[1.0, 1.0]])])
+    with pytest.raises(ValueError, match="invalid estimate"):
+        build().load_state_dict(bad)
+    with pytest.raises(ValueError, match="malformed"):
+        build().load_state_dict(dict(state, estimates=[{"speculator": "static"}]))

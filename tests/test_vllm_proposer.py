@@ -74,3 +74,20 @@ def test_atlas_adapter_learns_and_judges_its_drafts():
     # Chosen drafts were judged with their real acceptance: the estimate rose above its prior.
     assert est.position_probs(1)[0] > 0.5
     assert max(drafted) >= 3 and atlas.choices.get("suffix", 0) > 0
+
+
+def test_drafts_stop_at_the_context_window():
+    from adaspec.integrations.vllm_proposer import AdaspecAtlasProposer
+
+    cfg = SimpleNamespace(speculative_config=SimpleNamespace(num_speculative_tokens=4),
+                          model_config=SimpleNamespace(max_model_len=20))
+    for prop in (AdaspecSuffixProposer(cfg), AdaspecAtlasProposer(cfg)):
+        pattern = list(range(30, 48))
+        for r in range(2):  # learn the pattern, then replay it up to the window
+            seq = [1]
+            for t in pattern + ([48, 49] if r else []):
+                seq = seq + [t]
+                arr, n = batch([seq], width=24)
+                (draft,) = prop.propose([[t]], n, arr)
+                assert len(draft) <= max(0, 20 - len(seq)), (len(seq), draft)
+        assert prop.max_model_len == 20

@@ -490,24 +490,63 @@ class AtlasSpeculator(Speculator):
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        out = {}
+        """Learned state: each child's, and the controller's acceptance estimates (JSON-safe).
+
+        The cost model is not saved: it is measured on the machine at start-up.
+        """
+        out: dict = {}
+        children = {}
         for s in self.children:
             st = s.state_dict()
             if st:
-                out[s.name] = st
-        return {"children": out} if out else {}
+                children[s.name] = st
+        if children:
+            out["children"] = children
+        if self._estimators:
+            out["estimates"] = [
+                {"speculator": sp, "tenant": te, "mode": mo,
+                 "position": [[b.accepted, b.rejected] for b in est.position],
+                 "calibration": [[b.accepted, b.rejected] for b in est.calibration]}
+                for (sp, te, mo), est in sorted(self._estimators.items())]
+        return out
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output.
+
+        Raises:
+            ValueError: a malformed state, or one naming a child speculator this
+                controller does not have.
+        """
         if not state:
             return
-        children = state.get("children") if isinstance(state, dict) else None
+        if not isinstance(state, dict) or not set(state) <= {"children", "estimates"}:
+            raise ValueError("atlas state must be {'children': {name: state}, 'estimates': [...]}")
+        children = state.get("children", {})
         if not isinstance(children, dict):
             raise ValueError("atlas state must be {'children': {name: state}}")
         by_name = {s.name: s for s in self.children}
-        for name, st in children.items():
+        for name in children:
             if name not in by_name:
                 raise ValueError(f"atlas state holds unknown child speculator {name!r}")
+        restored = {}
+        for e in state.get("estimates", []):
+            try:
+                key = (str(e["speculator"]), str(e["tenant"]), str(e["mode"]))
+                pos = [_Beta(float(a), float(r)) for a, r in e["position"]]
+                cal = [_Beta(float(a), float(r)) for a, r in e["calibration"]]
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"atlas state: malformed estimate entry ({err})") from None
+            if key[2] not in ("greedy", "sampled") or len(cal) != AcceptanceEstimator.BUCKETS or not pos or any(
+                    not (b.accepted >= 0 and b.rejected >= 0 and b.accepted + b.rejected > 0) for b in pos + cal):
+                raise ValueError(f"atlas state: invalid estimate for {key}")
+            est = self.estimator(*key) if key not in self._estimators else self._estimators[key]
+            fresh = AcceptanceEstimator(prior=est.prior, prior_weight=est.prior_weight, decay=est.decay,
+                                        max_positions=len(pos))
+            fresh.position, fresh.calibration = pos, cal
+            restored[key] = fresh
+        for name, st in children.items():
             by_name[name].load_state_dict(st)
+        self._estimators.update(restored)
 
 
 def _truncate(d: DraftProposal, k: int) -> DraftProposal:

@@ -650,6 +650,8 @@ def drift_from_args(args: argparse.Namespace) -> int:
     Raises:
         ValueError: bad phases or systems.
     """
+    if args.skip < 0:
+        raise ValueError(f"--skip must be >= 0, got {args.skip}")
     out = Path(args.out)
     if args.from_jsonl:
         records = load_records(args.from_jsonl)

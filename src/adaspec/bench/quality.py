@@ -24,8 +24,13 @@ def measure_quality(model: str, dtypes: Sequence[str], n_per_domain: int = 16, m
         ValueError: unknown dtype or model.
     """
     from adaspec import quant
-    from adaspec.target import load_target
+    from adaspec.target import DTYPES, load_target
 
+    if not dtypes:
+        raise ValueError("give at least one dtype (e.g. --dtypes float32,int8)")
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown:
+        raise ValueError(f"unknown dtype(s) {', '.join(unknown)}; choose from {', '.join(DTYPES)}")
     held = quant.held_out_texts(n_per_domain=n_per_domain)
     out: dict[str, dict[str, dict]] = {}
     for dtype in dtypes:

@@ -40,7 +40,8 @@ class AdaspecSuffixProposer:
 
     Args:
         vllm_config: vLLM's config; ``speculative_config.num_speculative_tokens``
-            sets the lookahead (default 8 when absent).
+            sets the lookahead (default 8 when absent); drafts are cut so they
+            never pass ``model_config.max_model_len``.
         speculator: the speculator to run (default: a fresh SuffixSpeculator).
         tenant: tenant whose learned state is used. Default "default".
     """
@@ -49,6 +50,11 @@ class AdaspecSuffixProposer:
                  tenant: str = DEFAULT_TENANT, **kwargs: Any) -> None:
         spec_cfg = getattr(vllm_config, "speculative_config", None)
         self.lookahead = int(getattr(spec_cfg, "num_speculative_tokens", None) or 8)
+        # Drafts never reach past the context window (FAULT_CASES F13): vLLM would
+        # have to score positions the model does not have.
+        model_cfg = getattr(vllm_config, "model_config", None)
+        window = getattr(model_cfg, "max_model_len", None)
+        self.max_model_len: Optional[int] = int(window) if window else None
         if speculator is None:
             from adaspec.speculators.suffix import SuffixSpeculator
 
@@ -86,11 +92,15 @@ class AdaspecSuffixProposer:
             if not sampled or n == 0:
                 drafts.append([])
                 continue
+            room = self.lookahead if self.max_model_len is None else min(self.lookahead, self.max_model_len - n)
+            if room <= 0:
+                drafts.append([])
+                continue
             tokens = [int(t) for t in token_ids_cpu[row, :n]]
             request_id, prompt_len = self._track(row, tokens, len(tokens) - len(sampled))
             ctx = ProposeContext(request_id=request_id, token_ids=tokens, num_prompt_tokens=prompt_len,
                                  tenant=self.tenant)
-            draft = list(self.speculator.propose(ctx, self.lookahead).token_ids)
+            draft = list(self.speculator.propose(ctx, room).token_ids)[:room]
             self._last_draft[row] = draft
             drafts.append(draft)
         live = set(range(len(sampled_token_ids)))
