@@ -32,11 +32,7 @@ def build_speculators(name: str, target=None, calibrate: bool = True, draft_mode
         from adaspec.speculators import SuffixSpeculator
 
         static = _static_or_none(target)
-        costs = CostModel()
-        if calibrate and target is not None:
-            from adaspec.bench.step_cost import measure_step_cost
-
-            costs = CostModel(measure_step_cost(target, ks=[1, 2, 3, 5, 9, 13, 17], repeats=3, prompt_len=32))
+        costs = calibrated_cost_model(target) if calibrate and target is not None else CostModel()
         return [AtlasSpeculator(static=static, adaptive=SuffixSpeculator(), cost_model=costs)]
     if name == "static":
         if draft_model:
@@ -63,6 +59,14 @@ def build_speculators(name: str, target=None, calibrate: bool = True, draft_mode
 
         return [SuffixSpeculator()]
     raise ValueError(f"unknown speculator {name!r}; choose from {', '.join(SPECULATORS)}")
+
+
+def calibrated_cost_model(target):
+    """The controller's cost model, seeded with verify times measured on ``target`` now (~3 s)."""
+    from adaspec.bench.step_cost import measure_step_cost
+    from adaspec.controller import CostModel
+
+    return CostModel(measure_step_cost(target, ks=[1, 2, 3, 5, 9, 13, 17], repeats=3, prompt_len=32))
 
 
 def _static_or_none(target):

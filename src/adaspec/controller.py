@@ -346,13 +346,14 @@ class AtlasSpeculator(Speculator):
             raise ValueError("explore_every must be >= 0 and explore_tokens >= 1")
         self.explore_every, self.explore_tokens = explore_every, explore_tokens
         self._static_idle: dict[str, int] = {}  # tenant -> steps since the static speculator last drafted
-        self._estimators: dict[tuple[str, str], AcceptanceEstimator] = {}
+        self._estimators: dict[tuple[str, str, str], AcceptanceEstimator] = {}  # (speculator, tenant, mode)
         self._tenant_of: dict[str, str] = {}
         self._pending: dict[str, list[_PendingDraft]] = {}
         self.choices: dict[str, int] = {}
         # The controller's own time (decisions, estimates, shadow judging), children's
         # drafting and learning excluded; seconds, cumulative over all requests.
         self.decision_time_s = 0.0
+        self._child_s = 0.0  # children's drafting time within the current propose
 
     # ---------------------------------------------------------------- estimates
     def estimator(self, speculator: str, tenant: str, mode: str = "greedy") -> AcceptanceEstimator:
@@ -360,10 +361,12 @@ class AtlasSpeculator(Speculator):
         key = (speculator, tenant, mode)
         est = self._estimators.get(key)
         if est is None:
-            prior = self.static_prior if self.static is not None and speculator == self.static.name else 0.3
-            est = AcceptanceEstimator(prior=prior, decay=self.decay, max_positions=self.max_lookahead)
-            self._estimators[key] = est
+            est = self._estimators[key] = self._new_estimator(speculator)
         return est
+
+    def _new_estimator(self, speculator: str, max_positions: Optional[int] = None) -> AcceptanceEstimator:
+        prior = self.static_prior if self.static is not None and speculator == self.static.name else 0.3
+        return AcceptanceEstimator(prior=prior, decay=self.decay, max_positions=max_positions or self.max_lookahead)
 
     # ---------------------------------------------------------------- lifecycle
     def start_request(self, request_id: str, prompt_ids: Sequence[int], tenant: str = DEFAULT_TENANT) -> None:
@@ -539,9 +542,7 @@ class AtlasSpeculator(Speculator):
             if key[2] not in ("greedy", "sampled") or len(cal) != AcceptanceEstimator.BUCKETS or not pos or any(
                     not (b.accepted >= 0 and b.rejected >= 0 and b.accepted + b.rejected > 0) for b in pos + cal):
                 raise ValueError(f"atlas state: invalid estimate for {key}")
-            est = self.estimator(*key) if key not in self._estimators else self._estimators[key]
-            fresh = AcceptanceEstimator(prior=est.prior, prior_weight=est.prior_weight, decay=est.decay,
-                                        max_positions=len(pos))
+            fresh = self._new_estimator(key[0], max_positions=len(pos))
             fresh.position, fresh.calibration = pos, cal
             restored[key] = fresh
         for name, st in children.items():

@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: transformers' ``generate()`` as a peer system.
+"""Helpers shared by the benchmarks: transformers' ``generate()`` as a peer system, table output.
 
 ``bench generate`` and ``bench drift`` both run the peer a transformers user
 has (``model.generate()``, plain and with prompt lookup) on the very weights
@@ -7,6 +7,7 @@ the engine uses, so the comparison is same model, same precision.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -52,3 +53,12 @@ def hf_generate(
     with torch.inference_mode():
         out = model.generate(inp, attention_mask=torch.ones_like(inp), **kw)  # [1, T + new]
     return out[0, len(ids):].tolist()
+
+
+def print_table(table: str, out: Optional[str] = None) -> None:
+    """Print a Markdown table and, with ``out``, write it there (parent folders created)."""
+    print(table)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(table)
+        print(f"wrote {out}")

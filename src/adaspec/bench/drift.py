@@ -306,9 +306,6 @@ SYSTEMS: dict[str, SystemFactory] = {
     "hf-prompt-lookup": lambda target, opts: HFSystem("hf-prompt-lookup", target, opts.prompt_lookup_tokens),
     "ngram": _engine("ngram", NgramSpeculator),
     "suffix": _engine("suffix", SuffixSpeculator),
-    "nothing": lambda target, opts: _floor_factory("nothing")(target, opts),
-    "random": lambda target, opts: _floor_factory("random")(target, opts),
-    "atlas-random": lambda target, opts: _floor_factory("atlas-random")(target, opts),
 }
 
 
@@ -357,14 +354,16 @@ def _floor_factory(name: str) -> SystemFactory:
         if name == "random":
             return EngineSystem(name, Engine(target, [RandomTokenSpeculator(target.vocab_size)],
                                              lookahead=opts.lookahead))
-        from adaspec.bench.step_cost import measure_step_cost
-        from adaspec.controller import AtlasSpeculator, CostModel
+        from adaspec.cli import calibrated_cost_model
+        from adaspec.controller import AtlasSpeculator
 
-        costs = CostModel(measure_step_cost(target, ks=[1, 2, 3, 5, 9, 13, 17], repeats=3, prompt_len=32))
         atlas = AtlasSpeculator(static=RandomTokenSpeculator(target.vocab_size), adaptive=SuffixSpeculator(),
-                                cost_model=costs)
+                                cost_model=calibrated_cost_model(target))
         return EngineSystem(name, Engine(target, [atlas], lookahead=opts.atlas_lookahead))
     return factory
+
+
+SYSTEMS.update({name: _floor_factory(name) for name in ("nothing", "random", "atlas-random")})
 
 
 def _vllm_factory(name: str, method: Optional[str]) -> SystemFactory:

@@ -9,8 +9,9 @@ Rust canonical solutions, MT-bench questions).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Optional, Sequence
+
+from adaspec.bench.common import print_table
 
 
 def measure_quality(model: str, dtypes: Sequence[str], n_per_domain: int = 16, max_tokens: int = 256,
@@ -75,9 +76,5 @@ def quality_from_args(args: argparse.Namespace) -> int:
     results = measure_quality(args.model, [d for d in args.dtypes.split(",") if d], args.per_domain,
                               args.max_tokens, args.threads)
     table = format_quality(results)
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table)
-        print(f"wrote {args.out}")
+    print_table(table, args.out)
     return 0

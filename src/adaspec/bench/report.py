@@ -338,16 +338,12 @@ def summarize(
             mean_acceptance_length={s: mean_acceptance_length([r for r in rs if r.system == s]) for s in systems},
         ))
 
-    def draft_share(rs: Sequence[RequestRecord]) -> Optional[float]:
-        rs = [r for r in rs if r.draft_seconds is not None and r.verify_seconds is not None]
-        total = sum(r.draft_seconds + r.verify_seconds for r in rs)
-        return sum(r.draft_seconds for r in rs) / total if total > 0 else None
-
-    def controller_share(rs: Sequence[RequestRecord]) -> Optional[float]:
-        rs = [r for r in rs if r.controller_seconds is not None and r.draft_seconds is not None
+    def time_share(rs: Sequence[RequestRecord], part: str) -> Optional[float]:
+        """sum(part) / sum(draft + verify seconds) over the records that report ``part``."""
+        rs = [r for r in rs if getattr(r, part) is not None and r.draft_seconds is not None
               and r.verify_seconds is not None]
         total = sum(r.draft_seconds + r.verify_seconds for r in rs)
-        return sum(r.controller_seconds for r in rs) / total if total > 0 else None
+        return sum(getattr(r, part) for r in rs) / total if total > 0 else None
 
     def shares(rs: Sequence[RequestRecord]) -> dict[str, float]:
         steps: dict[str, int] = {}
@@ -371,8 +367,9 @@ def summarize(
         overall_mal={s: mean_acceptance_length([r for r in records if r.system == s]) for s in systems},
         acceptance_rate=per_phase(acceptance_rate),
         overall_acceptance_rate={s: acceptance_rate([r for r in records if r.system == s]) for s in systems},
-        draft_share={s: draft_share([r for r in records if r.system == s]) for s in systems},
-        controller_share={s: controller_share([r for r in records if r.system == s]) for s in systems},
+        draft_share={s: time_share([r for r in records if r.system == s], "draft_seconds") for s in systems},
+        controller_share={s: time_share([r for r in records if r.system == s], "controller_seconds")
+                          for s in systems},
         speculator_shares=per_phase(shares),
         checked=checked, matched=matched, mismatches=mismatches, blocks=blocks,
     )

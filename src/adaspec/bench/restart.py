@@ -22,9 +22,9 @@ import argparse
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from adaspec.bench.common import print_table
 from adaspec.bench.drift import build_phases
 from adaspec.bench.prompts import BenchPrompt
 
@@ -161,9 +161,5 @@ def restart_from_args(args: argparse.Namespace) -> int:
     header = [f"model `{args.model}`, dtype {args.dtype}, speculator {args.speculator}, phases {args.phases}, "
               f"learn {args.learn}, replay {args.replay}, max_tokens {args.max_tokens}, greedy"]
     table = format_restart(results, header)
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table)
-        print(f"wrote {args.out}")
+    print_table(table, args.out)
     return 0
