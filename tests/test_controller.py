@@ -4,7 +4,7 @@ import pytest
 
 from adaspec.controller import (
     AcceptanceEstimator,
-    AtlasSpeculator,
+    ConfidenceAwareController,
     CostModel,
     choose_lookahead,
     expected_emitted,
@@ -124,9 +124,9 @@ def test_atlas_exact_and_shifts_between_static_and_adaptive(tiny_target):
     plain_engine = Engine(tiny_target)
     plain = {tuple(p): plain_engine.generate(p, params).token_ids for p in phase_a + phase_b}
     static = PlainLookup("static", plain, 2, tiny_target.vocab_size)
-    atlas = AtlasSpeculator(static=static, adaptive=SuffixSpeculator(), cost_model=frozen_costs(FLAT),
+    atlas = ConfidenceAwareController(static=static, adaptive=SuffixSpeculator(), cost_model=frozen_costs(FLAT),
                             static_prior=0.6)
-    eng = Engine(tiny_target, [atlas], lookahead=16)
+    eng = Engine(tiny_target, controller=atlas)
 
     def share(result, name):
         steps = result.speculation.steps_by_speculator
@@ -156,9 +156,9 @@ def test_atlas_decodes_plainly_when_nothing_pays(tiny_target):
         def propose(self, ctx, k):
             return DraftProposal(token_ids=[7] * k, confidence=[0.9] * k, speculator=self.name)
 
-    atlas = AtlasSpeculator(static=Wrong(), adaptive=SuffixSpeculator(), cost_model=frozen_costs(FLAT),
+    atlas = ConfidenceAwareController(static=Wrong(), adaptive=SuffixSpeculator(), cost_model=frozen_costs(FLAT),
                             static_prior=0.5)
-    eng = Engine(tiny_target, [atlas], lookahead=16)
+    eng = Engine(tiny_target, controller=atlas)
     r = None
     for i in range(3):  # novel prompts: the adaptive speculator has nothing to offer
         r = eng.generate(f"zzq xk {i} {i * 7}", SamplingParams(max_tokens=40, ignore_eos=True))
@@ -168,25 +168,26 @@ def test_atlas_decodes_plainly_when_nothing_pays(tiny_target):
 
 
 def test_atlas_state_round_trip():
-    a = AtlasSpeculator(adaptive=SuffixSpeculator())
+    a = ConfidenceAwareController(adaptive=SuffixSpeculator())
     a.start_request("r", [1, 2, 3, 4], "default")
     a.observe("r", [5, 6], 0, 0)
     a.stop_request("r")
-    b = AtlasSpeculator(adaptive=SuffixSpeculator())
+    b = ConfidenceAwareController(adaptive=SuffixSpeculator())
     b.load_state_dict(a.state_dict())
     assert b.state_dict() == a.state_dict()
     with pytest.raises(ValueError):
         b.load_state_dict({"children": {"nope": {}}})
     with pytest.raises(ValueError):
-        AtlasSpeculator()
+        ConfidenceAwareController()
 
 
 def test_atlas_warns_when_the_static_checkpoint_does_not_fit(tiny_target, monkeypatch):
     # No checkpoint for the model: atlas runs with the adaptive speculator only, quietly.
-    from adaspec import cli
+    from adaspec import config
     from adaspec.speculators import draft_head
 
-    (atlas,) = cli.build_speculators("atlas", tiny_target, calibrate=False)
+    cfg = config.EngineConfig(speculator="atlas", calibrate=False)
+    atlas = config.build_controller(cfg, tiny_target)
     assert atlas.static is None and atlas.adaptive is not None
 
     # A checkpoint that does not fit the target is reported, not swallowed.
@@ -195,10 +196,10 @@ def test_atlas_warns_when_the_static_checkpoint_does_not_fit(tiny_target, monkey
 
     monkeypatch.setattr(draft_head, "load_static_speculator", wrong)
     with pytest.warns(RuntimeWarning, match="hidden size 576"):
-        (atlas,) = cli.build_speculators("atlas", tiny_target, calibrate=False)
+        atlas = config.build_controller(cfg, tiny_target)
     assert atlas.static is None
     with pytest.raises(ValueError, match="hidden size 576"):
-        cli.build_speculators("static", tiny_target)
+        config.build_controller(config.EngineConfig(speculator="static"), tiny_target)
 
 
 @pytest.mark.parametrize("explore_every", [0, 16])
@@ -211,9 +212,9 @@ def test_static_speculator_is_probed_again_after_it_was_dropped(tiny_target, exp
     plain_engine = Engine(tiny_target)
     plain = {tuple(p): plain_engine.generate(p, params).token_ids for p in prompts}
     static = PlainLookup("static", plain, 0, tiny_target.vocab_size)
-    atlas = AtlasSpeculator(static=static, adaptive=None, cost_model=frozen_costs(FLAT), static_prior=0.5,
+    atlas = ConfidenceAwareController(static=static, adaptive=None, cost_model=frozen_costs(FLAT), static_prior=0.5,
                             explore_every=explore_every)
-    eng = Engine(tiny_target, [atlas], lookahead=16)
+    eng = Engine(tiny_target, controller=atlas)
     for p in prompts[:3]:
         r = eng.generate(p, params)
     assert r.speculation.steps_by_speculator.get("none", 0) > 0.8 * r.speculation.target_forwards
@@ -227,7 +228,7 @@ def test_static_speculator_is_probed_again_after_it_was_dropped(tiny_target, exp
     else:
         assert share == 0.0  # without probes a dropped speculator never returns
     with pytest.raises(ValueError):
-        AtlasSpeculator(static=static, explore_every=-1)
+        ConfidenceAwareController(static=static, explore_every=-1)
 
 
 def test_sampled_requests_keep_a_sampled_draft_whose_confidence_is_low(small_vocab_target):
@@ -250,9 +251,9 @@ def test_sampled_requests_keep_a_sampled_draft_whose_confidence_is_low(small_voc
             return d
 
     V = t.vocab_size
-    atlas = AtlasSpeculator(static=Flat(torch.full((V,), 1.0 / V)), adaptive=SuffixSpeculator(),
+    atlas = ConfidenceAwareController(static=Flat(torch.full((V,), 1.0 / V)), adaptive=SuffixSpeculator(),
                             cost_model=frozen_costs(FLAT), static_prior=0.5)
-    eng = Engine(t, [atlas], lookahead=8)
+    eng = Engine(t, controller=atlas)
     for seed in range(3):
         r = eng.generate([3, 7, 1, 9], SamplingParams(max_tokens=48, temperature=2.0, seed=seed, ignore_eos=True))
     steps = r.speculation.steps_by_speculator
@@ -273,11 +274,11 @@ def test_atlas_estimates_survive_a_snapshot(tiny_target):
     plain = {tuple(p): plain_engine.generate(p, params).token_ids for p in prompts}
 
     def build():
-        return AtlasSpeculator(static=PlainLookup("static", plain, 2, tiny_target.vocab_size),
+        return ConfidenceAwareController(static=PlainLookup("static", plain, 2, tiny_target.vocab_size),
                                adaptive=SuffixSpeculator(), cost_model=frozen_costs(FLAT), static_prior=0.6)
 
     a = build()
-    eng_a = Engine(tiny_target, [a], lookahead=16)
+    eng_a = Engine(tiny_target, controller=a)
     for p in prompts[:2]:
         eng_a.generate(p, params)
     state = json.loads(json.dumps(a.state_dict(), allow_nan=False))  # what the snapshot store writes
@@ -287,7 +288,7 @@ def test_atlas_estimates_survive_a_snapshot(tiny_target):
     assert b.state_dict() == a.state_dict()
     # Restored, it decides exactly as the original would on the next request.
     ra = eng_a.generate(prompts[2], params)
-    rb = Engine(tiny_target, [b], lookahead=16).generate(prompts[2], params)
+    rb = Engine(tiny_target, controller=b).generate(prompts[2], params)
     assert ra.token_ids == rb.token_ids == plain[tuple(prompts[2])]
     assert ra.speculation.steps_by_speculator == rb.speculation.steps_by_speculator
     bad = dict(state, estimates=[dict(state["estimates"][0], calibration=[[1.0, 1.0]])])

@@ -62,11 +62,11 @@ class ByPromptController(Controller):
         self.oracle = oracle
         self.lookahead = lookahead
 
-    def decide(self, request: Any, max_lookahead: int) -> Decision:
+    def decide(self, ctx: Any, max_lookahead: int) -> Decision:
         k = min(self.lookahead, max_lookahead)
         if k <= 0:
             return Decision(None, 0)
-        known = tuple(request.prompt_ids) in self.oracle.table
+        known = tuple(ctx.token_ids[: ctx.num_prompt_tokens]) in self.oracle.table
         return Decision("oracle" if known else "ngram", k)
 
 

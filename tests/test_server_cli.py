@@ -19,15 +19,12 @@ import pytest
 from adaspec.engine import Engine
 from adaspec.models import DEFAULT_MODEL
 from adaspec.server import add_serve_arguments, create_app
+from adaspec.config import DEFAULT_LOOKAHEAD, SPECULATORS, EngineConfig, build_engine, default_lookahead
 from adaspec.server.main import (
-    DEFAULT_LOOKAHEAD,
     DEFAULT_MAX_ACTIVE,
     DEFAULT_MAX_QUEUE,
     DEFAULT_REQUEST_TIMEOUT_S,
     DEFAULT_SHUTDOWN_TIMEOUT_S,
-    build_engine,
-    default_lookahead,
-    speculator_choices,
 )
 from adaspec.server.testing import BackgroundServer
 
@@ -43,7 +40,7 @@ def test_serve_argument_defaults() -> None:
                                                              DEFAULT_REQUEST_TIMEOUT_S)
     assert (a.shutdown_timeout, a.api_keys, a.state_dir) == (DEFAULT_SHUTDOWN_TIMEOUT_S, None, None)
     assert (DEFAULT_LOOKAHEAD, DEFAULT_MAX_QUEUE, DEFAULT_MAX_ACTIVE) == (8, 32, 8)
-    assert {"none", "ngram", "suffix"} <= set(speculator_choices())
+    assert {"none", "ngram", "suffix"} <= set(SPECULATORS)
 
 
 def test_create_app_defaults(tiny_target) -> None:
@@ -67,12 +64,12 @@ def test_create_app_defaults(tiny_target) -> None:
 
 
 def test_build_engine(tiny_model_dir) -> None:
-    plain = build_engine(str(tiny_model_dir), speculator="none", max_model_len=128)
+    plain = build_engine(EngineConfig(str(tiny_model_dir), speculator="none", max_model_len=128))
     assert plain.speculators == {} and plain.target.max_model_len == 128
-    ngram = build_engine(str(tiny_model_dir), speculator="ngram", lookahead=3)
+    ngram = build_engine(EngineConfig(str(tiny_model_dir), speculator="ngram", lookahead=3))
     assert list(ngram.speculators) == ["ngram"] and ngram.controller.lookahead == 3
     with pytest.raises(ValueError):
-        build_engine(str(tiny_model_dir), speculator="psychic")
+        build_engine(EngineConfig(str(tiny_model_dir), speculator="psychic"))
 
 
 def _free_port() -> int:

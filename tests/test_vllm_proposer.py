@@ -49,7 +49,7 @@ def test_atlas_adapter_learns_and_judges_its_drafts():
 
     cfg = SimpleNamespace(speculative_config=SimpleNamespace(num_speculative_tokens=6))
     prop = AdaspecAtlasProposer(cfg)
-    atlas = prop.speculator
+    atlas = prop.controller
     pattern = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
     drafted = []
     for r in range(4):  # the same output four times, in row r % 2, vLLM-style steps

@@ -10,148 +10,42 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from adaspec import config
 from adaspec.models import DEFAULT_MODEL
 
-SPECULATORS = ("none", "ngram", "suffix", "static", "atlas")
-DEFAULT_DTYPE = "int8"  # the fastest exact path (batch-invariant int8, see adaspec.quant)
-DEFAULT_SPECULATOR = "atlas"  # the controller over the static and the adaptive speculator
 
-
-def build_speculators(name: str, target=None, calibrate: bool = True, draft_model: Optional[str] = None) -> list:
-    """Speculator objects for ``--speculator``.
-
-    ``atlas`` is the confidence-aware controller over the static speculator
-    (when one is available for the model) and the adaptive suffix speculator;
-    with ``calibrate`` its cost model starts from a measured verify-cost table.
-
-    Raises:
-        ValueError: unknown name, or ``static`` for a model without a static speculator.
-    """
-    if name == "atlas":
-        from adaspec.controller import AtlasSpeculator, CostModel
-        from adaspec.speculators import SuffixSpeculator
-
-        static = _static_or_none(target)
-        costs = calibrated_cost_model(target) if calibrate and target is not None else CostModel()
-        return [AtlasSpeculator(static=static, adaptive=SuffixSpeculator(), cost_model=costs)]
-    if name == "static":
-        if draft_model:
-            from adaspec.speculators.draft_model import DraftModelSpeculator
-
-            return [DraftModelSpeculator.from_pretrained(draft_model, target)]
-        from adaspec.speculators.draft_head import load_static_speculator
-
-        if target is None:
-            raise ValueError("the static speculator needs the loaded target model")
-        try:
-            return [load_static_speculator(target)]
-        except FileNotFoundError:
-            raise ValueError("no static speculator is available for this model "
-                             "(train one with `adaspec train-speculator`, or give --draft-model)") from None
-    if name == "none":
-        return []
-    if name == "ngram":
-        from adaspec.speculators import NgramSpeculator
-
-        return [NgramSpeculator()]
-    if name == "suffix":
-        from adaspec.speculators.suffix import SuffixSpeculator
-
-        return [SuffixSpeculator()]
-    raise ValueError(f"unknown speculator {name!r}; choose from {', '.join(SPECULATORS)}")
-
-
-def calibrated_cost_model(target):
-    """The controller's cost model, seeded with verify times measured on ``target`` now (~3 s)."""
-    from adaspec.bench.step_cost import measure_step_cost
-    from adaspec.controller import CostModel
-
-    return CostModel(measure_step_cost(target, ks=[1, 2, 3, 5, 9, 13, 17], repeats=3, prompt_len=32))
-
-
-def _static_or_none(target):
-    """The shipped static speculator for ``target``, or None when there is none."""
-    if target is None:
-        return None
-    try:
-        from adaspec.speculators.draft_head import load_static_speculator
-    except ImportError:
-        return None
-    try:
-        return load_static_speculator(target)
-    except FileNotFoundError:
-        return None  # no checkpoint shipped for this model
-    except ValueError as e:
-        # A checkpoint exists but does not fit this target: say so rather than
-        # silently running without the static speculator.
-        warnings.warn(f"static speculator not used: {e}", RuntimeWarning, stacklevel=2)
-        return None
-
-
-def restore_state(state_dir: str, speculators: list):
-    """Open the snapshot store in ``state_dir`` and load each speculator's learned state.
-
-    A corrupt or foreign snapshot is set aside by the store (logged) and the
-    speculator starts empty.
-    """
-    from adaspec.store import SnapshotStore
-
-    store = SnapshotStore(state_dir)
-    for spec in speculators:
-        state = store.load(spec.name)
-        if state:
-            try:
-                spec.load_state_dict(state)
-            except ValueError as e:
-                print(f"adaspec: warning: snapshot {spec.name} not loaded ({e}); starting empty", file=sys.stderr)
-    return store
-
-
-def save_state(store, speculators: list) -> None:
-    """Write every speculator's non-empty learned state as a snapshot."""
-    for spec in speculators:
-        state = spec.state_dict()
-        if state:
-            store.save(spec.name, state)
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, HF folder or .gguf (default: %(default)s)")
-    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=["float32", "int8"],
-                   help="target precision; int8 is the batch-invariant quantized path (default: %(default)s)")
-    p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's, <= 8192)")
+def _note(message: str) -> None:
+    print(f"adaspec: {message}", file=sys.stderr)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from adaspec.engine import Engine
-    from adaspec.target import load_target
     from adaspec.types import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop or [],
                             logprobs=args.logprobs)
     params.validate()
-    target = load_target(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
-    speculators = build_speculators(args.speculator, target, draft_model=args.draft_model)
-    store = restore_state(args.state_dir, speculators) if args.state_dir else None
-    lookahead = args.lookahead if args.lookahead is not None else (16 if args.speculator == "atlas" else 8)
-    engine = Engine(target, speculators, lookahead=lookahead)
+    cfg = config.config_from_args(args)
+    engine = config.build_engine(cfg, log=_note)
+    store = config.open_store(cfg.state_dir)
+    if store is not None:
+        config.restore_state(store, engine)
     try:
         if args.json:
-            r = engine.generate(args.prompt, params, chat=args.chat, tenant=args.tenant)
+            r = engine.generate(args.prompt, params, chat=args.chat, tenant=cfg.tenant)
             out = r.to_dict()
-            out["model"] = args.model
+            out["model"] = cfg.model
             print(json.dumps(out, ensure_ascii=False))
             return 0
         final = None
-        for delta in engine.stream(args.prompt, params, chat=args.chat, tenant=args.tenant):
+        for delta in engine.stream(args.prompt, params, chat=args.chat, tenant=cfg.tenant):
             sys.stdout.write(delta.text)
             sys.stdout.flush()
             final = delta.result or final
         sys.stdout.write("\n")
     finally:
         if store is not None:
-            save_state(store, speculators)
+            config.save_state(store, engine)
     if final is not None:
         s = final.speculation
         print(f"[{final.finish_reason}; {final.usage.completion_tokens} tokens in {final.elapsed_s:.2f} s "
@@ -182,11 +76,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_bench_step_cost(args: argparse.Namespace) -> int:
     from adaspec.bench.step_cost import format_step_cost, measure_step_cost
-    from adaspec.target import load_target
 
     results = {}
     for dtype in args.dtypes.split(","):
-        target = load_target(args.model, dtype=dtype, num_threads=args.threads)
+        target = config.load_config_target(config.EngineConfig(model=args.model, dtype=dtype, threads=args.threads))
         results[dtype] = measure_step_cost(target, range(1, args.max_k + 1), repeats=args.repeats)
         print(f"{dtype}: k=1 {results[dtype][1]:.1f} ms, k=8 {results[dtype].get(8, float('nan')):.1f} ms", flush=True)
     table = format_step_cost(results)
@@ -209,10 +102,9 @@ def _bench_prompts(domains: str, per_domain: int, prompts_file: Optional[str]):
 
 def cmd_bench_generate(args: argparse.Namespace) -> int:
     from adaspec.bench.generate import run_generate_bench, summarize, write_jsonl
-    from adaspec.target import load_target
 
     prompts = _bench_prompts(args.domains, args.per_domain, args.prompts_file)
-    target = load_target(args.model, dtype=args.dtype, num_threads=args.threads)
+    target = config.load_config_target(config.config_from_args(args))
     records = run_generate_bench(target, prompts, max_tokens=args.max_tokens, lookahead=args.lookahead,
                                  systems=args.systems.split(",") if args.systems else None)
     table = summarize(records)
@@ -241,9 +133,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     add_drift_arguments(p)
     argv = ["--model", args.model, "--dtype", args.dtype, "--phase-length", str(args.phase_length),
             "--skip", str(args.skip), "--systems", args.systems, "--max-tokens", str(args.max_tokens),
-            "--out", args.out]
-    if args.threads:
-        argv += ["--threads", str(args.threads)]
+            "--out", args.out, "--threads", str(args.threads)]
     if args.max_model_len is not None:
         argv += ["--max-model-len", str(args.max_model_len)]
     ns = p.parse_args(argv)
@@ -273,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text for one prompt")
-    _add_model_args(g)
+    config.add_model_arguments(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt as one user message in the chat template")
     g.add_argument("--max-tokens", type=int, default=64)
@@ -283,15 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--logprobs", type=int, default=None, help="return logprobs with this many top alternatives")
-    g.add_argument("--speculator", default=DEFAULT_SPECULATOR, choices=SPECULATORS,
-                   help="draft proposer; none decodes plainly (default: %(default)s)")
-    g.add_argument("--lookahead", type=int, default=None,
-                   help="most draft tokens per step (default: 8; 16 for atlas, whose controller picks k per step)")
-    g.add_argument("--draft-model", default=None,
-                   help="with --speculator static: a smaller causal LM with the target's tokenizer instead of the draft head")
-    g.add_argument("--tenant", default="default", help="tenant whose learned state is used (default: %(default)s)")
-    g.add_argument("--state-dir", default=None,
-                   help="folder of learned-state snapshots: restored at start, written at the end")
+    config.add_speculator_arguments(g, "folder of learned-state snapshots: restored at start, written at the end")
+    g.add_argument("--tenant", default=config.DEFAULT_TENANT,
+                   help="tenant whose learned state is used (default: %(default)s)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=cmd_generate)
 
@@ -308,18 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--dtypes", default="float32,int8")
     sc.add_argument("--max-k", type=int, default=16)
     sc.add_argument("--repeats", type=int, default=7)
-    sc.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's; on a shared machine 1 avoids spin-wait contention)")
+    config.add_threads_argument(sc, default=1)
     sc.add_argument("--out", default=None, help="write the Markdown table here")
     sc.set_defaults(func=cmd_bench_step_cost)
     bg = bsub.add_parser("generate", help="this engine vs transformers generate(), same prompts")
-    _add_model_args(bg)
+    config.add_model_arguments(bg)
     bg.add_argument("--domains", default="python,rust,chat,sql,tools")
     bg.add_argument("--per-domain", type=int, default=4)
     bg.add_argument("--prompts-file", default=None, help="JSONL with 'messages' or 'prompt' per line")
     bg.add_argument("--max-tokens", type=int, default=96)
     bg.add_argument("--lookahead", type=int, default=8)
     bg.add_argument("--systems", default=None, help="comma list (default: all)")
-    bg.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's; on a shared machine 1 avoids spin-wait contention)")
     bg.add_argument("--out", default=None, help="folder for generate.jsonl and generate.md")
     bg.set_defaults(func=cmd_bench_generate)
 
@@ -342,15 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     rs.set_defaults(func=restart_from_args)
 
     d = sub.add_parser("demo", help="short drift benchmark on the default model (~10 min on 2 cores)")
-    _add_model_args(d)
+    config.add_model_arguments(d)
     d.add_argument("--phase-length", type=int, default=8, help="requests per phase (default: %(default)s)")
     d.add_argument("--skip", type=int, default=3,
                    help="requests per phase left out of the 'after' columns (default: %(default)s)")
     d.add_argument("--systems", default=DEMO_SYSTEMS, help="comma list (default: %(default)s)")
     d.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default: %(default)s)")
-    d.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default: %(default)s: on a 2-core machine with anything else "
-                        "running, a 2-thread team spin-waits for a core and runs several times slower)")
     d.add_argument("--out", default="bench_out/demo", help="output folder (default: %(default)s)")
     d.set_defaults(func=cmd_demo)
 

@@ -1,20 +1,41 @@
-"""Controllers: which speculator drafts each step, and how far ahead (k).
+"""The controller: which speculator drafts each step, and how far ahead (k).
 
-A controller is engine-agnostic: it reads a request's counters and the
-engine's bound on k, and returns a :class:`Decision`. This module holds the
-protocol and the fixed policy used when the user names one speculator and one
-lookahead; the confidence-aware controller builds on the same protocol.
+A controller is engine-agnostic: it reads a request's :class:`ProposeContext`
+and the engine's bound on k, asks a speculator for a draft, and returns a
+:class:`Decision` holding it. It follows the request lifecycle as speculators
+do (``start_request`` -> (``propose`` -> ``observe``)* -> ``stop_request``,
+plus ``on_verify`` with every measured target forward), so the same object
+runs inside this engine and, wrapped as one drafter, inside vLLM's
+``custom_class`` proposer hook (:mod:`adaspec.integrations.vllm_proposer`).
+
+- :class:`FixedController`: one named speculator, one lookahead (``--speculator
+  ngram|suffix|static``).
+- :class:`ConfidenceAwareController`: the confidence-aware controller
+  (``--speculator atlas``); its math (expected emitted tokens, the cost model,
+  acceptance estimates) lives in :mod:`adaspec.estimates`.
+
+The engine tells every speculator about every request and committed token
+(adaptive ones learn even while another drafts); a controller's ``observe``
+only judges drafts, it never forwards to the speculators.
 """
 
 from __future__ import annotations
 
-import statistics
 import time as _time
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
 
+from adaspec.estimates import (  # noqa: F401  (re-exported: the controller's math, one import away)
+    AcceptanceEstimator,
+    CostModel,
+    _Beta,
+    choose_lookahead,
+    expected_emitted,
+)
 from adaspec.speculators.base import Speculator
-from adaspec.types import DEFAULT_TENANT, GREEDY_TEMPERATURE, DraftProposal, ProposeContext
+from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext, common_prefix_len, is_greedy
+
+NO_SPECULATOR = "none"  # the name stats use for a step without a draft
 
 
 @dataclass
@@ -24,238 +45,124 @@ class Decision:
     Attributes:
         speculator: name of the speculator that drafts, or None to decode plainly.
         lookahead: most draft tokens it may propose (0 = plain decoding).
+        proposal: the draft it proposed (empty until drafted, and for plain decoding).
     """
 
     speculator: Optional[str]
     lookahead: int
+    proposal: DraftProposal = field(default_factory=DraftProposal)
+
+
+def draft_with(spec: Speculator, ctx: ProposeContext, k: int) -> DraftProposal:
+    """``spec.propose(ctx, k)`` with the proposal's ``speculator`` field filled in."""
+    d = spec.propose(ctx, k)
+    d.speculator = d.speculator or spec.name
+    return d
 
 
 class Controller:
-    """Protocol: ``decide`` before the step, ``update`` after it."""
+    """Protocol: pick the speculator and k for each step, learn from the outcome.
 
-    def decide(self, request: Any, max_lookahead: int) -> Decision:
+    Simple controllers override :meth:`decide` (a name and k); the base
+    :meth:`propose` then drafts with that speculator. A controller that must
+    see drafts before it decides overrides :meth:`propose`.
+
+    Attributes:
+        name: key of its learned state in snapshots.
+        speculators: the speculators it drafts with (the engine adds them to
+            the ones it keeps informed).
+    """
+
+    name: str = "controller"
+    speculators: Sequence[Speculator] = ()
+
+    def decide(self, ctx: ProposeContext, max_lookahead: int) -> Decision:
         """Choose the speculator and k (``0 <= k <= max_lookahead``) for one step.
 
         Args:
-            request: the engine's per-request state (read-only).
+            ctx: the request as speculators see it (read-only).
             max_lookahead: the most draft tokens the token budget and context
                 window allow this step.
         """
         raise NotImplementedError
 
-    def update(self, request: Any, decision: Decision, proposal: Any, result: Any, verify_s: float) -> None:
-        """Learn from the step's outcome (default: nothing)."""
+    def propose(self, ctx: ProposeContext, max_lookahead: int,
+                speculators: Mapping[str, Speculator]) -> Decision:
+        """Decide, then draft with the chosen speculator (from ``speculators`` by name).
+
+        Raises:
+            KeyError: :meth:`decide` named a speculator not in ``speculators``.
+        """
+        decision = self.decide(ctx, max_lookahead)
+        if decision.speculator is None or decision.lookahead <= 0:
+            return Decision(None, 0)
+        decision.proposal = draft_with(speculators[decision.speculator], ctx, decision.lookahead)
+        return decision
+
+    def start_request(self, request_id: str, prompt_ids: Sequence[int], tenant: str = DEFAULT_TENANT) -> None:
+        """A request begins (default: nothing)."""
+
+    def observe(self, request_id: str, token_ids: Sequence[int], num_accepted: int, num_draft_tokens: int) -> None:
+        """The step committed ``token_ids``; ``num_accepted`` of ``num_draft_tokens`` drafts were accepted."""
+
+    def on_verify(self, tokens_fed: int, forward_s: float) -> None:
+        """One target forward over ``tokens_fed`` tokens took ``forward_s`` seconds (the forward alone)."""
+
+    def stop_request(self, request_id: str) -> None:
+        """The request finished or was cancelled."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Learned state to persist (default: none)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output.
+
+        Raises:
+            ValueError: a state this controller cannot hold.
+        """
+        if state:
+            raise ValueError(f"controller {self.name} holds no learned state, got keys {sorted(state)}")
 
 
 class FixedController(Controller):
     """Always the same speculator with the same lookahead, clipped to the bound.
 
     Args:
-        speculator: name of the speculator, or None for plain decoding.
+        speculator: the speculator, or None for plain decoding.
         lookahead: k >= 0.
+
+    Raises:
+        ValueError: a negative lookahead.
     """
 
-    def __init__(self, speculator: Optional[str], lookahead: int) -> None:
+    name = "fixed"
+
+    def __init__(self, speculator: Optional[Speculator], lookahead: int) -> None:
         if lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {lookahead}")
         self.speculator = speculator
+        self.speculators = [speculator] if speculator is not None else []
         self.lookahead = lookahead
 
-    def decide(self, request: Any, max_lookahead: int) -> Decision:
+    def decide(self, ctx: ProposeContext, max_lookahead: int) -> Decision:
         k = min(self.lookahead, max_lookahead)
         if self.speculator is None or k <= 0:
             return Decision(None, 0)
-        return Decision(self.speculator, k)
+        return Decision(self.speculator.name, k)
+
+    def propose(self, ctx: ProposeContext, max_lookahead: int,
+                speculators: Mapping[str, Speculator]) -> Decision:
+        decision = self.decide(ctx, max_lookahead)
+        if decision.speculator is None:
+            return decision
+        decision.proposal = draft_with(self.speculator, ctx, decision.lookahead)
+        return decision
 
 
 # --------------------------------------------------------------------------
 # The confidence-aware controller (ATLAS mode)
 # --------------------------------------------------------------------------
-
-
-def expected_emitted(accept_probs: Sequence[float]) -> float:
-    """Expected tokens emitted by one verify step for a draft of ``len(accept_probs)`` tokens.
-
-    ``accept_probs[i]`` is the probability that draft token i is accepted given
-    that tokens 0..i-1 were. The step always emits one target token (recovered
-    or bonus), plus each draft token whose whole prefix was accepted:
-    ``1 + sum_i prod_{j<=i} accept_probs[j]``; for a constant rate a and k
-    drafts this is ``(1 - a^(k+1)) / (1 - a)`` (Leviathan et al. 2023, eq. 1).
-    """
-    total, run = 1.0, 1.0
-    for a in accept_probs:
-        run *= a
-        total += run
-    return total
-
-
-def choose_lookahead(
-    accept_probs: Sequence[float],
-    draft_ms_per_token: float,
-    verify_ms: Callable[[int], float],
-    max_lookahead: int,
-) -> tuple[int, float]:
-    """Pick k that maximises expected tokens per second; k = 0 is plain decoding.
-
-    Args:
-        accept_probs: per-position conditional acceptance estimates (at least
-            ``max_lookahead`` long, or shorter: positions past it count as 0).
-        draft_ms_per_token: cost of drafting one token, milliseconds.
-        verify_ms: cost of one target forward over n fed tokens, ms (n = k + 1).
-        max_lookahead: upper bound on k (token budget, context window, config).
-
-    Returns:
-        ``(k, tokens_per_s)`` of the best choice.
-    """
-    best_k, best_rate = 0, 1000.0 / max(verify_ms(1), 1e-6)
-    run, emitted = 1.0, 1.0
-    for k in range(1, min(max_lookahead, len(accept_probs)) + 1):
-        run *= accept_probs[k - 1]
-        emitted += run
-        rate = 1000.0 * emitted / max(draft_ms_per_token * k + verify_ms(k + 1), 1e-6)
-        if rate > best_rate:
-            best_k, best_rate = k, rate
-    return best_k, best_rate
-
-
-class CostModel:
-    """Measured costs: target forward time by tokens fed, draft time per token by speculator.
-
-    Verify time is ``scale * (a + b * n)`` for n tokens fed:
-
-    - the **shape** ``a + b * n`` (b >= 0) is fitted once to the seed table
-      (``bench step-cost`` at start-up) with the Theil-Sen estimator (median of
-      pairwise slopes), so one stalled measurement cannot bend it; without a
-      seed table the shape is flat (as on a GPU);
-    - the **scale** follows the machine: an exponential moving average of
-      observed / predicted over every verify forward, whatever its n. One
-      observation above twice the prediction (a stall of the machine, not the
-      model) is clipped to that.
-
-    Pooling every step into one scale is far steadier on a noisy machine than
-    a table of per-n averages, where a single slow step prices a lookahead out
-    of use until that n happens to be measured again.
-
-    Args:
-        verify_ms_table: ``{tokens_fed: ms}`` seed values.
-        ema: weight of a new observation (0..1]; 0 freezes the model at the
-            seed table. Default 0.05.
-    """
-
-    def __init__(self, verify_ms_table: Optional[dict[int, float]] = None, ema: float = 0.05) -> None:
-        self.ema = ema
-        self.verify: dict[int, float] = dict(verify_ms_table or {})  # the seed table, for inspection
-        self.a, self.b = _theil_sen(self.verify) if self.verify else (1.0, 0.0)
-        self.scale: Optional[float] = 1.0 if self.verify else None  # None: no data yet
-        self.draft_ms: dict[str, float] = {}
-
-    def observe_verify(self, tokens_fed: int, ms: float) -> None:
-        if self.ema <= 0:
-            return
-        ratio = ms / (self.a + self.b * tokens_fed)
-        if self.scale is None:
-            self.scale = ratio
-            return
-        self.scale = (1 - self.ema) * self.scale + self.ema * min(ratio, 2.0 * self.scale)
-
-    def observe_draft(self, speculator: str, num_tokens: int, ms: float) -> None:
-        if num_tokens <= 0:
-            return
-        per = ms / num_tokens
-        old = self.draft_ms.get(speculator)
-        k = self.ema if self.ema > 0 else 0.1
-        self.draft_ms[speculator] = per if old is None else (1 - k) * old + k * per
-
-    def line(self) -> tuple[float, float]:
-        """``(a, b)`` of the current ``verify_ms(n) = a + b * n``, ms; ``(50, 0)`` before any data."""
-        if self.scale is None:
-            return 50.0, 0.0  # flat prior until the first measurement
-        return self.scale * self.a, self.scale * self.b
-
-    def verify_ms(self, tokens_fed: int) -> float:
-        a, b = self.line()
-        return max(a + b * tokens_fed, 1e-3)
-
-    def draft_ms_per_token(self, speculator: str, default: float = 0.0) -> float:
-        return self.draft_ms.get(speculator, default)
-
-
-def _theil_sen(table: dict[int, float]) -> tuple[float, float]:
-    """Robust line ``(a, b)`` through ``{n: ms}``: b = median pairwise slope (>= 0), a = median of ms - b n."""
-    pts = sorted(table.items())
-    slopes = [(y2 - y1) / (n2 - n1) for i, (n1, y1) in enumerate(pts) for n2, y2 in pts[i + 1:] if n2 != n1]
-    b = max(0.0, statistics.median(slopes)) if slopes else 0.0
-    a = statistics.median(y - b * n for n, y in pts)
-    if a <= 0:  # never let the line predict a free or negative forward
-        a = max(min(y for _, y in pts) * 0.5, 1e-3)
-    return a, b
-
-
-@dataclass
-class _Beta:
-    """Decayed Beta posterior of an acceptance probability."""
-
-    accepted: float
-    rejected: float
-
-    def mean(self) -> float:
-        return self.accepted / (self.accepted + self.rejected)
-
-    def update(self, accepted: bool, decay: float) -> None:
-        self.accepted = self.accepted * decay + (1.0 if accepted else 0.0)
-        self.rejected = self.rejected * decay + (0.0 if accepted else 1.0)
-
-
-class AcceptanceEstimator:
-    """Online, decayed acceptance estimates for one speculator and tenant.
-
-    Two views, both per draft position (conditional on the earlier positions
-    being accepted):
-
-    - ``position``: how often position i is accepted, whatever the confidence;
-      used before drafting, to decide whether a costly speculator should run;
-    - ``calibration``: acceptance by bucket of the speculator's own confidence
-      (10 equal-width buckets), so a raw confidence (suffix counts, draft-head
-      probabilities) becomes a calibrated acceptance probability.
-
-    Decay (default 0.98 per observation) makes both follow drift: an estimate
-    forgets half its weight in ~35 observations.
-
-    Args:
-        prior: prior acceptance rate per position. prior_weight: its pseudo-count.
-    """
-
-    BUCKETS = 10
-
-    def __init__(self, prior: float = 0.3, prior_weight: float = 2.0, decay: float = 0.98, max_positions: int = 32):
-        self.decay = decay
-        self.prior, self.prior_weight = prior, prior_weight
-        self.position = [_Beta(prior * prior_weight, (1 - prior) * prior_weight) for _ in range(max_positions)]
-        self.calibration = [
-            _Beta(((b + 0.5) / self.BUCKETS) * prior_weight, (1 - (b + 0.5) / self.BUCKETS) * prior_weight)
-            for b in range(self.BUCKETS)
-        ]
-
-    def _bucket(self, confidence: float) -> int:
-        return min(self.BUCKETS - 1, max(0, int(confidence * self.BUCKETS)))
-
-    def position_probs(self, k: int) -> list[float]:
-        return [self.position[min(i, len(self.position) - 1)].mean() for i in range(k)]
-
-    def calibrated(self, confidences: Sequence[float]) -> list[float]:
-        return [self.calibration[self._bucket(c)].mean() for c in confidences]
-
-    def observe(self, num_judged: int, num_accepted: int, confidences: Optional[Sequence[float]]) -> None:
-        """Record a draft whose first ``num_judged`` positions were judged, ``num_accepted`` accepted.
-
-        Position ``num_accepted`` (if judged) was rejected; later ones were not
-        judged (their condition, all earlier accepted, did not hold).
-        """
-        for i in range(min(num_judged, num_accepted + 1)):
-            ok = i < num_accepted
-            self.position[min(i, len(self.position) - 1)].update(ok, self.decay)
-            if confidences is not None and i < len(confidences):
-                self.calibration[self._bucket(confidences[i])].update(ok, self.decay)
 
 
 @dataclass
@@ -268,14 +175,14 @@ class _PendingDraft:
     sampled_draft: bool = False  # drawn from draft_probs (judged only when verified)
 
 
-class AtlasSpeculator(Speculator):
-    """The confidence-aware controller, packaged as one composite speculator.
+class ConfidenceAwareController(Controller):
+    """The confidence-aware controller (ATLAS mode): which speculator drafts, and how far ahead.
 
     Each step it decides which child speculator drafts, and how far ahead, to
     maximise expected tokens per second (``choose_lookahead``), and decodes
-    plainly (an empty draft) when nothing pays. Because it is itself a
-    speculator (token ids in, drafts out), it runs unchanged inside the engine
-    or any proposer hook (vLLM ``custom_class``).
+    plainly (no draft) when nothing pays. Token ids and probabilities in,
+    a decision out: it runs unchanged inside the engine or, wrapped as one
+    drafter, in vLLM's ``custom_class`` proposer hook.
 
     Per step:
 
@@ -297,7 +204,8 @@ class AtlasSpeculator(Speculator):
     q(x) says nothing about min(1, p/q), and it is not judged in the shadow,
     because matching the target's sample is rarer than acceptance.
 
-    Learning: every child observes every committed token. The adaptive draft is
+    Learning: the engine shows every committed token to every speculator; the
+    controller judges the drafts it asked for. The adaptive draft is
     also judged in the shadow when it was not chosen (its tokens compared with
     what the target committed, up to what is known), so its estimate keeps
     rising while the static one carries the load - that is how the controller
@@ -333,11 +241,10 @@ class AtlasSpeculator(Speculator):
         explore_tokens: int = 4,
     ) -> None:
         if static is None and adaptive is None:
-            raise ValueError("AtlasSpeculator needs at least one child speculator")
+            raise ValueError("ConfidenceAwareController needs a static or an adaptive speculator")
         self.static, self.adaptive = static, adaptive
         self.children = [s for s in (static, adaptive) if s is not None]
-        self.needs_hidden_states = any(s.needs_hidden_states for s in self.children)
-        self.provides_draft_probs = any(s.provides_draft_probs for s in self.children)
+        self.speculators = self.children
         self.costs = cost_model or CostModel()
         self.static_prior = static_prior
         self.max_lookahead = max_lookahead
@@ -371,24 +278,38 @@ class AtlasSpeculator(Speculator):
     # ---------------------------------------------------------------- lifecycle
     def start_request(self, request_id: str, prompt_ids: Sequence[int], tenant: str = DEFAULT_TENANT) -> None:
         self._tenant_of[request_id] = tenant
-        for s in self.children:
-            s.start_request(request_id, prompt_ids, tenant)
 
     def stop_request(self, request_id: str) -> None:
         self._tenant_of.pop(request_id, None)
         self._pending.pop(request_id, None)
-        for s in self.children:
-            s.stop_request(request_id)
 
-    def on_verify(self, tokens_fed: int, verify_s: float) -> None:
-        self.costs.observe_verify(tokens_fed, verify_s * 1000.0)
+    def on_verify(self, tokens_fed: int, forward_s: float) -> None:
+        self.costs.observe_verify(tokens_fed, forward_s * 1000.0)
 
-    def propose(self, ctx: ProposeContext, max_draft_tokens: int) -> DraftProposal:
+    def decide(self, ctx: ProposeContext, max_lookahead: int) -> Decision:
+        """Not used: this controller must see the adaptive draft first (see :meth:`propose`)."""
+        raise NotImplementedError("ConfidenceAwareController decides in propose()")
+
+    def propose(self, ctx: ProposeContext, max_lookahead: int,
+                speculators: Optional[Mapping[str, Speculator]] = None) -> Decision:
+        """Draft with the speculator and k that maximise expected tokens per second.
+
+        Args:
+            ctx: the request.
+            max_lookahead: the engine's bound (token budget, context window);
+                further capped at ``max_lookahead`` given at construction.
+            speculators: ignored (this controller drafts with its own).
+
+        Returns:
+            The decision, with its draft; ``Decision(None, 0)`` when plain decoding pays most.
+        """
         t0 = _time.perf_counter()
         self._child_s = 0.0
-        out = self._decide(ctx, max_draft_tokens)
+        out = self._decide(ctx, max_lookahead)
         self.decision_time_s += _time.perf_counter() - t0 - self._child_s
-        return out
+        if not out.num_draft_tokens:
+            return Decision(None, 0)
+        return Decision(out.speculator, out.num_draft_tokens, out)
 
     def _decide(self, ctx: ProposeContext, max_draft_tokens: int) -> DraftProposal:
         bound = min(max_draft_tokens, self.max_lookahead)
@@ -397,7 +318,7 @@ class AtlasSpeculator(Speculator):
         # mode has its own estimates; and a draft sampled from draft_probs has a
         # confidence q(x) that says nothing about min(1, p/q): position estimates
         # then replace the confidence calibration.
-        mode = "greedy" if ctx.temperature < GREEDY_TEMPERATURE else "sampled"
+        mode = "greedy" if is_greedy(ctx.temperature) else "sampled"
 
         def accept_probs(est: AcceptanceEstimator, d: DraftProposal) -> list[float]:
             if d.confidence and not (mode == "sampled" and d.draft_probs is not None):
@@ -453,26 +374,21 @@ class AtlasSpeculator(Speculator):
                         plans.append((rate2, _truncate(s, k2)))
 
         if not plans:
-            self.choices["none"] = self.choices.get("none", 0) + 1
-            return DraftProposal(speculator="none")
+            self.choices[NO_SPECULATOR] = self.choices.get(NO_SPECULATOR, 0) + 1
+            return DraftProposal(speculator=NO_SPECULATOR)
         _, best = max(plans, key=lambda p: p[0])
         for p in pending:
             p.chosen = p.speculator == best.speculator
         self.choices[best.speculator] = self.choices.get(best.speculator, 0) + 1
         return best
 
-    @staticmethod
-    def _draft(spec: Speculator, ctx: ProposeContext, k: int) -> DraftProposal:
-        d = spec.propose(ctx, k)
-        d.speculator = d.speculator or spec.name
-        return d
+    _draft = staticmethod(draft_with)
 
     def observe(self, request_id: str, token_ids: Sequence[int], num_accepted: int, num_draft_tokens: int) -> None:
+        """Judge this step's drafts: the chosen one by its verification, the others in the shadow."""
         t0 = _time.perf_counter()
         self._judge(request_id, token_ids, num_accepted, num_draft_tokens)
         self.decision_time_s += _time.perf_counter() - t0
-        for s in self.children:
-            s.observe(request_id, token_ids, num_accepted, num_draft_tokens)
 
     def _judge(self, request_id: str, token_ids: Sequence[int], num_accepted: int, num_draft_tokens: int) -> None:
         tenant = self._tenant_of.get(request_id, DEFAULT_TENANT)
@@ -486,10 +402,7 @@ class AtlasSpeculator(Speculator):
                 # Shadow judgement: compare with what the target committed; positions
                 # past the committed tokens are unknown and not judged.
                 judged = min(len(p.token_ids), len(token_ids))
-                acc = 0
-                while acc < judged and p.token_ids[acc] == token_ids[acc]:
-                    acc += 1
-                est.observe(judged, acc, p.confidence)
+                est.observe(judged, common_prefix_len(p.token_ids, token_ids), p.confidence)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:

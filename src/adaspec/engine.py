@@ -6,7 +6,11 @@ The only module that knows every part. One step (Medusa's loop shape):
 2. verify   - one target forward over [last committed token, drafts...].
 3. evaluate - greedy match or rejection sampling decides what is emitted.
 4. update   - commit tokens (stop conditions checked token by token), truncate
-              the KV cache to the committed length, tell the speculators.
+              the KV cache to the committed length, tell the controller and
+              every speculator.
+
+Each step returns a :class:`~adaspec.types.StepResult` (who drafted, k,
+accepted, committed tokens, the forward's own time).
 
 Invariant after every step: the KV cache holds every committed token (prompt +
 output) except the newest, which the next step feeds first.
@@ -22,7 +26,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from adaspec.controller import Controller, Decision, FixedController
+from adaspec.controller import NO_SPECULATOR, Controller, FixedController
 from adaspec.sampling import process_logits
 from adaspec.speculators.base import Speculator
 from adaspec.target import KVCache, TargetModel
@@ -33,6 +37,7 @@ from adaspec.types import (
     ProposeContext,
     SamplingParams,
     SpeculationStats,
+    StepResult,
     StreamDelta,
     TokenLogprob,
     Usage,
@@ -80,12 +85,16 @@ class Engine:
 
     Args:
         target: the loaded target model.
-        speculators: the speculators available to the controller, by name; all
-            of them observe every request (so adaptive ones learn even when not
-            drafting).
-        controller: picks speculator and lookahead per step; default: the
-            first speculator with ``lookahead`` (or plain decoding when none).
-        lookahead: default k for the fixed controller. Default 8.
+        speculators: speculators to keep informed; together with the
+            controller's own, all of them observe every request (so adaptive
+            ones learn even when not drafting).
+        controller: picks speculator and lookahead per step and drafts; default:
+            a :class:`~adaspec.controller.FixedController` over the first
+            speculator with ``lookahead`` (plain decoding when there is none).
+        lookahead: k for that default controller. Default 8.
+
+    Raises:
+        ValueError: a negative lookahead, or two speculators with one name.
     """
 
     def __init__(
@@ -98,9 +107,12 @@ class Engine:
         if lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {lookahead}")
         self.target = target
-        self.speculators: dict[str, Speculator] = {s.name: s for s in (speculators or [])}
-        first = next(iter(self.speculators), None)
-        self.controller = controller or FixedController(first, lookahead if first else 0)
+        given = list(speculators or [])
+        self.controller = controller or FixedController(given[0] if given else None, lookahead if given else 0)
+        self.speculators: dict[str, Speculator] = {}
+        for s in given + [s for s in self.controller.speculators if s not in given]:
+            if self.speculators.setdefault(s.name, s) is not s:
+                raise ValueError(f"two speculators are named {s.name!r}")
         self.eos_token_ids = target.eos_token_ids
         self.tokenizer = target.tokenizer
 
@@ -175,6 +187,7 @@ class Engine:
             state.hidden_state = out.hidden[-1]
         for spec in self.speculators.values():
             spec.start_request(request_id, ids, tenant)
+        self.controller.start_request(request_id, ids, tenant)
         return state
 
     def abort(self, state: RequestState, reason: str = "abort") -> None:
@@ -186,34 +199,90 @@ class Engine:
     def _release(self, state: RequestState) -> None:
         for spec in self.speculators.values():
             spec.stop_request(state.request_id)
+        self.controller.stop_request(state.request_id)
         state.kv = KVCache(cache=None, length=0)
 
+    # ----------------------------------------------------------- learned state
+    def learned_state(self) -> dict[str, dict]:
+        """Every part's non-empty learned state, by snapshot name.
+
+        The controller's state holds its own speculators' (it is saved as one
+        piece under its name); other speculators are saved under theirs.
+        """
+        owned = {s.name for s in self.controller.speculators}
+        parts: dict[str, dict] = {}
+        state = self.controller.state_dict()
+        if state:
+            parts[self.controller.name] = state
+        for name, spec in self.speculators.items():
+            if name not in owned or not state:
+                own = spec.state_dict()
+                if own and name not in parts:
+                    parts[name] = own
+        return parts
+
+    def load_learned_state(self, parts: dict[str, dict], log=None) -> list[str]:
+        """Restore :meth:`learned_state` output (missing parts start empty).
+
+        A part that does not fit (``ValueError`` from its ``load_state_dict``)
+        is skipped and reported through ``log(message)``.
+
+        Returns:
+            the names restored.
+        """
+        holders = {self.controller.name: self.controller, **self.speculators}
+        restored = []
+        for name, state in parts.items():
+            holder = holders.get(name)
+            if holder is None or not state:
+                continue
+            try:
+                holder.load_state_dict(state)
+                restored.append(name)
+            except ValueError as e:
+                if log is not None:
+                    log(f"learned state {name!r} not loaded ({e}); it starts empty")
+        return restored
+
     # ----------------------------------------------------------- the step
-    def step(self, state: RequestState) -> list[int]:
-        """Run one speculative step; returns the tokens committed by it."""
+    def step(self, state: RequestState) -> StepResult:
+        """Run one speculative step on a live request.
+
+        Returns:
+            what the step did; ``token_ids`` empty if the request had finished.
+        """
         if state.finished:
-            return []
-        decision = self.controller.decide(state, self._max_draft_tokens(state))
-        proposal = self._propose(state, decision)  # 1. propose
+            return StepResult(finish_reason=state.finish_reason)
         t0 = time.perf_counter()
+        lookahead, proposal = self._propose(state)  # 1. propose
+        draft_s = time.perf_counter() - t0
         fed = [state.token_ids[-1]] + proposal.token_ids
+        t1 = time.perf_counter()
         out = self.target.forward(state.kv, fed)  # 2. verify forward: logits [n+1, V]
+        forward_s = time.perf_counter() - t1
         result = self._evaluate(state, out.logits, proposal)  # 3. accept / reject
         committed = self._commit(state, result, out.logits)  # 4. update
-        verify_s = time.perf_counter() - t0
-        state.stats.verify_time_s += verify_s
-        state.stats.record(proposal.speculator, proposal.num_draft_tokens, result.num_accepted, len(result.token_ids))
         if not state.finished:
             # Cache had len(token_ids_before) - 1 + len(fed); keep all committed but the newest.
             self.target.truncate(state.kv, len(state.token_ids) - 1)
             state.hidden_state = out.hidden[len(committed) - 1]
+        step = StepResult(speculator=proposal.speculator if proposal.num_draft_tokens else NO_SPECULATOR,
+                          lookahead=lookahead, num_draft_tokens=proposal.num_draft_tokens,
+                          num_accepted=result.num_accepted, token_ids=committed, forward_s=forward_s,
+                          draft_s=draft_s, finish_reason=state.finish_reason)
+        state.stats.draft_time_s += draft_s
+        state.stats.verify_time_s += forward_s
+        # Count what was committed: a stop condition may cut the step's tokens.
+        state.stats.record(step.speculator, step.num_draft_tokens, min(step.num_accepted, step.num_emitted),
+                           step.num_emitted)
+        self.controller.on_verify(len(fed), forward_s)
+        self.controller.observe(state.request_id, committed, result.num_accepted, proposal.num_draft_tokens)
         for spec in self.speculators.values():
-            spec.on_verify(len(fed), verify_s)
+            spec.on_verify(len(fed), forward_s)
             spec.observe(state.request_id, committed, result.num_accepted, proposal.num_draft_tokens)
-        self.controller.update(state, decision, proposal, result, verify_s)
         if state.finished:
             self._release(state)
-        return committed
+        return step
 
     def _max_draft_tokens(self, state: RequestState) -> int:
         """Upper bound on k: the token budget and the context window.
@@ -225,10 +294,11 @@ class Engine:
         window_left = self.target.max_model_len - len(state.token_ids)
         return max(0, min(remaining - 1, window_left - 1))
 
-    def _propose(self, state: RequestState, decision: Decision) -> DraftProposal:
-        if decision.speculator is None or decision.lookahead <= 0:
-            return DraftProposal()
-        spec = self.speculators[decision.speculator]
+    def _propose(self, state: RequestState) -> tuple[int, DraftProposal]:
+        """The controller's lookahead and its draft, clipped to the bounds and the vocabulary."""
+        bound = self._max_draft_tokens(state)
+        if bound <= 0:
+            return 0, DraftProposal()
         ctx = ProposeContext(
             request_id=state.request_id,
             token_ids=state.token_ids,
@@ -240,11 +310,11 @@ class Engine:
             top_p=state.params.top_p,
             seed=state.params.seed,
         )
-        t0 = time.perf_counter()
-        proposal = spec.propose(ctx, decision.lookahead)
-        state.stats.draft_time_s += time.perf_counter() - t0
-        proposal.speculator = proposal.speculator or spec.name
-        return _sanitize(proposal, decision.lookahead, self.target.vocab_size)
+        decision = self.controller.propose(ctx, bound, self.speculators)
+        k = min(decision.lookahead, bound)
+        if decision.speculator is None or k <= 0:
+            return 0, DraftProposal()
+        return k, _sanitize(decision.proposal, k, self.target.vocab_size)
 
     def _evaluate(self, state: RequestState, logits: torch.Tensor, proposal: DraftProposal) -> VerifyResult:
         p = state.params

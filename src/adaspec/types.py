@@ -27,6 +27,25 @@ DEFAULT_TENANT = "default"
 GREEDY_TEMPERATURE = 1e-5
 
 
+def is_greedy(temperature: float) -> bool:
+    """The one greedy rule: a temperature below ``GREEDY_TEMPERATURE`` (1e-5, as vLLM) means argmax.
+
+    Tiny positive temperatures would overflow ``logits / temperature`` into NaN,
+    so they are greedy too; every part (engine, speculators, controller,
+    server) asks this function.
+    """
+    return temperature < GREEDY_TEMPERATURE
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 @dataclass
 class ProposeContext:
     """What a speculator may read when it drafts for one request.
@@ -58,6 +77,10 @@ class ProposeContext:
     top_k: int = 0
     top_p: float = 1.0
     seed: Optional[int] = None
+
+    @property
+    def greedy(self) -> bool:
+        return is_greedy(self.temperature)
 
 
 @dataclass
@@ -105,6 +128,39 @@ class VerifyResult:
 
 
 @dataclass
+class StepResult:
+    """What one engine step did (``Engine.step``).
+
+    Attributes:
+        speculator: who drafted ("none" when the step decoded plainly).
+        lookahead: the k the controller allowed this step (0 = plain decoding).
+        num_draft_tokens: drafts proposed (0..lookahead).
+        num_accepted: drafts the target accepted (0..num_draft_tokens).
+        token_ids: tokens committed by this step, in order (accepted drafts then
+            the recovered or bonus token, cut at the first stop condition); may
+            be shorter than ``num_accepted + 1`` when a stop condition cut it.
+        forward_s: wall seconds of the target forward alone (what the cost
+            model learns from).
+        draft_s: wall seconds the controller and speculators spent drafting.
+        finish_reason: set when this step finished the request.
+    """
+
+    speculator: str = "none"
+    lookahead: int = 0
+    num_draft_tokens: int = 0
+    num_accepted: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    forward_s: float = 0.0
+    draft_s: float = 0.0
+    finish_reason: Optional[str] = None
+
+    @property
+    def num_emitted(self) -> int:
+        """Tokens this step committed (``len(token_ids)``)."""
+        return len(self.token_ids)
+
+
+@dataclass
 class SamplingParams:
     """Per-request sampling and stopping settings.
 
@@ -149,8 +205,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        # Tiny temperatures would overflow logits / temperature into NaN.
-        return self.temperature < GREEDY_TEMPERATURE
+        return is_greedy(self.temperature)
 
 
 @dataclass

@@ -17,11 +17,12 @@ Systems are a registry of factories ``factory(target, options) -> BenchSystem``
   same weights, plain and with ``prompt_lookup_num_tokens`` (default 10);
 - ``ngram``: prompt lookup in this engine (no learned state);
 - ``suffix``: the adaptive suffix speculator only (learns across requests);
-- ``static``: the draft head only (``adaspec.speculators.draft_head``), listed
-  when the module imports, skipped when the model has no checkpoint;
-- ``atlas``: the controller (``adaspec.controller.AtlasSpeculator``) over the
-  static and an empty suffix speculator, built as ``adaspec generate
-  --speculator atlas`` builds it;
+- ``static``: the draft head only (``adaspec.speculators.draft_head``),
+  skipped when the model has no checkpoint;
+- ``atlas``: the confidence-aware controller
+  (``adaspec.controller.ConfidenceAwareController``) over the static and an
+  empty suffix speculator, built by :func:`adaspec.config.build_controller`
+  exactly as ``adaspec generate --speculator atlas`` builds it;
 - ``nothing`` / ``random`` / ``atlas-random``: speed-floor systems that never
   pay (FAULT_CASES.md F15; see ``_floor_factory``), not in the default list;
 - ``vllm-plain`` / ``vllm-ngram`` / ``vllm-suffix``: vLLM's offline ``LLM`` on
@@ -49,20 +50,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
 
+from adaspec import config
 from adaspec.bench.common import hf_generate
 from adaspec.bench.prompts import DOMAINS, BenchPrompt, load_domain, load_jsonl_prompts
 from adaspec.bench.report import RequestRecord, is_peer, load_records, print_summary, write_report
 from adaspec.engine import Engine
 from adaspec.speculators import NgramSpeculator, SuffixSpeculator
 from adaspec.target import TargetModel
-from adaspec.types import SamplingParams, SpeculationStats
+from adaspec.types import SamplingParams, SpeculationStats, common_prefix_len
 
 DEFAULT_PHASES = ("python", "rust", "chat", "sql", "tools")  # "noise" is opt-in (the speed-floor check)
 DEFAULT_SYSTEMS = ("plain", "hf-plain", "hf-prompt-lookup", "ngram", "suffix", "static", "atlas",
                    "vllm-plain", "vllm-ngram", "vllm-suffix")  # vllm-* skipped, with the reason, where unavailable
 DEFAULT_PHASE_LENGTH = 20
 DEFAULT_MAX_TOKENS = 64
-DEFAULT_LOOKAHEAD = 8
+DEFAULT_LOOKAHEAD = config.DEFAULT_LOOKAHEAD
 DEFAULT_PROMPT_LOOKUP_TOKENS = 10
 DEFAULT_OUT = "bench_results/drift"
 PLAIN = "plain"
@@ -190,7 +192,7 @@ class SystemOptions:
 
     lookahead: int = DEFAULT_LOOKAHEAD
     prompt_lookup_tokens: int = DEFAULT_PROMPT_LOOKUP_TOKENS
-    atlas_lookahead: int = 16
+    atlas_lookahead: int = config.ATLAS_LOOKAHEAD
 
 
 @dataclass
@@ -235,8 +237,7 @@ class EngineSystem:
         self.engine = engine
 
     def _controller_s(self) -> Optional[float]:
-        times = [s.decision_time_s for s in self.engine.speculators.values() if hasattr(s, "decision_time_s")]
-        return sum(times) if times else None
+        return getattr(self.engine.controller, "decision_time_s", None)
 
     def run(self, prompt_ids: list[int], params: SamplingParams) -> SystemOutput:
         c0 = self._controller_s()
@@ -329,12 +330,11 @@ def _atlas_factory(target: TargetModel, opts: SystemOptions) -> BenchSystem:
     # Exactly what `adaspec generate --speculator atlas` runs: the controller
     # over the static speculator (when the model has one) and an empty suffix
     # speculator, its cost model calibrated on this machine.
-    from adaspec.cli import build_speculators
-
-    speculators = build_speculators("atlas", target)
-    if getattr(speculators[0], "static", None) is None:
+    controller = config.build_controller(
+        config.EngineConfig(model=target.name, speculator="atlas", lookahead=opts.atlas_lookahead), target)
+    if controller.static is None:
         print("system atlas: no static speculator for this model; the controller has the adaptive one only")
-    return EngineSystem("atlas", Engine(target, speculators, lookahead=opts.atlas_lookahead))
+    return EngineSystem("atlas", Engine(target, controller=controller))
 
 
 def _floor_factory(name: str) -> SystemFactory:
@@ -354,16 +354,17 @@ def _floor_factory(name: str) -> SystemFactory:
         if name == "random":
             return EngineSystem(name, Engine(target, [RandomTokenSpeculator(target.vocab_size)],
                                              lookahead=opts.lookahead))
-        from adaspec.cli import calibrated_cost_model
-        from adaspec.controller import AtlasSpeculator
+        from adaspec.controller import ConfidenceAwareController
 
-        atlas = AtlasSpeculator(static=RandomTokenSpeculator(target.vocab_size), adaptive=SuffixSpeculator(),
-                                cost_model=calibrated_cost_model(target))
-        return EngineSystem(name, Engine(target, [atlas], lookahead=opts.atlas_lookahead))
+        atlas = ConfidenceAwareController(static=RandomTokenSpeculator(target.vocab_size), adaptive=SuffixSpeculator(),
+                                          cost_model=config.calibrated_cost_model(target),
+                                          max_lookahead=opts.atlas_lookahead)
+        return EngineSystem(name, Engine(target, controller=atlas))
     return factory
 
 
 SYSTEMS.update({name: _floor_factory(name) for name in ("nothing", "random", "atlas-random")})
+SYSTEMS.update({"static": _static_factory, "atlas": _atlas_factory})
 
 
 def _vllm_factory(name: str, method: Optional[str]) -> SystemFactory:
@@ -378,21 +379,17 @@ def _vllm_factory(name: str, method: Optional[str]) -> SystemFactory:
     return factory
 
 
-def _probe(module: str, attr: Optional[str] = None) -> Optional[str]:
-    """None when ``module`` (and ``attr`` in it) imports; else the reason."""
+def _probe(module: str) -> Optional[str]:
+    """None when the optional ``module`` imports; else the reason."""
     try:
-        mod = importlib.import_module(module)
+        importlib.import_module(module)
     except Exception as e:  # an optional extra: any import failure means "not here"
         return f"{module} not importable ({type(e).__name__}: {e})"
-    if attr and not hasattr(mod, attr):
-        return f"{module}.{attr} does not exist yet"
     return None
 
 
 # name -> (probe returning None or why not, factory); listed only when the probe passes.
 OPTIONAL_SYSTEMS: dict[str, tuple[Callable[[], Optional[str]], SystemFactory]] = {
-    "static": (lambda: _probe("adaspec.speculators.draft_head", "load_static_speculator"), _static_factory),
-    "atlas": (lambda: _probe("adaspec.controller", "AtlasSpeculator"), _atlas_factory),
     "vllm-plain": (lambda: _probe("vllm"), _vllm_factory("vllm-plain", None)),
     "vllm-ngram": (lambda: _probe("vllm"), _vllm_factory("vllm-ngram", "ngram")),
     "vllm-suffix": (lambda: _probe("vllm") or _probe("arctic_inference"), _vllm_factory("vllm-suffix", "suffix")),
@@ -443,10 +440,8 @@ def build_systems(target: TargetModel, names: Sequence[str], options: Optional[S
 # --------------------------------------------------------------- the run
 def _first_mismatch(got: Sequence[int], ref: Sequence[int]) -> Optional[int]:
     """Index of the first differing token (the shorter length if one is a prefix); None if equal."""
-    for i, (a, b) in enumerate(zip(got, ref)):
-        if a != b:
-            return i
-    return None if len(got) == len(ref) else min(len(got), len(ref))
+    n = common_prefix_len(got, ref)
+    return None if n == len(got) == len(ref) else n
 
 
 def make_record(req: StreamRequest, system: str, out: SystemOutput) -> RequestRecord:
@@ -596,15 +591,7 @@ def machine_info() -> dict:
 # --------------------------------------------------------------- CLI glue
 def add_drift_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``adaspec bench drift`` (see :func:`drift_from_args`)."""
-    from adaspec.models import DEFAULT_MODEL
-    from adaspec.target import DTYPES
-
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="registry name, HF folder or .gguf (default: %(default)s)")
-    parser.add_argument("--dtype", default="int8", choices=list(DTYPES), help="target precision (default: %(default)s)")
-    parser.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's, <= 8192)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's; on a shared machine 1 avoids spin-wait "
-                             "contention)")
+    config.add_model_arguments(parser)
     parser.add_argument("--phases", default=",".join(DEFAULT_PHASES),
                         help="comma list of domains (%s) or name=path.jsonl entries, in stream order "
                              "(default: %%(default)s)" % ", ".join(DOMAINS))
@@ -661,11 +648,9 @@ def drift_from_args(args: argparse.Namespace) -> int:
         print(f"wrote {md} and {png}")
         return 0
 
-    from adaspec.target import load_target
-
     specs = [s for s in args.phases.split(",") if s.strip()] + list(args.phase)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    target = load_target(args.model, dtype=args.dtype, max_model_len=args.max_model_len, num_threads=args.threads)
+    target = config.load_config_target(config.config_from_args(args), log=print)
     templ = Engine(target)
 
     def fits(p: BenchPrompt) -> bool:
@@ -705,7 +690,7 @@ def drift_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m adaspec.bench.drift`` until the CLI wires ``adaspec bench drift``."""
+    """``python -m adaspec.bench.drift``: the same as ``adaspec bench drift``."""
     p = argparse.ArgumentParser(prog="adaspec bench drift", description=__doc__.splitlines()[0])
     add_drift_arguments(p)
     return drift_from_args(p.parse_args(argv))

@@ -95,25 +95,25 @@ def run_restart_bench(model: str, dtype: str, speculator: str, phases: Sequence[
     Raises:
         ValueError: ``replay > learn`` or an unknown domain / speculator.
     """
-    from adaspec.cli import build_speculators
+    from adaspec import config
     from adaspec.engine import Engine
     from adaspec.store import SnapshotStore
-    from adaspec.target import load_target
 
     if not 0 < replay <= learn:
         raise ValueError(f"need 0 < replay <= learn, got replay={replay}, learn={learn}")
     per = -(-learn // len(phases))
     prompts = [p for ph in build_phases(list(phases), per, seed=seed) for p in ph.prompts][:learn]
     repeat = prompts[-replay:]
-    target = load_target(model, dtype=dtype, num_threads=threads)
+    cfg = config.EngineConfig(model=model, dtype=dtype, speculator=speculator,
+                              threads=config.THREADS_AUTO if threads is None else threads)
+    target = config.load_config_target(cfg)
     tmp = None
     if state_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="adaspec-restart-")
         state_dir = tmp.name
     try:
         def engine() -> Engine:
-            k = 16 if speculator == "atlas" else 8
-            return Engine(target, build_speculators(speculator, target), lookahead=k)
+            return config.build_engine(cfg, target)
 
         store = SnapshotStore(state_dir)
         before = _serve(engine(), store, repeat, max_tokens, "before restart", warm=prompts, progress=progress)
@@ -139,18 +139,17 @@ def format_restart(results: Sequence[ReplayResult], header: Sequence[str] = ()) 
 
 
 def add_restart_arguments(p: argparse.ArgumentParser) -> None:
-    from adaspec.cli import DEFAULT_DTYPE
-    from adaspec.models import DEFAULT_MODEL
+    from adaspec import config
 
-    p.add_argument("--model", default=DEFAULT_MODEL, help="default: %(default)s")
-    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=["float32", "int8"], help="default: %(default)s")
+    p.add_argument("--model", default=config.DEFAULT_MODEL, help="default: %(default)s")
+    p.add_argument("--dtype", default=config.DEFAULT_DTYPE, choices=list(config.DTYPES), help="default: %(default)s")
     p.add_argument("--speculator", default="suffix", choices=["suffix", "atlas"], help="default: %(default)s")
     p.add_argument("--phases", default="sql,tools", help="prompt domains (default: %(default)s)")
     p.add_argument("--learn", type=int, default=30, help="requests learned before the replay (default: %(default)s)")
     p.add_argument("--replay", type=int, default=15, help="requests replayed by each server (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=64, help="default: %(default)s")
     p.add_argument("--state-dir", default=None, help="snapshot folder (default: a temporary one)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    config.add_threads_argument(p)
     p.add_argument("--seed", type=int, default=0, help="prompt sampling seed (default: %(default)s)")
     p.add_argument("--out", default=None, help="write the Markdown table here")
 

@@ -1,42 +1,8 @@
-"""Cost of one verify forward for k new tokens on a cached prompt, relative to k = 1."""
+"""``adaspec bench step-cost``: the verify-forward cost table, relative to k = 1."""
 
 from __future__ import annotations
 
-import statistics
-import time
-from typing import Iterable
-
-from adaspec.target import TargetModel
-
-
-def measure_step_cost(target: TargetModel, ks: Iterable[int] = range(1, 17), repeats: int = 7,
-                      prompt_len: int = 64) -> dict[int, float]:
-    """Median milliseconds of one forward of k tokens after a ``prompt_len`` prefix.
-
-    The cache is truncated back after every forward, so each measurement sees
-    the same prefix. Forwards for different k are interleaved across repeats so
-    machine noise spreads evenly.
-
-    Returns:
-        ``{k: median_ms}``.
-    """
-    ks = list(ks)
-    kv = target.new_cache()
-    prefix = [(17 * i + 5) % target.vocab_size for i in range(prompt_len)]
-    target.forward(kv, prefix, last_only=True)
-    times: dict[int, list[float]] = {k: [] for k in ks}
-    for _ in range(2):  # warm-up
-        for k in ks:
-            target.forward(kv, prefix[:k] if k <= len(prefix) else [5] * k)
-            target.truncate(kv, prompt_len)
-    for _ in range(repeats):
-        for k in ks:
-            ids = [(31 * j + 7) % target.vocab_size for j in range(k)]
-            t0 = time.perf_counter()
-            target.forward(kv, ids)
-            times[k].append((time.perf_counter() - t0) * 1000.0)
-            target.truncate(kv, prompt_len)
-    return {k: statistics.median(v) for k, v in times.items()}
+from adaspec.step_cost import measure_step_cost  # noqa: F401  (re-exported for the bench CLI)
 
 
 def format_step_cost(results: dict[str, dict[int, float]]) -> str:

@@ -29,8 +29,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from adaspec.controller import Controller
 from adaspec.speculators.base import Speculator
-from adaspec.types import DEFAULT_TENANT, ProposeContext
+from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext, common_prefix_len
 
 _ids = itertools.count()
 
@@ -119,9 +120,7 @@ class AdaspecSuffixProposer:
                     # vLLM committed the accepted prefix of last step's draft plus one
                     # token: tell the speculator how its draft fared.
                     draft = self._last_draft.pop(row, [])
-                    accepted = 0
-                    while accepted < min(len(draft), len(new) - 1) and draft[accepted] == new[accepted]:
-                        accepted += 1
+                    accepted = common_prefix_len(draft, new[:-1])
                     self.speculator.observe(rid, new, accepted, len(draft))
                 self._rows[row] = (rid, tokens, prompt_len)
                 return rid, prompt_len
@@ -136,22 +135,65 @@ class AdaspecSuffixProposer:
         return rid, prompt_len
 
 
-class AdaspecAtlasProposer(AdaspecSuffixProposer):
-    """vLLM ``custom_class`` drafter running adaspec's controller over the suffix speculator.
+class ControlledDrafter(Speculator):
+    """A controller and its speculators presented as the one drafter a proposer hook expects.
 
-    The same :class:`~adaspec.controller.AtlasSpeculator` as ``--speculator
-    atlas``, without the static draft head (the hook passes no hidden states):
-    each step it drafts, for each request, the suffix speculator's draft cut to
-    the length that maximises expected tokens per second, or nothing. vLLM
-    reports no verify times through the hook, so the cost model keeps its flat
-    prior (verification as cheap for k tokens as for one, as on a GPU).
+    Fans the request lifecycle out as the engine does (every speculator sees
+    every request and committed token; the controller judges its drafts) and
+    drafts through ``controller.propose``.
+    """
+
+    name = "controlled"
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+        self.speculators = {s.name: s for s in controller.speculators}
+
+    def start_request(self, request_id: str, prompt_ids: Sequence[int], tenant: str = DEFAULT_TENANT) -> None:
+        for s in self.speculators.values():
+            s.start_request(request_id, prompt_ids, tenant)
+        self.controller.start_request(request_id, prompt_ids, tenant)
+
+    def propose(self, ctx: ProposeContext, max_draft_tokens: int) -> DraftProposal:
+        return self.controller.propose(ctx, max_draft_tokens, self.speculators).proposal
+
+    def observe(self, request_id: str, token_ids: Sequence[int], num_accepted: int, num_draft_tokens: int) -> None:
+        self.controller.observe(request_id, token_ids, num_accepted, num_draft_tokens)
+        for s in self.speculators.values():
+            s.observe(request_id, token_ids, num_accepted, num_draft_tokens)
+
+    def stop_request(self, request_id: str) -> None:
+        for s in self.speculators.values():
+            s.stop_request(request_id)
+        self.controller.stop_request(request_id)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.controller.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.controller.load_state_dict(state)
+
+
+class AdaspecAtlasProposer(AdaspecSuffixProposer):
+    """vLLM ``custom_class`` drafter running adaspec's confidence-aware controller over the suffix speculator.
+
+    The same :class:`~adaspec.controller.ConfidenceAwareController` as
+    ``--speculator atlas``, without the static draft head (the hook passes no
+    hidden states): each step it drafts, for each request, the suffix
+    speculator's draft cut to the length that maximises expected tokens per
+    second, or nothing. vLLM reports no verify times through the hook, so the
+    cost model keeps its flat prior (verification as cheap for k tokens as for
+    one, as on a GPU).
 
     Load with ``"model": "adaspec.integrations.vllm_proposer.AdaspecAtlasProposer"``.
+
+    Attributes:
+        controller: the controller (its acceptance estimates, ``choices``).
     """
 
     def __init__(self, vllm_config: Any = None, *args: Any, tenant: str = DEFAULT_TENANT, **kwargs: Any) -> None:
-        from adaspec.controller import AtlasSpeculator
+        from adaspec.controller import ConfidenceAwareController
         from adaspec.speculators.suffix import SuffixSpeculator
 
-        super().__init__(vllm_config, *args, speculator=AtlasSpeculator(adaptive=SuffixSpeculator()),
-                         tenant=tenant, **kwargs)
+        self.controller = ConfidenceAwareController(adaptive=SuffixSpeculator())
+        super().__init__(vllm_config, *args, speculator=ControlledDrafter(self.controller), tenant=tenant, **kwargs)

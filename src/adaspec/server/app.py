@@ -73,7 +73,7 @@ from adaspec.server.schemas import (
     CompletionRequest,
     validation_error_to_api,
 )
-from adaspec.types import DEFAULT_TENANT, SamplingParams
+from adaspec.types import DEFAULT_TENANT, SamplingParams, is_greedy
 
 log = logging.getLogger("adaspec.server")
 
@@ -81,7 +81,6 @@ TENANT_HEADER = "X-Adaspec-Tenant"
 _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$")
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming handler checks for a client disconnect
 RETRY_AFTER_S = 1
-GREEDY_BELOW_TEMPERATURE = 1e-5  # a temperature under this decodes greedily
 LOGPROB_FLOOR = -9999.0  # sent for a logprob of -inf (JSON has no infinity)
 STATIC_DIR = resources.files("adaspec.server") / "static"
 
@@ -570,7 +569,7 @@ def _sampling_params(req: Any, ctx: ServerState, max_tokens: int, logprobs: Opti
         max_tokens=max_tokens,
         # Below 1e-5, logits / temperature can overflow to inf (NaN probabilities); such a
         # temperature is greedy in all but name, so decode greedily (vLLM's _SAMPLING_EPS).
-        temperature=0.0 if req.temperature < GREEDY_BELOW_TEMPERATURE else float(req.temperature),
+        temperature=0.0 if is_greedy(req.temperature) else float(req.temperature),
         top_p=float(req.top_p),
         top_k=0 if req.top_k == -1 else req.top_k,  # vLLM's -1 means off, as does 0
         seed=req.seed,
@@ -694,33 +693,20 @@ def _set_maximum(prop: dict[str, Any], maximum: int) -> None:
 
 
 # ---------------------------------------------------------------- learned state
-def _stateful(engine: Any) -> dict[str, Any]:
-    return {name: s for name, s in (getattr(engine, "speculators", {}) or {}).items()
-            if callable(getattr(s, "state_dict", None)) and callable(getattr(s, "load_state_dict", None))}
-
-
 def _load_learned_state(engine: Any, store: Any) -> None:
-    """Restore each speculator's learned state from ``store`` (a missing or bad snapshot: start empty)."""
-    for name, spec in _stateful(engine).items():
-        try:
-            state = store.load(name)
-            if state:
-                spec.load_state_dict(state)
-                log.info("restored learned state of speculator %s", name)
-        except Exception:
-            log.exception("could not restore learned state of speculator %s; starting empty", name)
+    """Restore every part's learned state from ``store`` (a missing or bad snapshot: that part starts empty)."""
+    from adaspec.config import restore_state
+
+    for name in restore_state(store, engine, log=log.warning):
+        log.info("restored learned state %s", name)
 
 
 def _save_learned_state(engine: Any, store: Any) -> None:
-    """Write each speculator's non-empty learned state to ``store``."""
-    for name, spec in _stateful(engine).items():
-        try:
-            state = spec.state_dict()
-            if state:
-                store.save(name, state)
-                log.info("saved learned state of speculator %s", name)
-        except Exception:
-            log.exception("could not save learned state of speculator %s", name)
+    """Write every part's non-empty learned state to ``store``."""
+    from adaspec.config import save_state
+
+    for name in save_state(store, engine, log=log.error):
+        log.info("saved learned state %s", name)
 
 
 def _version() -> str:

@@ -22,47 +22,23 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from adaspec import config
 from adaspec.types import DEFAULT_TENANT
 
 API_KEYS_ENV = "ADASPEC_API_KEYS"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-DEFAULT_LOOKAHEAD = 8
-ATLAS_LOOKAHEAD = 16
 DEFAULT_MAX_QUEUE = 32
 DEFAULT_MAX_ACTIVE = 8
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 
 
-def speculator_choices() -> list[str]:
-    """Names ``--speculator`` accepts: the same as ``adaspec generate`` (:data:`adaspec.cli.SPECULATORS`)."""
-    from adaspec.cli import SPECULATORS
-
-    return list(SPECULATORS)
-
-
-def default_lookahead(speculator: str) -> int:
-    """k when ``--lookahead`` is not given: 16 for atlas (its controller picks k per step), else 8."""
-    return ATLAS_LOOKAHEAD if speculator == "atlas" else DEFAULT_LOOKAHEAD
-
-
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``serve`` options to ``parser`` (defaults as documented in ``--help``)."""
-    from adaspec.cli import DEFAULT_DTYPE, DEFAULT_SPECULATOR
-    from adaspec.models import DEFAULT_MODEL
-
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="registry name, HF folder or GGUF file "
-                        f"(default {DEFAULT_MODEL})")
-    parser.add_argument("--dtype", default=DEFAULT_DTYPE, choices=["float32", "int8"],
-                        help=f"target precision (default {DEFAULT_DTYPE}: batch-invariant, exact)")
-    parser.add_argument("--speculator", default=DEFAULT_SPECULATOR, choices=speculator_choices(),
-                        help=f"draft proposer; 'none' decodes plainly (default {DEFAULT_SPECULATOR})")
-    parser.add_argument("--lookahead", type=int, default=None,
-                        help=f"most draft tokens per step, k (default {DEFAULT_LOOKAHEAD}; "
-                        f"{ATLAS_LOOKAHEAD} for atlas)")
-    parser.add_argument("--max-model-len", type=int, default=None,
-                        help="context window in tokens (default: the model's, at most 8192)")
+    """Add the ``serve`` options to ``parser`` (engine options and defaults from :mod:`adaspec.config`)."""
+    config.add_model_arguments(parser)
+    config.add_speculator_arguments(parser, "directory for learned-state snapshots (loaded at start, saved at "
+                                            "shutdown)")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"default {DEFAULT_HOST}")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
     parser.add_argument("--served-model-name", default=None, help="model id for clients (default: --model)")
@@ -78,8 +54,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_SHUTDOWN_TIMEOUT_S:g})")
     parser.add_argument("--api-keys", default=None,
                         help=f"'key:tenant,...' or a JSON/TOML file (default: env {API_KEYS_ENV}; none: open)")
-    parser.add_argument("--state-dir", default=None,
-                        help="directory for learned-state snapshots (loaded at start, saved at shutdown)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -128,27 +102,6 @@ def _keys_from_file(path: Path) -> dict[str, str]:
     return dict(data)
 
 
-def build_engine(model: str, dtype: str = "int8", speculator: str = "atlas", lookahead: Optional[int] = None,
-                 max_model_len: Optional[int] = None) -> Any:
-    """Load the target model and build an Engine with the named speculator (as ``adaspec generate`` does).
-
-    Args:
-        lookahead: k; None for :func:`default_lookahead`.
-
-    Raises:
-        ValueError: unknown model, dtype or speculator.
-    """
-    from adaspec.cli import build_speculators
-    from adaspec.engine import Engine
-    from adaspec.target import load_target
-
-    if speculator not in speculator_choices():
-        raise ValueError(f"unknown speculator {speculator!r}; choose from {speculator_choices()}")
-    target = load_target(model, dtype=dtype, max_model_len=max_model_len)
-    k = default_lookahead(speculator) if lookahead is None else lookahead
-    return Engine(target, build_speculators(speculator, target), lookahead=k)
-
-
 def serve_from_args(args: argparse.Namespace) -> None:
     """Run the server until interrupted (Ctrl-C drains in-flight requests, then saves learned state)."""
     import uvicorn
@@ -157,19 +110,16 @@ def serve_from_args(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     keys = load_api_keys(args.api_keys if args.api_keys is not None else os.environ.get(API_KEYS_ENV))
-    store = None
-    if args.state_dir:
-        from adaspec.store import SnapshotStore
-
-        store = SnapshotStore(args.state_dir)
+    cfg = config.config_from_args(args)
+    log = logging.getLogger("adaspec.server")
     app = create_app(
-        lambda: build_engine(args.model, args.dtype, args.speculator, args.lookahead, args.max_model_len),
-        args.served_model_name or args.model,
+        lambda: config.build_engine(cfg, log=log.info),
+        args.served_model_name or cfg.model,
         api_keys=keys,
         max_queue=args.max_queue,
         max_active=args.max_active,
         request_timeout_s=args.request_timeout or None,
-        state_store=store,
+        state_store=config.open_store(cfg.state_dir),
         drain_timeout_s=args.shutdown_timeout,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,

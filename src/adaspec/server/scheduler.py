@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence
 
 from adaspec.server.metrics import RequestRecord, ServerMetrics
 from adaspec.server.schemas import ApiError
-from adaspec.types import DEFAULT_TENANT, GenerationResult, SamplingParams, TokenLogprob
+from adaspec.types import DEFAULT_TENANT, GenerationResult, SamplingParams, StepResult, TokenLogprob
 
 log = logging.getLogger("adaspec.server")
 
@@ -320,26 +320,21 @@ class Scheduler:
             detail = "shutdown" if self._abort_all else "timeout"
             self.engine.abort(state, CUT_REASON)
         else:
-            mark = _StatsMark(state.stats)
-            committed = self.engine.step(state)  # an error here fails this job (see _guarded)
-            self._record_step(job, mark, committed)
+            step = self.engine.step(state)  # an error here fails this job (see _guarded)
+            self._record_step(job, step)
         chunk = self._chunk(job, detail)
         if state.finished:  # leave the active set before the client can see the end
             self._finish(job, detail or state.finish_reason)
         if chunk is not None:
             self._push(job, chunk)
 
-    def _record_step(self, job: Job, mark: _StatsMark, committed: list[int]) -> None:
+    def _record_step(self, job: Job, step: StepResult) -> None:
         """Metrics of one step: which speculator, drafts proposed and accepted, TTFT or token gap."""
-        stats = job.state.stats
-        if stats.target_forwards == mark.target_forwards:
+        if not step.token_ids:  # the request had already finished: no forward ran
             return
-        key = next((k for k, v in stats.steps_by_speculator.items() if v != mark.steps.get(k, 0)), "none")
-        num_draft = stats.proposed - mark.proposed
-        emitted = stats.emitted_on_draft_steps - mark.emitted if num_draft else len(committed)
-        self.metrics.record_step(key, num_draft, stats.accepted - mark.accepted, emitted)
-        if not committed:
-            return
+        self.metrics.record_step(step.speculator, step.num_draft_tokens,
+                                 min(step.num_accepted, step.num_emitted), step.num_emitted)
+        committed = step.token_ids
         now = time.perf_counter()
         if job.last_token_s is None:
             job.ttft_s = now - job.submitted_s
@@ -393,19 +388,6 @@ class Scheduler:
             job.loop.call_soon_threadsafe(job.events.put_nowait, event)
         except RuntimeError:  # the event loop is gone (shutdown); nobody is listening
             pass
-
-
-class _StatsMark:
-    """The counters of a request's SpeculationStats before a step, to diff after it."""
-
-    __slots__ = ("target_forwards", "proposed", "accepted", "emitted", "steps")
-
-    def __init__(self, stats: Any) -> None:
-        self.target_forwards = stats.target_forwards
-        self.proposed = stats.proposed
-        self.accepted = stats.accepted
-        self.emitted = stats.emitted_on_draft_steps
-        self.steps = dict(stats.steps_by_speculator)
 
 
 def queue_timeout_error(timeout_s: Optional[float]) -> ApiError:

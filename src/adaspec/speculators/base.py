@@ -8,10 +8,11 @@ object can run inside vLLM's ``custom_class`` proposer hook.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
+from adaspec.sampling import process_logits
 from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext
 
 
@@ -26,6 +27,59 @@ def request_draft_generator(seed: int) -> torch.Generator:
     Unseeded requests use the speculator's own generator.
     """
     return torch.Generator().manual_seed((int(seed) * 0x9E3779B97F4A7C15 + 0x5EED) % (1 << 63))
+
+
+def draft_sampler(request_state: Any, ctx: ProposeContext, default: torch.Generator) -> torch.Generator:
+    """The generator a sampled draft token is drawn with.
+
+    A seeded request gets its own (:func:`request_draft_generator`, made once
+    and kept on ``request_state.generator``); an unseeded one the
+    speculator's ``default``.
+    """
+    if ctx.seed is None:
+        return default
+    if request_state.generator is None:
+        request_state.generator = request_draft_generator(ctx.seed)
+    return request_state.generator
+
+
+def draft_token(logits: torch.Tensor, ctx: ProposeContext,
+                generator: Optional[torch.Generator]) -> tuple[int, float, Optional[torch.Tensor]]:
+    """Pick one draft token from a model-based speculator's logits (draft head, draft model).
+
+    Greedy requests (``ctx.greedy``) take the argmax; sampled ones draw from the
+    logits processed with the request's temperature / top-k / top-p, the same
+    processing the target's logits get, so rejection sampling stays exact.
+
+    Args:
+        logits: ``[V']`` float32 over the speculator's vocabulary.
+        ctx: the request (sampling parameters).
+        generator: for sampled requests (see :func:`draft_sampler`); unused when greedy.
+
+    Returns:
+        ``(index into V', confidence = its probability, processed row [V'] or None when greedy)``.
+    """
+    if ctx.greedy:
+        j = int(torch.argmax(logits))
+        return j, float(torch.softmax(logits, dim=-1)[j]), None
+    probs = process_logits(logits.unsqueeze(0), ctx.temperature, ctx.top_k, ctx.top_p)[0]  # [V']
+    j = int(torch.multinomial(probs, 1, generator=generator))
+    return j, float(probs[j]), probs
+
+
+def draft_probs_matrix(rows: Sequence[torch.Tensor], vocab_size: int, columns: Any) -> Optional[torch.Tensor]:
+    """The ``[n, V]`` ``draft_probs`` of a sampled draft from its ``[V']`` rows, or None when greedy.
+
+    Args:
+        rows: one processed distribution per draft token (:func:`draft_token`).
+        vocab_size: V, the target's vocabulary.
+        columns: where the V' entries go among V (an index tensor or a slice).
+    """
+    if not rows:
+        return None
+    out = torch.zeros(len(rows), vocab_size)  # [n, V]: zero mass outside the speculator's vocabulary
+    out[:, columns] = torch.stack(rows)
+    return out
 
 
 class Speculator:

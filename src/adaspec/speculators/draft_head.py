@@ -64,8 +64,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from adaspec.sampling import process_logits
-from adaspec.speculators.base import Speculator, request_draft_generator
+from adaspec.speculators.base import Speculator, draft_probs_matrix, draft_sampler, draft_token
 from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext
 
 CHECKPOINT_FORMAT = "adaspec.draft_head"
@@ -517,11 +516,7 @@ class DraftHeadSpeculator(Speculator):
 
     # ---------------------------------------------------------------- drafting
     def _sampler(self, st: _RequestState, ctx: ProposeContext) -> torch.Generator:
-        if ctx.seed is None:
-            return self._generator
-        if st.generator is None:
-            st.generator = request_draft_generator(ctx.seed)
-        return st.generator
+        return draft_sampler(st, ctx, self._generator)
 
     @torch.inference_mode()
     def propose(self, ctx: ProposeContext, max_draft_tokens: int) -> DraftProposal:
@@ -529,7 +524,7 @@ class DraftHeadSpeculator(Speculator):
         if ctx.hidden_state is None or max_draft_tokens <= 0 or not ctx.token_ids:
             return DraftProposal(speculator=self.name)
         st = self._sync(ctx)
-        greedy = ctx.temperature <= 0.0
+        sampler = None if ctx.greedy else self._sampler(st, ctx)
         seq = list(st.tokens)  # committed tokens, then the chain
         overlay = ContextIndex(self.net.config.context_ngram)  # n-grams ending at the newest token or later
         feature = ctx.hidden_state.float().reshape(1, -1)  # [1, H]
@@ -542,23 +537,15 @@ class DraftHeadSpeculator(Speculator):
             succ_emb = self.embed[succ].unsqueeze(0) if n else self._zero  # [1, H]
             feature = self.net(feature, self.embed[seq[t]].unsqueeze(0), succ_emb, self._match_ids[n])  # [1, H]
             logits = self.net.logits(feature)  # [1, Vd]
-            if greedy:
-                j = int(torch.argmax(logits[0]))
-                c = float(torch.softmax(logits[0], dim=-1)[j])
-            else:
-                probs = process_logits(logits, ctx.temperature, ctx.top_k, ctx.top_p)[0]  # [Vd]
-                j = int(torch.multinomial(probs, 1, generator=self._sampler(st, ctx)))
-                c = float(probs[j])
-                rows.append(probs)
+            j, c, row = draft_token(logits[0], ctx, sampler)
+            if row is not None:
+                rows.append(row)
             token = self._draft_to_target[j]
             ids.append(token)
             conf.append(c)
             overlay.add(seq, t)
             seq.append(token)
-        draft_probs = None
-        if rows:
-            draft_probs = torch.zeros(len(rows), self.vocab_size)  # [n, V]
-            draft_probs[:, self.net.draft_to_target] = torch.stack(rows)
+        draft_probs = draft_probs_matrix(rows, self.vocab_size, self.net.draft_to_target)
         return DraftProposal(token_ids=ids, draft_probs=draft_probs, confidence=conf, speculator=self.name)
 
 

@@ -30,8 +30,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from adaspec.sampling import process_logits
-from adaspec.speculators.base import Speculator, request_draft_generator
+from adaspec.speculators.base import Speculator, draft_probs_matrix, draft_sampler, draft_token
 from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext
 
 
@@ -205,29 +204,19 @@ class DraftModelSpeculator(Speculator):
         req = self._requests.get(ctx.request_id)
         if req is None:  # a caller that skipped start_request
             req = self._requests[ctx.request_id] = _RequestCache(self.new_cache())
-        greedy = ctx.temperature <= 0.0
-        V, n_valid = self.target_vocab_size, self.num_valid_tokens
+        n_valid = self.num_valid_tokens
+        sampler = None if ctx.greedy else draft_sampler(req, ctx, self._generator)
         feed = self._sync(req, tokens)
         ids: list[int] = []
         conf: list[float] = []
         rows: list[torch.Tensor] = []  # [n_valid] each, sampled requests only
         for i in range(k):
             logits = self._forward(req, feed)[:n_valid]  # padded rows (>= n_valid) never drafted
-            if greedy:
-                tok = int(torch.argmax(logits))
-                c = float(torch.softmax(logits, dim=-1)[tok])
-            else:
-                probs = process_logits(logits.unsqueeze(0), ctx.temperature, ctx.top_k, ctx.top_p)[0]
-                if ctx.seed is not None and req.generator is None:
-                    req.generator = request_draft_generator(ctx.seed)
-                tok = int(torch.multinomial(probs, 1, generator=req.generator or self._generator))
-                c = float(probs[tok])
-                rows.append(probs)
+            tok, c, row = draft_token(logits, ctx, sampler)
+            if row is not None:
+                rows.append(row)
             ids.append(tok)
             conf.append(c)
             feed = [tok]
-        draft_probs = None
-        if rows:
-            draft_probs = torch.zeros(len(rows), V)  # [n, V]
-            draft_probs[:, :n_valid] = torch.stack(rows)
+        draft_probs = draft_probs_matrix(rows, self.target_vocab_size, slice(0, n_valid))
         return DraftProposal(token_ids=ids, draft_probs=draft_probs, confidence=conf, speculator=self.name)

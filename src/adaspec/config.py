@@ -1,0 +1,300 @@
+"""Typed engine settings with their defaults, and the one place that builds a running engine.
+
+``cli``, ``server`` and ``bench`` all describe what they want as an
+:class:`EngineConfig` and call :func:`build_engine` (or its parts); none of
+them imports another (gpt-fast's habit: one loader, and generation code never
+reads command-line arguments; vLLM's: one config object handed to every part).
+
+Defaults are defined here once; ``--help`` texts, the server and the
+benchmarks read them from here (a test checks they agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional
+
+from adaspec.models import DEFAULT_MODEL
+from adaspec.target import DTYPES
+from adaspec.threads import THREADS_AUTO
+from adaspec.types import DEFAULT_TENANT
+
+if TYPE_CHECKING:  # imported lazily at run time: torch and transformers take seconds
+    from adaspec.controller import Controller, CostModel
+    from adaspec.engine import Engine
+    from adaspec.speculators.base import Speculator
+    from adaspec.store import SnapshotStore
+    from adaspec.target import TargetModel
+
+SPECULATORS = ("none", "ngram", "suffix", "static", "atlas")
+DEFAULT_DTYPE = "int8"  # the fastest exact path (batch-invariant int8, see adaspec.quant)
+DEFAULT_SPECULATOR = "atlas"  # the confidence-aware controller over the static and the adaptive speculator
+DEFAULT_LOOKAHEAD = 8  # k of a single named speculator
+ATLAS_LOOKAHEAD = 16  # the most draft tokens the controller may choose per step
+# Verify-cost table the controller's cost model starts from: tokens fed per forward.
+CALIBRATION_TOKENS_FED = (1, 2, 3, 5, 9, 13, 17)
+
+
+def default_lookahead(speculator: str) -> int:
+    """k when none is given: :data:`ATLAS_LOOKAHEAD` for atlas (its controller picks k per step), else 8."""
+    return ATLAS_LOOKAHEAD if speculator == "atlas" else DEFAULT_LOOKAHEAD
+
+
+@dataclass
+class EngineConfig:
+    """Everything that decides how an engine is built.
+
+    Attributes:
+        model: registry name (``adaspec models``), local HF folder or ``.gguf`` file.
+        dtype: "int8" (batch-invariant quantized path) or "float32".
+        speculator: one of :data:`SPECULATORS`; "none" decodes plainly.
+        lookahead: most draft tokens per step; None for :func:`default_lookahead`.
+        draft_model: with ``speculator="static"``: a small causal LM with the
+            target's tokenizer, instead of the shipped draft head.
+        max_model_len: context window; None for the model's (at most 8192).
+        state_dir: folder of learned-state snapshots, or None.
+        tenant: whose learned state a single request uses (CLI ``generate``).
+        threads: torch intra-op threads: a count, or "auto" (see
+            :func:`adaspec.threads.resolve_threads`).
+        calibrate: measure the verify cost at start-up for the controller
+            (``atlas``; ~3 s); False starts from a flat cost model.
+    """
+
+    model: str = DEFAULT_MODEL
+    dtype: str = DEFAULT_DTYPE
+    speculator: str = DEFAULT_SPECULATOR
+    lookahead: Optional[int] = None
+    draft_model: Optional[str] = None
+    max_model_len: Optional[int] = None
+    state_dir: Optional[str] = None
+    tenant: str = DEFAULT_TENANT
+    threads: int | str = THREADS_AUTO
+    calibrate: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field."""
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.speculator not in SPECULATORS:
+            raise ValueError(f"unknown speculator {self.speculator!r}; choose from {', '.join(SPECULATORS)}")
+        if self.lookahead is not None and (not isinstance(self.lookahead, int) or self.lookahead < 0):
+            raise ValueError(f"lookahead must be an integer >= 0, got {self.lookahead!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len!r}")
+        if self.draft_model and self.speculator != "static":
+            raise ValueError("--draft-model needs --speculator static")
+        from adaspec.threads import parse_threads
+
+        parse_threads(self.threads)
+
+    @property
+    def effective_lookahead(self) -> int:
+        return default_lookahead(self.speculator) if self.lookahead is None else self.lookahead
+
+
+# --------------------------------------------------------------------------- CLI arguments
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--dtype``, ``--max-model-len``, ``--threads``: what loads the target."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help="registry name, HF folder or .gguf (default: %(default)s)")
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPES),
+                   help="target precision; int8 is the batch-invariant quantized path (default: %(default)s)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's, <= 8192)")
+    add_threads_argument(p)
+
+
+def add_threads_argument(p: argparse.ArgumentParser, default: int | str = THREADS_AUTO) -> None:
+    p.add_argument("--threads", default=default,
+                   help="torch intra-op threads: a number, or 'auto' (one thread per core when that measures "
+                        "faster at start-up, else one; never slower than one thread on a busy machine) "
+                        "(default: %(default)s)")
+
+
+def add_speculator_arguments(p: argparse.ArgumentParser, state_help: str) -> None:
+    """``--speculator``, ``--lookahead``, ``--draft-model``, ``--state-dir``."""
+    p.add_argument("--speculator", default=DEFAULT_SPECULATOR, choices=SPECULATORS,
+                   help="draft proposer; none decodes plainly; atlas is the confidence-aware controller over the "
+                        "static and the adaptive speculator (default: %(default)s)")
+    p.add_argument("--lookahead", type=int, default=None,
+                   help=f"most draft tokens per step, k (default: {DEFAULT_LOOKAHEAD}; {ATLAS_LOOKAHEAD} for atlas, "
+                        "whose controller picks k per step)")
+    p.add_argument("--draft-model", default=None,
+                   help="with --speculator static: a smaller causal LM with the target's tokenizer instead of the "
+                        "draft head")
+    p.add_argument("--state-dir", default=None, help=state_help)
+
+
+def config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """An :class:`EngineConfig` from parsed arguments (missing ones keep their defaults).
+
+    Raises:
+        ValueError: an invalid setting.
+    """
+    cfg = EngineConfig()
+    for name in ("model", "dtype", "speculator", "lookahead", "draft_model", "max_model_len", "state_dir",
+                 "tenant", "threads"):
+        if hasattr(args, name):
+            setattr(cfg, name, getattr(args, name))
+    cfg.validate()
+    return cfg
+
+
+# --------------------------------------------------------------------------- building
+def load_config_target(cfg: EngineConfig, log: Callable[[str], None] | None = None) -> "TargetModel":
+    """Set the threads and load the target model ``cfg`` names.
+
+    Raises:
+        ValueError: unknown model or dtype.
+    """
+    from adaspec.target import load_target
+    from adaspec.threads import apply_threads, tune_threads
+
+    apply_threads(cfg.threads, log=log)
+    target = load_target(cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len)
+    tune_threads(target, cfg.threads, log=log)
+    return target
+
+
+def calibrated_cost_model(target: "TargetModel") -> "CostModel":
+    """The controller's cost model, seeded with verify times measured on ``target`` now (~3 s)."""
+    from adaspec.controller import CostModel
+    from adaspec.step_cost import measure_step_cost
+
+    return CostModel(measure_step_cost(target, ks=CALIBRATION_TOKENS_FED, repeats=3, prompt_len=32))
+
+
+def static_speculator_or_none(target: "TargetModel") -> Optional["Speculator"]:
+    """The shipped static speculator for ``target``, or None when there is none.
+
+    A checkpoint that exists but does not fit the target is reported with a
+    RuntimeWarning rather than silently dropped.
+    """
+    from adaspec.speculators.draft_head import load_static_speculator
+
+    try:
+        return load_static_speculator(target)
+    except FileNotFoundError:
+        return None  # no checkpoint shipped for this model
+    except ValueError as e:
+        warnings.warn(f"static speculator not used: {e}", RuntimeWarning, stacklevel=2)
+        return None
+
+
+def build_controller(cfg: EngineConfig, target: "TargetModel") -> "Controller":
+    """The controller (with its speculators) that ``cfg.speculator`` names.
+
+    Raises:
+        ValueError: unknown name, or ``static`` for a model without a static speculator.
+    """
+    from adaspec.controller import ConfidenceAwareController, CostModel, FixedController
+
+    name, k = cfg.speculator, cfg.effective_lookahead
+    if name == "atlas":
+        from adaspec.speculators.suffix import SuffixSpeculator
+
+        costs = calibrated_cost_model(target) if cfg.calibrate else CostModel()
+        return ConfidenceAwareController(static=static_speculator_or_none(target), adaptive=SuffixSpeculator(),
+                                         cost_model=costs, max_lookahead=k)
+    if name == "none":
+        return FixedController(None, 0)
+    if name == "ngram":
+        from adaspec.speculators import NgramSpeculator
+
+        return FixedController(NgramSpeculator(), k)
+    if name == "suffix":
+        from adaspec.speculators.suffix import SuffixSpeculator
+
+        return FixedController(SuffixSpeculator(), k)
+    if name == "static":
+        if cfg.draft_model:
+            from adaspec.speculators.draft_model import DraftModelSpeculator
+
+            return FixedController(DraftModelSpeculator.from_pretrained(cfg.draft_model, target), k)
+        from adaspec.speculators.draft_head import load_static_speculator
+
+        try:
+            return FixedController(load_static_speculator(target), k)
+        except FileNotFoundError:
+            raise ValueError("no static speculator is available for this model "
+                             "(train one with `adaspec train-speculator`, or give --draft-model)") from None
+    raise ValueError(f"unknown speculator {name!r}; choose from {', '.join(SPECULATORS)}")
+
+
+def build_engine(cfg: EngineConfig, target: Optional["TargetModel"] = None,
+                 log: Callable[[str], None] | None = None) -> "Engine":
+    """The engine ``cfg`` describes: target (loaded unless given), controller and speculators.
+
+    Learned state is not loaded here: see :func:`restore_state`.
+
+    Raises:
+        ValueError: an invalid setting, unknown model or speculator.
+    """
+    from adaspec.engine import Engine
+
+    cfg.validate()
+    target = target if target is not None else load_config_target(cfg, log=log)
+    return Engine(target, controller=build_controller(cfg, target))
+
+
+# --------------------------------------------------------------------------- learned state
+def _warn(message: str) -> None:
+    print(f"adaspec: warning: {message}", file=sys.stderr)
+
+
+def restore_state(store: "SnapshotStore", engine: "Engine", log: Callable[[str], None] = _warn) -> list[str]:
+    """Load every part's learned state from ``store`` into ``engine``.
+
+    A corrupt or foreign snapshot is set aside by the store; one that does not
+    fit a part is reported through ``log`` and that part starts empty.
+
+    Returns:
+        the names restored.
+    """
+    names = [engine.controller.name, *engine.speculators]
+    parts = {}
+    for name in names:
+        try:
+            state = store.load(name)
+        except Exception as e:  # the store sets bad files aside; anything else must not stop start-up
+            log(f"snapshot {name!r} not read ({type(e).__name__}: {e}); it starts empty")
+            continue
+        if state:
+            parts[name] = state
+    return engine.load_learned_state(parts, log=log)
+
+
+def save_state(store: "SnapshotStore", engine: "Engine", log: Callable[[str], None] = _warn) -> list[str]:
+    """Write every part's non-empty learned state to ``store`` (atomic per snapshot).
+
+    Returns:
+        the names written.
+    """
+    written = []
+    for name, state in engine.learned_state().items():
+        try:
+            store.save(name, state)
+            written.append(name)
+        except Exception as e:
+            log(f"snapshot {name!r} not written ({type(e).__name__}: {e})")
+    return written
+
+
+def open_store(state_dir: Optional[str]) -> Optional["SnapshotStore"]:
+    """The snapshot store in ``state_dir`` (created if missing), or None."""
+    if not state_dir:
+        return None
+    from adaspec.store import SnapshotStore
+
+    return SnapshotStore(os.fspath(state_dir))
+
+
+__all__ = [
+    "ATLAS_LOOKAHEAD", "DEFAULT_DTYPE", "DEFAULT_LOOKAHEAD", "DEFAULT_MODEL", "DEFAULT_SPECULATOR", "DTYPES",
+    "EngineConfig", "SPECULATORS", "THREADS_AUTO", "add_model_arguments", "add_speculator_arguments",
+    "add_threads_argument", "build_controller", "build_engine", "calibrated_cost_model", "config_from_args",
+    "default_lookahead", "load_config_target", "open_store", "restore_state", "save_state",
+    "static_speculator_or_none",
+]

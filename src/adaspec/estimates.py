@@ -1,0 +1,197 @@
+"""The controller's pure math: expected emitted tokens, the cost model, acceptance estimates.
+
+No engine, no speculators, no torch: numbers in, numbers out, so every rule here
+is testable on synthetic traces (tests/test_controller.py). The
+confidence-aware controller (:mod:`adaspec.controller`) combines them each step.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+
+def expected_emitted(accept_probs: Sequence[float]) -> float:
+    """Expected tokens emitted by one verify step for a draft of ``len(accept_probs)`` tokens.
+
+    ``accept_probs[i]`` is the probability that draft token i is accepted given
+    that tokens 0..i-1 were. The step always emits one target token (recovered
+    or bonus), plus each draft token whose whole prefix was accepted:
+    ``1 + sum_i prod_{j<=i} accept_probs[j]``; for a constant rate a and k
+    drafts this is ``(1 - a^(k+1)) / (1 - a)`` (Leviathan et al. 2023, eq. 1).
+    """
+    total, run = 1.0, 1.0
+    for a in accept_probs:
+        run *= a
+        total += run
+    return total
+
+
+def choose_lookahead(
+    accept_probs: Sequence[float],
+    draft_ms_per_token: float,
+    verify_ms: Callable[[int], float],
+    max_lookahead: int,
+) -> tuple[int, float]:
+    """Pick k that maximises expected tokens per second; k = 0 is plain decoding.
+
+    Args:
+        accept_probs: per-position conditional acceptance estimates (at least
+            ``max_lookahead`` long, or shorter: positions past it count as 0).
+        draft_ms_per_token: cost of drafting one token, milliseconds.
+        verify_ms: cost of one target forward over n fed tokens, ms (n = k + 1).
+        max_lookahead: upper bound on k (token budget, context window, config).
+
+    Returns:
+        ``(k, tokens_per_s)`` of the best choice.
+    """
+    best_k, best_rate = 0, 1000.0 / max(verify_ms(1), 1e-6)
+    run, emitted = 1.0, 1.0
+    for k in range(1, min(max_lookahead, len(accept_probs)) + 1):
+        run *= accept_probs[k - 1]
+        emitted += run
+        rate = 1000.0 * emitted / max(draft_ms_per_token * k + verify_ms(k + 1), 1e-6)
+        if rate > best_rate:
+            best_k, best_rate = k, rate
+    return best_k, best_rate
+
+
+class CostModel:
+    """Measured costs: target forward time by tokens fed, draft time per token by speculator.
+
+    Verify time is ``scale * (a + b * n)`` for n tokens fed:
+
+    - the **shape** ``a + b * n`` (b >= 0) is fitted once to the seed table
+      (``bench step-cost`` at start-up) with the Theil-Sen estimator (median of
+      pairwise slopes), so one stalled measurement cannot bend it; without a
+      seed table the shape is flat (as on a GPU);
+    - the **scale** follows the machine: an exponential moving average of
+      observed / predicted over every verify forward, whatever its n. One
+      observation above twice the prediction (a stall of the machine, not the
+      model) is clipped to that.
+
+    Pooling every step into one scale is far steadier on a noisy machine than
+    a table of per-n averages, where a single slow step prices a lookahead out
+    of use until that n happens to be measured again.
+
+    Args:
+        verify_ms_table: ``{tokens_fed: ms}`` seed values.
+        ema: weight of a new observation (0..1]; 0 freezes the model at the
+            seed table. Default 0.05.
+    """
+
+    def __init__(self, verify_ms_table: Optional[dict[int, float]] = None, ema: float = 0.05) -> None:
+        self.ema = ema
+        self.verify: dict[int, float] = dict(verify_ms_table or {})  # the seed table, for inspection
+        self.a, self.b = _theil_sen(self.verify) if self.verify else (1.0, 0.0)
+        self.scale: Optional[float] = 1.0 if self.verify else None  # None: no data yet
+        self.draft_ms: dict[str, float] = {}
+
+    def observe_verify(self, tokens_fed: int, ms: float) -> None:
+        if self.ema <= 0:
+            return
+        ratio = ms / (self.a + self.b * tokens_fed)
+        if self.scale is None:
+            self.scale = ratio
+            return
+        self.scale = (1 - self.ema) * self.scale + self.ema * min(ratio, 2.0 * self.scale)
+
+    def observe_draft(self, speculator: str, num_tokens: int, ms: float) -> None:
+        if num_tokens <= 0:
+            return
+        per = ms / num_tokens
+        old = self.draft_ms.get(speculator)
+        k = self.ema if self.ema > 0 else 0.1
+        self.draft_ms[speculator] = per if old is None else (1 - k) * old + k * per
+
+    def line(self) -> tuple[float, float]:
+        """``(a, b)`` of the current ``verify_ms(n) = a + b * n``, ms; ``(50, 0)`` before any data."""
+        if self.scale is None:
+            return 50.0, 0.0  # flat prior until the first measurement
+        return self.scale * self.a, self.scale * self.b
+
+    def verify_ms(self, tokens_fed: int) -> float:
+        a, b = self.line()
+        return max(a + b * tokens_fed, 1e-3)
+
+    def draft_ms_per_token(self, speculator: str, default: float = 0.0) -> float:
+        return self.draft_ms.get(speculator, default)
+
+
+def _theil_sen(table: dict[int, float]) -> tuple[float, float]:
+    """Robust line ``(a, b)`` through ``{n: ms}``: b = median pairwise slope (>= 0), a = median of ms - b n."""
+    pts = sorted(table.items())
+    slopes = [(y2 - y1) / (n2 - n1) for i, (n1, y1) in enumerate(pts) for n2, y2 in pts[i + 1:] if n2 != n1]
+    b = max(0.0, statistics.median(slopes)) if slopes else 0.0
+    a = statistics.median(y - b * n for n, y in pts)
+    if a <= 0:  # never let the line predict a free or negative forward
+        a = max(min(y for _, y in pts) * 0.5, 1e-3)
+    return a, b
+
+
+@dataclass
+class _Beta:
+    """Decayed Beta posterior of an acceptance probability."""
+
+    accepted: float
+    rejected: float
+
+    def mean(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    def update(self, accepted: bool, decay: float) -> None:
+        self.accepted = self.accepted * decay + (1.0 if accepted else 0.0)
+        self.rejected = self.rejected * decay + (0.0 if accepted else 1.0)
+
+
+class AcceptanceEstimator:
+    """Online, decayed acceptance estimates for one speculator and tenant.
+
+    Two views, both per draft position (conditional on the earlier positions
+    being accepted):
+
+    - ``position``: how often position i is accepted, whatever the confidence;
+      used before drafting, to decide whether a costly speculator should run;
+    - ``calibration``: acceptance by bucket of the speculator's own confidence
+      (10 equal-width buckets), so a raw confidence (suffix counts, draft-head
+      probabilities) becomes a calibrated acceptance probability.
+
+    Decay (default 0.98 per observation) makes both follow drift: an estimate
+    forgets half its weight in ~35 observations.
+
+    Args:
+        prior: prior acceptance rate per position. prior_weight: its pseudo-count.
+    """
+
+    BUCKETS = 10
+
+    def __init__(self, prior: float = 0.3, prior_weight: float = 2.0, decay: float = 0.98, max_positions: int = 32):
+        self.decay = decay
+        self.prior, self.prior_weight = prior, prior_weight
+        self.position = [_Beta(prior * prior_weight, (1 - prior) * prior_weight) for _ in range(max_positions)]
+        self.calibration = [
+            _Beta(((b + 0.5) / self.BUCKETS) * prior_weight, (1 - (b + 0.5) / self.BUCKETS) * prior_weight)
+            for b in range(self.BUCKETS)
+        ]
+
+    def _bucket(self, confidence: float) -> int:
+        return min(self.BUCKETS - 1, max(0, int(confidence * self.BUCKETS)))
+
+    def position_probs(self, k: int) -> list[float]:
+        return [self.position[min(i, len(self.position) - 1)].mean() for i in range(k)]
+
+    def calibrated(self, confidences: Sequence[float]) -> list[float]:
+        return [self.calibration[self._bucket(c)].mean() for c in confidences]
+
+    def observe(self, num_judged: int, num_accepted: int, confidences: Optional[Sequence[float]]) -> None:
+        """Record a draft whose first ``num_judged`` positions were judged, ``num_accepted`` accepted.
+
+        Position ``num_accepted`` (if judged) was rejected; later ones were not
+        judged (their condition, all earlier accepted, did not hold).
+        """
+        for i in range(min(num_judged, num_accepted + 1)):
+            ok = i < num_accepted
+            self.position[min(i, len(self.position) - 1)].update(ok, self.decay)
+            if confidences is not None and i < len(confidences):
+                self.calibration[self._bucket(confidences[i])].update(ok, self.decay)
