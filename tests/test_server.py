@@ -458,7 +458,7 @@ def test_metrics_after_traffic(served, client, plain) -> None:
     for name in ("adaspec_requests_total", "adaspec_generation_tokens_total", "adaspec_tokens_per_second",
                  "adaspec_time_to_first_token_seconds_bucket", "adaspec_inter_token_latency_seconds_bucket",
                  "adaspec_draft_tokens_per_step_bucket", "adaspec_controller_steps_total", "adaspec_queue_depth",
-                 "adaspec_active_requests", "adaspec_request_errors_total"):
+                 "adaspec_intra_op_threads", "adaspec_active_requests", "adaspec_request_errors_total"):
         assert name in text, name
     assert 'adaspec_acceptance_rate{speculator="oracle"} 1.0' in text
     assert 'adaspec_mean_acceptance_length{speculator="oracle"}' in text

@@ -224,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_restart_arguments(rs)
     rs.set_defaults(func=restart_from_args)
 
+    bt = bsub.add_parser("threads", help="--threads settings on a quiet machine and beside a busy core")
+    from adaspec.bench.threads import add_threads_bench_arguments, threads_from_args
+
+    add_threads_bench_arguments(bt)
+    bt.set_defaults(func=threads_from_args)
+
     d = sub.add_parser("demo", help="short drift benchmark on the default model (~10 min on 2 cores)")
     config.add_model_arguments(d)
     d.add_argument("--phase-length", type=int, default=8, help="requests per phase (default: %(default)s)")

@@ -222,8 +222,8 @@ class ConfidenceAwareController(Controller):
         explore_every: when the static speculator has not drafted for this many
             steps of a tenant, it drafts ``explore_tokens`` tokens in the shadow
             (judged, not verified), so an estimate that went low in one domain
-            can recover in the next. 0 disables. Default 32 (at ~1.5 ms per draft
-            token against a ~40 ms step this costs under 0.5%).
+            can recover in the next. 0 disables. Default 32 (one short draft
+            every 32 steps: a small share of decode time, see BENCHMARKS.md).
         explore_tokens: length of an exploration draft. Default 4.
     """
 

@@ -1,7 +1,7 @@
 """Intra-op threads: a default that is never slower than one thread on a busy machine.
 
 On a 2-core machine with any other process busy, OpenMP's default spin-waiting
-makes a multi-threaded forward 20-30x slower (DESIGN.md, "Threads"), while on
+makes a multi-threaded forward many times slower (BENCHMARKS.md, "Threads"), while on
 a quiet machine a second thread can help. So:
 
 - ``adaspec`` sets ``OMP_WAIT_POLICY=PASSIVE`` before torch is first imported

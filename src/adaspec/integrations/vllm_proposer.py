@@ -51,7 +51,7 @@ class AdaspecSuffixProposer:
                  tenant: str = DEFAULT_TENANT, **kwargs: Any) -> None:
         spec_cfg = getattr(vllm_config, "speculative_config", None)
         self.lookahead = int(getattr(spec_cfg, "num_speculative_tokens", None) or 8)
-        # Drafts never reach past the context window (FAULT_CASES F13): vLLM would
+        # Drafts never reach past the context window (docs/FAULT_CASES.md, F13): vLLM would
         # have to score positions the model does not have.
         model_cfg = getattr(vllm_config, "model_config", None)
         window = getattr(model_cfg, "max_model_len", None)

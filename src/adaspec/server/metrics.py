@@ -145,6 +145,8 @@ class ServerMetrics:
                                    buckets=DRAFT_TOKEN_BUCKETS, registry=r)
         self.controller_steps = Counter("adaspec_controller_steps", "Steps by the speculator the controller chose "
                                         f"('{NO_SPECULATOR}': plain decoding)", ["speculator"], registry=r)
+        Gauge("adaspec_intra_op_threads", "torch intra-op threads the engine runs with (--threads)",
+              registry=r).set_function(_torch_threads)
         Gauge("adaspec_queue_depth", "Requests waiting to start", registry=r).set_function(
             lambda: self.queue_depth())
         Gauge("adaspec_active_requests", "Requests being decoded", registry=r).set_function(
@@ -305,3 +307,10 @@ def _memory_sources(speculators: dict[str, Any]) -> list[tuple[str, Any]]:
         for child in getattr(spec, "children", None) or []:
             stack.append((getattr(child, "name", type(child).__name__), child))
     return out
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+

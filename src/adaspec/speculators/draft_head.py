@@ -200,8 +200,8 @@ def quantize_head(net: DraftHeadNet) -> DraftHeadNet:
     ``fc_in``, the blocks' linears and the draft LM head become
     :class:`adaspec.quant.Int8Linear` (fbgemm int8; one weight scale per output
     channel, one activation scale per token). Drafting one token reads ~8M
-    weights, which in fp32 (~33 MB) is bound by memory bandwidth: the fp32
-    draft LM head alone took ~6 ms per token here, its int8 version ~0.1 ms.
+    weights, which in fp32 (~33 MB) is bound by memory bandwidth; int8 reads a
+    quarter of the bytes (timings: BENCHMARKS.md).
     The draft distribution changes slightly; exactness does not depend on it.
 
     Raises:

@@ -1,0 +1,124 @@
+"""One place builds the engine: defaults defined once, and the import directions between the layers."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+from pathlib import Path
+
+import pytest
+
+from adaspec import config
+from adaspec.threads import THREADS_AUTO, parse_threads
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "adaspec"
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    from adaspec.cli import build_parser
+
+    return build_parser().parse_args(argv)
+
+
+def test_cli_server_and_bench_defaults_come_from_config():
+    from adaspec.bench.drift import add_drift_arguments
+    from adaspec.bench.restart import add_restart_arguments
+    from adaspec.server import add_serve_arguments
+
+    want = (config.DEFAULT_MODEL, config.DEFAULT_DTYPE, THREADS_AUTO)
+    gen = _parse(["generate", "--prompt", "x"])
+    serve = argparse.ArgumentParser()
+    add_serve_arguments(serve)
+    srv = serve.parse_args([])
+    drift = argparse.ArgumentParser()
+    add_drift_arguments(drift)
+    dr = drift.parse_args([])
+    demo = _parse(["demo"])
+    restart = argparse.ArgumentParser()
+    add_restart_arguments(restart)
+    rs = restart.parse_args([])
+    for ns in (gen, srv, dr, demo):
+        assert (ns.model, ns.dtype, ns.threads) == want
+    assert (rs.model, rs.dtype, rs.threads) == want
+    for ns in (gen, srv):
+        assert (ns.speculator, ns.lookahead, ns.state_dir) == (config.DEFAULT_SPECULATOR, None, None)
+        cfg = config.config_from_args(ns)
+        assert cfg.effective_lookahead == config.ATLAS_LOOKAHEAD
+    assert dr.lookahead == config.DEFAULT_LOOKAHEAD
+    assert config.EngineConfig() == config.config_from_args(srv)
+
+
+def test_documented_defaults():
+    assert (config.DEFAULT_DTYPE, config.DEFAULT_SPECULATOR) == ("int8", "atlas")
+    assert (config.default_lookahead("ngram"), config.default_lookahead("atlas")) == (8, 16)
+    assert config.EngineConfig().threads == "auto"
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("dtype", "int4", "dtype"), ("speculator", "psychic", "speculator"), ("lookahead", -1, "lookahead"),
+    ("threads", "many", "threads"), ("threads", 0, "threads"), ("max_model_len", 1, "max_model_len"),
+    ("draft_model", "x", "--draft-model"),
+])
+def test_bad_settings_are_refused(field, value, match):
+    cfg = config.EngineConfig(**{field: value})
+    with pytest.raises(ValueError, match=match):
+        cfg.validate()
+
+
+def test_parse_threads():
+    assert parse_threads("auto") == parse_threads(None) == THREADS_AUTO
+    assert parse_threads("2") == parse_threads(2) == 2
+    for bad in ("0", "-1", "two", True, 1.5):
+        with pytest.raises(ValueError):
+            parse_threads(bad)
+
+
+def test_cli_refuses_bad_threads(capsys):
+    from adaspec.cli import main
+
+    assert main(["generate", "--prompt", "x", "--threads", "zero"]) == 2
+    assert "threads must be" in capsys.readouterr().err
+
+
+def _imports(path: Path) -> set[str]:
+    """Every ``adaspec.*`` module a file imports, at top level or inside functions."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return {m for m in out if m.startswith("adaspec")}
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in ("cli", "bench", "server"):
+        return parts[1]
+    return "runtime"
+
+
+def test_import_directions():
+    """cli may import anything; bench and server never import cli; server never imports bench;
+    the runtime (everything else) imports none of cli, bench, server."""
+    allowed = {"cli": {"cli", "bench", "server", "runtime"}, "bench": {"bench", "server", "runtime"},
+               "server": {"server", "runtime"}, "runtime": {"runtime"}}
+    bad = []
+    for path in SRC.rglob("*.py"):
+        module = "adaspec." + ".".join(path.relative_to(SRC).with_suffix("").parts)
+        layer = _layer(module)
+        for imp in _imports(path):
+            if _layer(imp) not in allowed[layer]:
+                bad.append(f"{module} ({layer}) imports {imp}")
+    assert not bad, "\n".join(bad)
+
+
+def test_speculators_and_controller_do_not_import_transformers_or_the_engine():
+    files = [SRC / "controller.py", SRC / "estimates.py", *(SRC / "speculators").glob("*.py")]
+    for path in files:
+        if path.name == "draft_model.py":  # loads its small LM with transformers by design
+            continue
+        text = path.read_text(encoding="utf-8")
+        assert "import transformers" not in text and "from transformers" not in text, path
+        assert "adaspec.engine" not in _imports(path) and "adaspec.target" not in _imports(path), path
