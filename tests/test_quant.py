@@ -271,11 +271,8 @@ def test_cached_activation_stats_roundtrip(tmp_path):
 
 
 def test_calibration_and_held_out_texts_are_disjoint():
-    try:
-        calib = quant.calibration_texts()
-        held = quant.held_out_texts()
-    except FileNotFoundError:
-        pytest.skip("shared prompt folder not present")
+    calib = quant.calibration_texts()
+    held = quant.held_out_texts()
     assert sum(k == "chat" for k, _ in calib) == 16 and sum(k == "code" for k, _ in calib) == 8
     calib_texts = {t for _, t in calib}
     for domain, texts in held.items():
@@ -311,11 +308,15 @@ def test_perplexity_default_cut_is_512_tokens():
 
 
 def test_measure_step_cost_shape():
+    from adaspec.step_cost import measure_step_cost
+    from adaspec.target import TargetModel
+
     model = tiny_llama(seed=9)
     quant.quantize_model_int8(model)
-    cost = quant.measure_step_cost(model, ks=[1, 3], repeats=2, prompt_len=8, warmup=1)
+    target = TargetModel(model=model, tokenizer=None, name="tiny", dtype="int8")
+    cost = measure_step_cost(target, ks=[1, 3], repeats=2, prompt_len=8, warmup=1)
     assert set(cost) == {1, 3} and all(v > 0 for v in cost.values())
-    cost = quant.measure_step_cost(model, ks=[2])  # defaults: 9 repeats on a 128-token prefix
+    cost = measure_step_cost(target, ks=[2])  # defaults: 7 repeats on a 64-token prefix
     assert set(cost) == {2} and cost[2] > 0
 
 
@@ -329,11 +330,95 @@ class _CharTokenizer:
 
 
 def test_default_calibration_ids_cut_to_128_tokens():
-    try:
-        ids = quant.default_calibration_ids(_CharTokenizer())
-    except FileNotFoundError:
-        pytest.skip("shared prompt folder not present")
+    ids = quant.default_calibration_ids(_CharTokenizer())
     assert len(ids) == 24 and all(2 <= len(t) <= 128 and t.dtype == torch.long for t in ids)
+
+
+# --------------------------------------------------------------------------- stand-alone calibration
+
+# sha256 of the calibration texts / the real tokenizer's calibration ids, as the
+# development machine (full prompt sets in ../shared) computed them before the
+# subset shipped in the package: every machine must keep getting these.
+CALIBRATION_TEXTS_SHA256 = "c98840aac0f143fae48fd4cb55484e7b5c3c5d37fd16635ec70148ba1db84919"
+REAL_CALIBRATION_IDS_SHA256 = "5075c873c002a25939df097d57d92d4ff3f33f2a23cdb5fb88b895dc99c15829"
+
+
+@pytest.fixture
+def nothing_beside(tmp_path, monkeypatch):
+    """No prompt data outside the package: ``$ADASPEC_PROMPTS`` an empty folder, no ``../shared``."""
+    from adaspec import prompts
+
+    shared = prompts.shared_prompts_root()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("ADASPEC_PROMPTS", str(empty))
+    monkeypatch.setattr(prompts, "shared_prompts_root", lambda: None)
+    return shared  # the full sets, where this machine has them (else None)
+
+
+def _ids_sha256(ids) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in ids:
+        h.update(t.numpy().tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def _int8_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every int8 weight, weight scale, smoothing factor and bias, plus the (smoothed) fp32 norms."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, quant.Int8Linear):
+            out[name + ".w_int8"] = mod._w_int8
+            out[name + ".w_scale"] = mod.w_scale
+            for attr in ("inv_smooth", "bias"):
+                if getattr(mod, attr) is not None:
+                    out[f"{name}.{attr}"] = getattr(mod, attr).detach()
+    out.update({k: v for k, v in model.state_dict().items() if "norm" in k})
+    return out
+
+
+def test_int8_calibration_needs_nothing_beside_the_package(nothing_beside):
+    import hashlib
+    import json
+
+    from adaspec import prompts
+
+    with pytest.raises(FileNotFoundError):
+        prompts.load_domain("python")  # the benchmarks do read $ADASPEC_PROMPTS ...
+    texts = quant.calibration_texts()  # ... the calibration never does
+    assert hashlib.sha256(json.dumps(texts).encode()).hexdigest() == CALIBRATION_TEXTS_SHA256
+    ids = quant.default_calibration_ids(_CharTokenizer())
+    alone = tiny_llama(seed=20)
+    report = quant.quantize_model_int8(alone, ids)
+    assert report["smoothed"]  # calibrated, not quietly unsmoothed
+    if nothing_beside is None:
+        return  # a fresh clone: the pinned digest above is the comparison
+    assert quant.calibration_texts(nothing_beside) == texts
+    assert quant.held_out_texts(nothing_beside) == quant.held_out_texts()
+    shared_ids = quant.default_calibration_ids(_CharTokenizer(), root=nothing_beside)
+    assert len(shared_ids) == len(ids) and all(torch.equal(a, b) for a, b in zip(shared_ids, ids))
+    with_shared = tiny_llama(seed=20)
+    quant.quantize_model_int8(with_shared, shared_ids)
+    got, want = _int8_state(alone), _int8_state(with_shared)
+    assert got.keys() == want.keys() and len(got) > 20
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.real_model
+def test_real_calibration_ids_need_nothing_beside_the_package(nothing_beside):
+    from transformers import AutoTokenizer
+
+    from adaspec.models import DEFAULT_MODEL, resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL, progress=False))
+    ids = quant.default_calibration_ids(tokenizer)
+    assert _ids_sha256(ids) == REAL_CALIBRATION_IDS_SHA256
+    if nothing_beside is not None:
+        assert _ids_sha256(quant.default_calibration_ids(tokenizer, root=nothing_beside)) == REAL_CALIBRATION_IDS_SHA256
 
 
 # --------------------------------------------------------------------------- real model

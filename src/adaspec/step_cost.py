@@ -12,12 +12,20 @@ from typing import Any, Iterable
 
 
 def measure_step_cost(target: Any, ks: Iterable[int] = range(1, 17), repeats: int = 7,
-                      prompt_len: int = 64) -> dict[int, float]:
+                      prompt_len: int = 64, warmup: int = 2) -> dict[int, float]:
     """Median milliseconds of one forward of k tokens after a ``prompt_len`` prefix.
 
     The cache is truncated back after every forward, so each measurement sees
     the same prefix. Forwards for different k are interleaved across repeats so
-    machine noise spreads evenly.
+    machine noise spreads evenly. Logits are computed for all k positions (as
+    verification needs).
+
+    Args:
+        target: an :class:`adaspec.target.TargetModel` (float32 or int8).
+        ks: token counts per forward (k = 1 is plain decoding).
+        repeats: timed forwards per k (median taken).
+        prompt_len: cached prefix length in tokens.
+        warmup: untimed rounds over all ks first.
 
     Returns:
         ``{k: median_ms}``.
@@ -27,7 +35,7 @@ def measure_step_cost(target: Any, ks: Iterable[int] = range(1, 17), repeats: in
     prefix = [(17 * i + 5) % target.vocab_size for i in range(prompt_len)]
     target.forward(kv, prefix, last_only=True)
     times: dict[int, list[float]] = {k: [] for k in ks}
-    for _ in range(2):  # warm-up
+    for _ in range(warmup):
         for k in ks:
             target.forward(kv, prefix[:k] if k <= len(prefix) else [5] * k)
             target.truncate(kv, prompt_len)

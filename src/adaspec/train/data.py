@@ -44,6 +44,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
+from adaspec.prompts import load_chat, load_python, prompts_root, read_jsonl
+
 HUMANEVAL_TRAIN_LIMIT = 120  # tasks with even index below this are training data
 
 # log-sum-exp / argmax over the full vocabulary are computed this many
@@ -136,9 +138,8 @@ def _chunks(ids: list[int], chunk_len: int) -> list[list[int]]:
 
 
 def _prompts_root() -> Path:
-    from adaspec.bench.prompts import prompts_root
-
-    return prompts_root()
+    """The full prompt sets: the splits below index all 164 HumanEval tasks, not the shipped subset."""
+    return prompts_root(shipped=False)
 
 
 def _spread(items: list, n: int) -> list:
@@ -153,8 +154,6 @@ def _spread(items: list, n: int) -> list:
 
 def chat_items(tokenizer: Any, plan: DataPlan) -> list[WorkItem]:
     """MT-bench + Spec-Bench first turns; every 10th prompt is held out."""
-    from adaspec.bench.prompts import load_chat
-
     prompts = load_chat(_prompts_root())
     train = [p for i, p in enumerate(prompts) if i % 10 != 5]
     held = [p for i, p in enumerate(prompts) if i % 10 == 5]
@@ -176,11 +175,9 @@ def humaneval_items(tokenizer: Any, plan: DataPlan) -> list[WorkItem]:
     Held-out answers come from odd-index tasks below 120, so tasks 120..163
     stay untouched for benchmarks.
     """
-    from adaspec.bench.prompts import load_python
-
     root = _prompts_root()
     prompts = load_python(root)
-    rows = [json.loads(line) for line in open(root / "humaneval" / "HumanEval.jsonl", encoding="utf-8") if line.strip()]
+    rows = read_jsonl(root / "humaneval" / "HumanEval.jsonl")
     train_idx = [i for i in range(len(rows)) if humaneval_split(i) == "train"][: plan.num_humaneval]
     held_idx = _spread([i for i in range(min(len(rows), HUMANEVAL_TRAIN_LIMIT)) if i % 2 == 1], plan.heldout_humaneval)
     out = []

@@ -29,9 +29,9 @@ from adaspec.train.data import HUMANEVAL_TRAIN_LIMIT
 
 def heldout_prompts(domain: str, num_prompts: int) -> list:
     """``num_prompts`` prompts of ``domain`` from tasks >= 120, spread evenly (``BenchPrompt`` list)."""
-    from adaspec.bench.prompts import load_domain
+    from adaspec.prompts import load_domain, prompts_root
 
-    rows = load_domain(domain)
+    rows = load_domain(domain, prompts_root(shipped=False))  # task numbers >= 120 need the full sets
     if domain in ("python", "rust"):
         rows = rows[HUMANEVAL_TRAIN_LIMIT:]
     if num_prompts >= len(rows):
