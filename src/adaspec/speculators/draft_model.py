@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from adaspec.speculators.base import Speculator, draft_probs_matrix, draft_sampler, draft_token
-from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext
+from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext, common_prefix_len
 
 
 @dataclass
@@ -187,8 +187,8 @@ class DraftModelSpeculator(Speculator):
         """
         fed = req.fed
         n = min(len(fed), len(tokens) - 1)
-        if fed[:n] != list(tokens[:n]):
-            n = next(i for i in range(n) if fed[i] != tokens[i])
+        if fed[:n] != list(tokens[:n]):  # one C-level comparison in the common case
+            n = common_prefix_len(fed, tokens[:n])
         if n < len(fed):
             _crop(req.cache, n)
             del fed[n:]
