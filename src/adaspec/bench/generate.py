@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 from adaspec.bench.common import hf_generate as _hf_generate
-from adaspec.bench.prompts import BenchPrompt
 from adaspec.engine import Engine
+from adaspec.prompts import BenchPrompt
 from adaspec.speculators import NgramSpeculator
 from adaspec.target import TargetModel
 from adaspec.types import SamplingParams
