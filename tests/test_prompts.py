@@ -69,3 +69,18 @@ def test_task_number():
 ])
 def test_common_prefix_len(a, b, n):
     assert common_prefix_len(a, b) == n == common_prefix_len(b, a)
+
+
+def test_runtime_never_imports_bench():
+    """Only the benchmarks (and the command line that runs them) may import adaspec.bench."""
+    import re
+    from pathlib import Path
+
+    import adaspec
+
+    src = Path(adaspec.__file__).parent
+    offenders = [str(p.relative_to(src)) for p in src.rglob("*.py")
+                 if p.parts[len(src.parts)] not in ("bench", "cli.py")
+                 and re.search(r"\bfrom adaspec\.bench\b|\bimport adaspec\.bench\b|from adaspec import bench\b",
+                               p.read_text(encoding="utf-8"))]
+    assert offenders == []
