@@ -26,7 +26,7 @@ from adaspec.bench.drift import (
     register_system,
     run_drift,
 )
-from adaspec.bench.prompts import DOMAINS, BenchPrompt
+from adaspec.prompts import DOMAINS, BenchPrompt
 from adaspec.bench.report import (
     RECORD_FIELDS,
     RequestRecord,
@@ -73,7 +73,7 @@ def test_default_phase_order_and_counts():
 
 def test_chat_prompts_have_no_duplicate_questions():
     # Spec-Bench repeats the 80 MT-bench questions; the chat set must hold each once.
-    from adaspec.bench.prompts import load_domain
+    from adaspec.prompts import load_domain
 
     texts = [p.messages[0]["content"] for p in load_domain("chat")]
     assert len(texts) == len(set(texts)) == 80 + 400

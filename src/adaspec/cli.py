@@ -90,7 +90,7 @@ def cmd_bench_step_cost(args: argparse.Namespace) -> int:
 
 
 def _bench_prompts(domains: str, per_domain: int, prompts_file: Optional[str]):
-    from adaspec.bench.prompts import load_domain, load_jsonl_prompts
+    from adaspec.prompts import load_domain, load_jsonl_prompts
 
     if prompts_file:
         return load_jsonl_prompts(prompts_file, "custom")[:per_domain]

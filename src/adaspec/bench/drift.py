@@ -52,7 +52,7 @@ from typing import Callable, Optional, Protocol, Sequence
 
 from adaspec import config
 from adaspec.bench.common import hf_generate
-from adaspec.bench.prompts import DOMAINS, BenchPrompt, load_domain, load_jsonl_prompts
+from adaspec.prompts import DOMAINS, BenchPrompt, load_domain, load_jsonl_prompts
 from adaspec.bench.report import RequestRecord, is_peer, load_records, print_summary, write_report
 from adaspec.engine import Engine
 from adaspec.speculators import NgramSpeculator, SuffixSpeculator
@@ -78,7 +78,7 @@ class Phase:
     Attributes:
         name: label in tables and the figure ("sql", or a JSONL phase's name).
         prompts: the sampled prompts, in stream order.
-        source: a domain of :mod:`adaspec.bench.prompts` or a JSONL path.
+        source: a domain of :mod:`adaspec.prompts` or a JSONL path.
     """
 
     name: str
@@ -118,7 +118,7 @@ def build_phases(
     phase never repeats a prompt and the same seed gives the same stream.
 
     Args:
-        specs: domains (see ``adaspec.bench.prompts.DOMAINS``) or ``name=path.jsonl``.
+        specs: domains (see ``adaspec.prompts.DOMAINS``) or ``name=path.jsonl``.
         length: prompts per phase (>= 1).
         seed: sampling seed.
         root: the prompt data folder (default: ``prompts_root()``).

@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 
 from adaspec.bench.common import print_table
 from adaspec.bench.drift import build_phases
-from adaspec.bench.prompts import BenchPrompt
+from adaspec.prompts import BenchPrompt
 
 
 @dataclass
