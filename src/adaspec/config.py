@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
+from adaspec.controller import ATLAS_MAX_LOOKAHEAD
 from adaspec.models import DEFAULT_MODEL
 from adaspec.target import DTYPES
 from adaspec.threads import THREADS_AUTO
@@ -34,7 +35,7 @@ SPECULATORS = ("none", "ngram", "suffix", "static", "atlas")
 DEFAULT_DTYPE = "int8"  # the fastest exact path (batch-invariant int8, see adaspec.quant)
 DEFAULT_SPECULATOR = "atlas"  # the confidence-aware controller over the static and the adaptive speculator
 DEFAULT_LOOKAHEAD = 8  # k of a single named speculator
-ATLAS_LOOKAHEAD = 16  # the most draft tokens the controller may choose per step
+ATLAS_LOOKAHEAD = ATLAS_MAX_LOOKAHEAD  # the most draft tokens the controller may choose per step
 # Verify-cost table the controller's cost model starts from: tokens fed per forward.
 CALIBRATION_TOKENS_FED = (1, 2, 3, 5, 9, 13, 17)
 

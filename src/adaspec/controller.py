@@ -36,6 +36,7 @@ from adaspec.speculators.base import Speculator
 from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext, common_prefix_len, is_greedy
 
 NO_SPECULATOR = "none"  # the name stats use for a step without a draft
+ATLAS_MAX_LOOKAHEAD = 16  # the most draft tokens the confidence-aware controller may choose per step
 
 
 @dataclass
@@ -235,7 +236,7 @@ class ConfidenceAwareController(Controller):
         adaptive: Optional[Speculator] = None,
         cost_model: Optional[CostModel] = None,
         static_prior: float = 0.5,
-        max_lookahead: int = 16,
+        max_lookahead: int = ATLAS_MAX_LOOKAHEAD,
         decay: float = 0.98,
         explore_every: int = 32,
         explore_tokens: int = 4,
