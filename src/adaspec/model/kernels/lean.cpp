@@ -1,0 +1,634 @@
+// The lean decoder forward (see adaspec/model/decoder.py): one call runs every
+// layer of a llama-family decoder for M fed tokens of one or more requests.
+//
+// Batch invariance by construction: every float operation that produces a
+// row's result (its norms, quantization, dequantization, RoPE, attention over
+// its visible keys, SiLU, residuals, LM head) is a fixed sequence that reads
+// only that row and the keys it may see, whatever M, the request mix or the
+// tree around it. Integer matmul accumulation is exact, so how the int8 GEMM
+// blocks rows cannot change a row's result; the fp32 GEMM gives each output
+// element its own fixed 8-lane FMA chain + fixed tree sum. No OpenMP reduction
+// ever splits a row's sum. Compiled with -ffp-contract=off: every FMA is explicit.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t W = 8;                       // float lanes
+constexpr int64_t PARALLEL_MIN_WORK = 1 << 23;  // multiply-adds per GEMM below which one thread runs
+
+inline float tree_sum(__m256 v) {  // fixed order: ((p0+p4)+(p2+p6)) + ((p1+p5)+(p3+p7))
+  alignas(32) float p[8];
+  _mm256_store_ps(p, v);
+  const float a0 = p[0] + p[4], a1 = p[1] + p[5], a2 = p[2] + p[6], a3 = p[3] + p[7];
+  return (a0 + a2) + (a1 + a3);
+}
+
+inline int32_t hsum_i32(__m256i v) {  // integer: order is irrelevant
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// exp(x) lane by lane (Cephes expf polynomial), x clamped to [-87, 88].
+inline __m256 exp_ps(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+template <typename F>
+void maybe_parallel(bool parallel, int64_t n, const F& f) {
+  if (parallel && at::get_num_threads() > 1) at::parallel_for(0, n, 1, f); else f(0, n);
+}
+
+// ------------------------------------------------------------------ linear layers
+
+// One linear layer y = x W^T (+ bias), int8 (per-row activation scale, per-channel
+// weight scale, as adaspec.quant.Int8Linear) or fp32.
+struct Linear {
+  int64_t N = 0, K = 0, Kp = 0;  // Kp: K rounded up to 32 (int8 rows are zero padded)
+  bool int8 = false;
+  bool wide = false;  // |w| > 64: u8 x s8 pairs could saturate int16, use the exact int16 path
+  float q_max = 127.0f;
+  int32_t zero_point = 128;
+  at::Tensor w;           // int8 [N, Kp] or float32 [N, K]
+  at::Tensor colsum;      // int32 [N]: sum of each weight row (for the zero point)
+  at::Tensor w_scale;     // float32 [N]
+  at::Tensor bias;        // float32 [N] or undefined
+  at::Tensor inv_smooth;  // float32 [K] or undefined: input multiplied by it first
+};
+
+Linear make_linear(at::Tensor w, at::Tensor w_scale, c10::optional<at::Tensor> bias,
+                   c10::optional<at::Tensor> inv_smooth, int64_t activation_bits) {
+  Linear L;
+  TORCH_CHECK(w.dim() == 2, "weight must be [N, K]");
+  L.N = w.size(0);
+  L.K = w.size(1);
+  TORCH_CHECK(L.K % W == 0, "in_features must be a multiple of 8");
+  if (w.scalar_type() == at::kChar) {
+    L.int8 = true;
+    L.Kp = (L.K + 31) / 32 * 32;
+    L.w = at::zeros({L.N, L.Kp}, w.options());
+    L.w.narrow(1, 0, L.K).copy_(w);
+    L.colsum = w.to(at::kInt).sum(1).to(at::kInt).contiguous();
+    L.wide = w.abs().max().item<int>() > 64;
+    TORCH_CHECK(w_scale.numel() == L.N, "w_scale must be [N]");
+    L.w_scale = w_scale.to(at::kFloat).contiguous();
+    TORCH_CHECK(activation_bits == 7 || activation_bits == 8, "activation bits must be 7 or 8");
+    L.q_max = static_cast<float>((1 << (activation_bits - 1)) - 1);
+    L.zero_point = static_cast<int32_t>(L.q_max) + 1;
+  } else {
+    TORCH_CHECK(w.scalar_type() == at::kFloat, "weight must be int8 or float32");
+    L.Kp = L.K;
+    L.w = w.contiguous();
+  }
+  if (bias.has_value() && bias->defined()) L.bias = bias->to(at::kFloat).contiguous();
+  if (inv_smooth.has_value() && inv_smooth->defined()) L.inv_smooth = inv_smooth->to(at::kFloat).contiguous();
+  return L;
+}
+
+// Per-row activation quantization, as Int8Linear: s = max(max|x|, 1e-30) / q_max,
+// x_q = round_half_even(x / s) + zp in [1, 2 q_max + 1]; padding columns hold zp.
+void quantize_rows(const Linear& L, const float* x, int64_t ldx, int64_t M, uint8_t* xq, float* scales,
+                   float* tmp) {
+  const float* smooth = L.inv_smooth.defined() ? L.inv_smooth.data_ptr<float>() : nullptr;
+  const int64_t K = L.K, Kp = L.Kp;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * ldx;
+    if (smooth) {
+      for (int64_t k = 0; k < K; k += W)
+        _mm256_storeu_ps(tmp + k, _mm256_mul_ps(_mm256_loadu_ps(xr + k), _mm256_loadu_ps(smooth + k)));
+      xr = tmp;
+    }
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 mx = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += W) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + k)));
+    alignas(32) float p[8];
+    _mm256_store_ps(p, mx);
+    float amax = p[0];
+    for (int i = 1; i < 8; ++i) amax = std::max(amax, p[i]);  // max: exact in any order
+    const float s = std::max(amax, 1e-30f) / L.q_max;
+    scales[m] = s;
+    const __m256 vs = _mm256_set1_ps(s), zp = _mm256_set1_ps(static_cast<float>(L.zero_point));
+    const __m256 lo = _mm256_setzero_ps(), hi = _mm256_set1_ps(255.0f);
+    uint8_t* q = xq + m * Kp;
+    for (int64_t k = 0; k < K; k += W) {
+      __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xr + k), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      v = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, zp), lo), hi);
+      const __m256i vi = _mm256_cvtps_epi32(v);
+      alignas(32) int32_t b[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(b), vi);
+      for (int i = 0; i < 8; ++i) q[k + i] = static_cast<uint8_t>(b[i]);
+    }
+    for (int64_t k = K; k < Kp; ++k) q[k] = static_cast<uint8_t>(L.zero_point);
+  }
+}
+
+// acc[i][j] = sum_k xq[i][k] * w_j[k] for MR rows and 4 weight rows (u8 x s8, |w| <= 64: no saturation).
+template <int MR>
+inline void tile_u8s8(const uint8_t* x, int64_t ldx, const int8_t* const* w, int64_t Kp, int32_t* out, int64_t ldo) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < Kp; k += 32) {
+    __m256i wv[4];
+    for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[j] + k));
+    for (int i = 0; i < MR; ++i) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * ldx + k));
+      for (int j = 0; j < 4; ++j)
+        acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(_mm256_maddubs_epi16(a, wv[j]), ones));
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) out[i * ldo + j] = hsum_i32(acc[i][j]);
+}
+
+// The exact path for wide weights: both operands sign/zero-extended to int16.
+template <int MR>
+inline void tile_u8s8_wide(const uint8_t* x, int64_t ldx, const int8_t* const* w, int64_t Kp, int32_t* out,
+                           int64_t ldo) {
+  __m256i acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < Kp; k += 16) {
+    __m256i wv[4];
+    for (int j = 0; j < 4; ++j)
+      wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[j] + k)));
+    for (int i = 0; i < MR; ++i) {
+      const __m256i a = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i * ldx + k)));
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(a, wv[j]));
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) out[i * ldo + j] = hsum_i32(acc[i][j]);
+}
+
+// out[i][j] = tree_sum(8-lane FMA chain over k) for fp32 weights.
+template <int MR>
+inline void tile_f32(const float* x, int64_t ldx, const float* const* w, int64_t K, float* out, int64_t ldo) {
+  __m256 acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += W) {
+    __m256 wv[4];
+    for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_ps(w[j] + k);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 a = _mm256_loadu_ps(x + i * ldx + k);
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_fmadd_ps(a, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) out[i * ldo + j] = tree_sum(acc[i][j]);
+}
+
+// y [M, N] = linear(x [M, K]); scratch holds at least M * (Kp + 4 * N + K) + M bytes-worth of floats.
+// Weights are walked in tiles of 4 output rows; each tile is read from memory
+// once and reused from L1 for every pair of activation rows.
+void linear_forward(const Linear& L, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy) {
+  const int64_t N = L.N, Kp = L.Kp;
+  const int64_t ntiles = (N + 3) / 4;
+  const bool par = M * N * L.K >= PARALLEL_MIN_WORK;
+  if (L.int8) {
+    std::vector<uint8_t> xq(M * Kp);
+    std::vector<float> scales(M), tmp(L.K);
+    quantize_rows(L, x, ldx, M, xq.data(), scales.data(), tmp.data());
+    const int8_t* wp = L.w.data_ptr<int8_t>();
+    const int32_t* colsum = L.colsum.data_ptr<int32_t>();
+    const float* ws = L.w_scale.data_ptr<float>();
+    const float* bias = L.bias.defined() ? L.bias.data_ptr<float>() : nullptr;
+    const float zp = static_cast<float>(L.zero_point);
+    (void)zp;
+    maybe_parallel(par, ntiles, [&](int64_t t0, int64_t t1) {
+      int32_t acc[2 * 4];
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * 4;
+        const int8_t* w[4];
+        for (int j = 0; j < 4; ++j) w[j] = wp + std::min(n0 + j, N - 1) * Kp;  // tail: repeat the last row
+        const int64_t nn = std::min<int64_t>(4, N - n0);
+        for (int64_t m = 0; m < M; m += 2) {
+          const int64_t mr = std::min<int64_t>(2, M - m);
+          if (mr == 2) {
+            if (L.wide) tile_u8s8_wide<2>(xq.data() + m * Kp, Kp, w, Kp, acc, 4);
+            else tile_u8s8<2>(xq.data() + m * Kp, Kp, w, Kp, acc, 4);
+          } else {
+            if (L.wide) tile_u8s8_wide<1>(xq.data() + m * Kp, Kp, w, Kp, acc, 4);
+            else tile_u8s8<1>(xq.data() + m * Kp, Kp, w, Kp, acc, 4);
+          }
+          for (int64_t i = 0; i < mr; ++i) {
+            const float s = scales[m + i];
+            float* yr = y + (m + i) * ldy;
+            for (int64_t j = 0; j < nn; ++j) {
+              const int64_t n = n0 + j;
+              // as fbgemm + Int8Linear: ((acc - zp * colsum) * w_scale) * s + bias
+              const int32_t raw = acc[i * 4 + j] - L.zero_point * colsum[n];
+              float v = static_cast<float>(raw) * ws[n];
+              v = v * s;
+              if (bias) v = v + bias[n];
+              yr[n] = v;
+            }
+          }
+        }
+      }
+    });
+  } else {
+    const float* wp = L.w.data_ptr<float>();
+    const float* bias = L.bias.defined() ? L.bias.data_ptr<float>() : nullptr;
+    const float* smooth = L.inv_smooth.defined() ? L.inv_smooth.data_ptr<float>() : nullptr;
+    std::vector<float> xs;
+    if (smooth) {
+      xs.resize(M * L.K);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < L.K; ++k) xs[m * L.K + k] = x[m * ldx + k] * smooth[k];
+      x = xs.data();
+      ldx = L.K;
+    }
+    maybe_parallel(par, ntiles, [&](int64_t t0, int64_t t1) {
+      float acc[2 * 4];
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * 4;
+        const float* w[4];
+        for (int j = 0; j < 4; ++j) w[j] = wp + std::min(n0 + j, N - 1) * L.K;
+        const int64_t nn = std::min<int64_t>(4, N - n0);
+        for (int64_t m = 0; m < M; m += 2) {
+          const int64_t mr = std::min<int64_t>(2, M - m);
+          if (mr == 2) tile_f32<2>(x + m * ldx, ldx, w, L.K, acc, 4);
+          else tile_f32<1>(x + m * ldx, ldx, w, L.K, acc, 4);
+          for (int64_t i = 0; i < mr; ++i)
+            for (int64_t j = 0; j < nn; ++j)
+              y[(m + i) * ldy + n0 + j] = bias ? acc[i * 4 + j] + bias[n0 + j] : acc[i * 4 + j];
+        }
+      }
+    });
+  }
+}
+
+// ------------------------------------------------------------------ elementwise, row by row
+
+void rmsnorm_rows(const float* x, const float* w, float eps, int64_t M, int64_t H, float* y) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * H;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t k = 0; k < H; k += W) {
+      const __m256 v = _mm256_loadu_ps(xr + k);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    const float mean = tree_sum(acc) / static_cast<float>(H);
+    const float r = 1.0f / std::sqrt(mean + eps);
+    const __m256 vr = _mm256_set1_ps(r);
+    for (int64_t k = 0; k < H; k += W)
+      _mm256_storeu_ps(y + m * H + k, _mm256_mul_ps(_mm256_loadu_ps(w + k), _mm256_mul_ps(_mm256_loadu_ps(xr + k), vr)));
+  }
+}
+
+// HF's q * cos + rotate_half(q) * sin, head by head; cos/sin rows by position.
+void rope_heads(float* x, int64_t ld, int64_t nheads, int64_t D, const float* cos, const float* sin) {
+  const int64_t h2 = D / 2;
+  for (int64_t h = 0; h < nheads; ++h) {
+    float* v = x + h * D;
+    float tmp[512];
+    std::memcpy(tmp, v, D * sizeof(float));
+    for (int64_t i = 0; i < h2; ++i) v[i] = tmp[i] * cos[i] + (-tmp[i + h2]) * sin[i];
+    for (int64_t i = h2; i < D; ++i) v[i] = tmp[i] * cos[i] + tmp[i - h2] * sin[i];
+  }
+  (void)ld;
+}
+
+// ------------------------------------------------------------------ the model
+
+struct Layer {
+  at::Tensor ln1, ln2;  // [H]
+  Linear qkv, o, gate_up, down;
+};
+
+class LeanModel {
+ public:
+  LeanModel(int64_t hidden, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t intermediate,
+            double eps, int64_t block_size, at::Tensor rope_cos, at::Tensor rope_sin, at::Tensor embed)
+      : H_(hidden), Hq_(n_heads), Hkv_(n_kv_heads), D_(head_dim), I_(intermediate), eps_(static_cast<float>(eps)),
+        B_(block_size), cos_(rope_cos.contiguous()), sin_(rope_sin.contiguous()), embed_(embed.contiguous()) {
+    TORCH_CHECK(D_ % W == 0 && D_ <= 512, "head dim must be a multiple of 8, at most 512");
+    TORCH_CHECK(H_ % W == 0 && I_ % W == 0, "hidden and intermediate sizes must be multiples of 8");
+    TORCH_CHECK(Hq_ % Hkv_ == 0, "heads must be a multiple of kv heads");
+    TORCH_CHECK(B_ % W == 0, "block size must be a multiple of 8");
+  }
+
+  void add_layer(at::Tensor ln1, const Linear& qkv, const Linear& o, at::Tensor ln2, const Linear& gate_up,
+                 const Linear& down) {
+    TORCH_CHECK(qkv.N == (Hq_ + 2 * Hkv_) * D_ && qkv.K == H_, "qkv shape");
+    TORCH_CHECK(o.N == H_ && o.K == Hq_ * D_, "o_proj shape");
+    TORCH_CHECK(gate_up.N == 2 * I_ && gate_up.K == H_, "gate_up shape");
+    TORCH_CHECK(down.N == H_ && down.K == I_, "down shape");
+    layers_.push_back(Layer{ln1.to(at::kFloat).contiguous(), ln2.to(at::kFloat).contiguous(), qkv, o, gate_up, down});
+  }
+
+  void set_head(at::Tensor final_norm, const Linear& lm_head) {
+    norm_ = final_norm.to(at::kFloat).contiguous();
+    head_ = lm_head;
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+  // token_ids [M] int64, positions [M] int64 (RoPE positions), req_rows [Q+1] int64
+  // (rows of request q: req_rows[q] .. req_rows[q+1]-1), req_prefix [Q] int64 (cached
+  // keys before its fed tokens; fed token i of request q goes to slot prefix + i),
+  // block_table [Q, NBmax] int64 (pool block of each block of B slots),
+  // vis_ptr [M+1] / vis_idx [nnz] int64: per row, the fed indices (within its request)
+  // it attends to besides the prefix, increasing, ending with its own;
+  // k_pool [L, NB, Hkv, B/8, D, 8] and v_pool [L, NB, Hkv, B, D] float32;
+  // logit_rows [R] int64. Returns {logits [R, V], hidden [R, H] after the final norm}.
+  std::vector<at::Tensor> forward(at::Tensor token_ids, at::Tensor positions, at::Tensor req_rows,
+                                  at::Tensor req_prefix, at::Tensor block_table, at::Tensor vis_ptr,
+                                  at::Tensor vis_idx, at::Tensor k_pool, at::Tensor v_pool, at::Tensor logit_rows,
+                                  bool compute_logits) {
+    const int64_t M = token_ids.numel();
+    const int64_t L = num_layers();
+    TORCH_CHECK(L > 0 && norm_.defined(), "model not built");
+    TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && k_pool.scalar_type() == at::kFloat, "pools");
+    TORCH_CHECK(k_pool.size(0) == L && k_pool.size(2) == Hkv_ && v_pool.size(3) == B_ && v_pool.size(4) == D_,
+                "pool shape");
+    const int64_t* ids = token_ids.data_ptr<int64_t>();
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    const int64_t max_pos = cos_.size(0);
+    const int64_t V = embed_.size(0);
+    for (int64_t m = 0; m < M; ++m) {
+      TORCH_CHECK(ids[m] >= 0 && ids[m] < V, "token id out of range");
+      TORCH_CHECK(pos[m] >= 0 && pos[m] < max_pos, "position out of range");
+    }
+    const int64_t Nqkv = (Hq_ + 2 * Hkv_) * D_;
+    auto opts = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor h = at::empty({M, H_}, opts);        // residual stream
+    at::Tensor xn = at::empty({M, H_}, opts);       // normed
+    at::Tensor qkv = at::empty({M, Nqkv}, opts);
+    at::Tensor att = at::empty({M, Hq_ * D_}, opts);
+    at::Tensor tmp = at::empty({M, std::max(H_, 2 * I_)}, opts);
+    at::Tensor act = at::empty({M, I_}, opts);
+    float *hp = h.data_ptr<float>(), *xp = xn.data_ptr<float>(), *qp = qkv.data_ptr<float>();
+    float *ap = att.data_ptr<float>(), *tp = tmp.data_ptr<float>(), *actp = act.data_ptr<float>();
+    const float* ep = embed_.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) std::memcpy(hp + m * H_, ep + ids[m] * H_, H_ * sizeof(float));
+    const float *cp = cos_.data_ptr<float>(), *sp = sin_.data_ptr<float>();
+    for (int64_t l = 0; l < L; ++l) {
+      const Layer& ly = layers_[l];
+      rmsnorm_rows(hp, ly.ln1.data_ptr<float>(), eps_, M, H_, xp);
+      linear_forward(ly.qkv, xp, H_, M, qp, Nqkv);
+      for (int64_t m = 0; m < M; ++m) {  // RoPE on q and k heads
+        rope_heads(qp + m * Nqkv, Nqkv, Hq_ + Hkv_, D_, cp + pos[m] * D_, sp + pos[m] * D_);
+      }
+      write_kv(l, qp, Nqkv, req_rows, req_prefix, block_table, k_pool, v_pool);
+      attention(l, qp, Nqkv, ap, req_rows, req_prefix, block_table, vis_ptr, vis_idx, k_pool, v_pool);
+      linear_forward(ly.o, ap, Hq_ * D_, M, tp, H_);
+      add_rows(hp, tp, M * H_);
+      rmsnorm_rows(hp, ly.ln2.data_ptr<float>(), eps_, M, H_, xp);
+      linear_forward(ly.gate_up, xp, H_, M, tp, 2 * I_);
+      silu_mul(tp, 2 * I_, M, actp);
+      linear_forward(ly.down, actp, I_, M, tp, H_);
+      add_rows(hp, tp, M * H_);
+    }
+    const int64_t R = logit_rows.numel();
+    const int64_t* lr = logit_rows.data_ptr<int64_t>();
+    at::Tensor hsel = at::empty({R, H_}, opts);
+    float* hs = hsel.data_ptr<float>();
+    for (int64_t r = 0; r < R; ++r) {
+      TORCH_CHECK(lr[r] >= 0 && lr[r] < M, "logit row out of range");
+      std::memcpy(hs + r * H_, hp + lr[r] * H_, H_ * sizeof(float));
+    }
+    at::Tensor hidden = at::empty({R, H_}, opts);
+    rmsnorm_rows(hs, norm_.data_ptr<float>(), eps_, R, H_, hidden.data_ptr<float>());
+    at::Tensor logits;
+    if (compute_logits) {
+      logits = at::empty({R, head_.N}, opts);
+      linear_forward(head_, hidden.data_ptr<float>(), H_, R, logits.data_ptr<float>(), head_.N);
+    } else {
+      logits = at::empty({R, 0}, opts);
+    }
+    return {logits, hidden};
+  }
+
+  // Every linear layer once over M rows of zeros-free input: the matmul floor.
+  void matmuls_only(int64_t M) {
+    const int64_t Nqkv = (Hq_ + 2 * Hkv_) * D_;
+    at::Tensor x = at::randn({M, std::max({H_, I_, Hq_ * D_})});
+    at::Tensor y = at::empty({M, std::max({Nqkv, 2 * I_, head_.N})});
+    float *xp = x.data_ptr<float>(), *yp = y.data_ptr<float>();
+    const int64_t ldx = x.size(1), ldy = y.size(1);
+    for (const Layer& ly : layers_) {
+      linear_forward(ly.qkv, xp, ldx, M, yp, ldy);
+      linear_forward(ly.o, xp, ldx, M, yp, ldy);
+      linear_forward(ly.gate_up, xp, ldx, M, yp, ldy);
+      linear_forward(ly.down, xp, ldx, M, yp, ldy);
+    }
+    linear_forward(head_, xp, ldx, M, yp, ldy);
+  }
+
+ private:
+  static void add_rows(float* h, const float* d, int64_t n) {
+    for (int64_t i = 0; i < n; i += W) _mm256_storeu_ps(h + i, _mm256_add_ps(_mm256_loadu_ps(h + i), _mm256_loadu_ps(d + i)));
+  }
+
+  void silu_mul(const float* gu, int64_t ld, int64_t M, float* out) const {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* g = gu + m * ld;
+      const float* u = g + I_;
+      for (int64_t i = 0; i < I_; i += W) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 e = exp_ps(_mm256_xor_ps(gv, sign));  // exp(-g)
+        const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(out + m * I_ + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+      }
+    }
+  }
+
+  // K goes to [.., block, g, off / 8, d, off % 8] (8 keys side by side per d), V to [.., block, g, off, d].
+  void write_kv(int64_t l, const float* qkv, int64_t ld, const at::Tensor& req_rows, const at::Tensor& req_prefix,
+                const at::Tensor& block_table, at::Tensor& k_pool, at::Tensor& v_pool) const {
+    const int64_t Q = req_prefix.numel(), NBmax = block_table.size(1), NB = k_pool.size(1);
+    const int64_t* rr = req_rows.data_ptr<int64_t>();
+    const int64_t* pre = req_prefix.data_ptr<int64_t>();
+    const int64_t* bt = block_table.data_ptr<int64_t>();
+    float *kp = k_pool.data_ptr<float>(), *vp = v_pool.data_ptr<float>();
+    const int64_t blk_elems = Hkv_ * B_ * D_;
+    for (int64_t q = 0; q < Q; ++q) {
+      for (int64_t r = rr[q]; r < rr[q + 1]; ++r) {
+        const int64_t slot = pre[q] + (r - rr[q]);
+        TORCH_CHECK(slot / B_ < NBmax, "block table too short");
+        const int64_t blk = bt[q * NBmax + slot / B_], off = slot % B_;
+        TORCH_CHECK(blk >= 0 && blk < NB, "bad block id");
+        const float* kr = qkv + r * ld + Hq_ * D_;
+        const float* vr = kr + Hkv_ * D_;
+        for (int64_t g = 0; g < Hkv_; ++g) {
+          float* kb = kp + (l * NB + blk) * blk_elems + g * B_ * D_ + (off / W) * D_ * W + off % W;
+          for (int64_t d = 0; d < D_; ++d) kb[d * W] = kr[g * D_ + d];
+          std::memcpy(vp + (l * NB + blk) * blk_elems + (g * B_ + off) * D_, vr + g * D_, D_ * sizeof(float));
+        }
+      }
+    }
+  }
+
+  // Row r of request q (fed index t) attends to slots [0, P) and to P + a for a in
+  // its visibility list, in that order ("compact" key index j). Its scores are
+  // 8-key lane FMA chains over d (same arithmetic for every key), softmax lanes by
+  // j then a fixed tree, weighted sum of V in j order: nothing depends on T, on
+  // the other rows or on which keys other rows see.
+  void attention(int64_t l, const float* qkv, int64_t ld, float* out, const at::Tensor& req_rows,
+                 const at::Tensor& req_prefix, const at::Tensor& block_table, const at::Tensor& vis_ptr,
+                 const at::Tensor& vis_idx, const at::Tensor& k_pool, const at::Tensor& v_pool) const {
+    const int64_t Q = req_prefix.numel(), NBmax = block_table.size(1), NB = k_pool.size(1);
+    const int64_t* rr = req_rows.data_ptr<int64_t>();
+    const int64_t* pre = req_prefix.data_ptr<int64_t>();
+    const int64_t* bt = block_table.data_ptr<int64_t>();
+    const int64_t* vptr = vis_ptr.data_ptr<int64_t>();
+    const int64_t* vidx = vis_idx.data_ptr<int64_t>();
+    const float* kpool = k_pool.data_ptr<float>();
+    const float* vpool = v_pool.data_ptr<float>();
+    const int64_t n_rep = Hq_ / Hkv_, blk_elems = Hkv_ * B_ * D_;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D_));
+    for (int64_t q = 0; q < Q; ++q) {
+      const int64_t r0 = rr[q], T = rr[q + 1] - r0, P = pre[q];
+      if (T == 0) continue;
+      const int64_t S = P + T;                      // slots holding keys this call may read
+      const int64_t Spad = (S + W - 1) / W * W;
+      const int64_t R = T * n_rep;                  // query vectors per kv head
+      const int64_t* btq = bt + q * NBmax;
+      std::vector<float> sc(R * Spad), e(R * (Spad + W)), acc(R * D_);
+      std::vector<int64_t> nvis(T);
+      for (int64_t t = 0; t < T; ++t) nvis[t] = vptr[r0 + t + 1] - vptr[r0 + t];
+      for (int64_t g = 0; g < Hkv_; ++g) {
+        const float* kg = kpool + l * NB * blk_elems + g * B_ * D_;
+        const float* vg = vpool + l * NB * blk_elems + g * B_ * D_;
+        // scores of every slot in [0, S), 8 keys at a time
+        for (int64_t s0 = 0; s0 < S; s0 += W) {
+          const float* kt = kg + btq[s0 / B_] * blk_elems + (s0 % B_ / W) * D_ * W;  // [D, 8]
+          for (int64_t row = 0; row < R; row += 4) {
+            const float* qr[4];
+            for (int i = 0; i < 4; ++i) {
+              const int64_t rw = std::min(row + i, R - 1);
+              qr[i] = qkv + (r0 + rw / n_rep) * ld + (g * n_rep + rw % n_rep) * D_;
+            }
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t d = 0; d < D_; ++d) {
+              const __m256 kv = _mm256_loadu_ps(kt + d * W);
+              a0 = _mm256_fmadd_ps(_mm256_set1_ps(qr[0][d]), kv, a0);
+              a1 = _mm256_fmadd_ps(_mm256_set1_ps(qr[1][d]), kv, a1);
+              a2 = _mm256_fmadd_ps(_mm256_set1_ps(qr[2][d]), kv, a2);
+              a3 = _mm256_fmadd_ps(_mm256_set1_ps(qr[3][d]), kv, a3);
+            }
+            const __m256 vs = _mm256_set1_ps(scale);
+            const __m256 res[4] = {a0, a1, a2, a3};
+            for (int i = 0; i < 4 && row + i < R; ++i) _mm256_storeu_ps(&sc[(row + i) * Spad + s0], _mm256_mul_ps(res[i], vs));
+          }
+        }
+        // softmax per row over its compact key list
+        std::vector<float> denom(R);
+        for (int64_t row = 0; row < R; ++row) {
+          const int64_t t = row / n_rep, nv = nvis[t], n = P + nv;
+          const float* s = &sc[row * Spad];
+          float* er = &e[row * (Spad + W)];
+          std::memcpy(er, s, P * sizeof(float));
+          const int64_t* vis = vidx + vptr[r0 + t];
+          for (int64_t j = 0; j < nv; ++j) er[P + j] = s[P + vis[j]];
+          float m = er[0];
+          for (int64_t j = 1; j < n; ++j) m = er[j] > m ? er[j] : m;
+          const __m256 vm = _mm256_set1_ps(m);
+          __m256 lane = _mm256_setzero_ps();
+          const int64_t nb = (n + W - 1) / W;
+          for (int64_t b = 0; b < nb; ++b) {
+            const int64_t valid = std::min<int64_t>(W, n - b * W);
+            alignas(32) float buf[8];
+            for (int i = 0; i < 8; ++i) buf[i] = i < valid ? er[b * W + i] : m;
+            __m256 y = exp_ps(_mm256_sub_ps(_mm256_load_ps(buf), vm));
+            alignas(32) float yb[8];
+            _mm256_store_ps(yb, y);
+            for (int i = valid; i < 8; ++i) yb[i] = 0.0f;  // past the row's keys: exactly 0
+            y = _mm256_load_ps(yb);
+            _mm256_storeu_ps(er + b * W, y);
+            lane = _mm256_add_ps(lane, y);
+          }
+          denom[row] = tree_sum(lane);
+        }
+        // weighted sum of V in compact order: prefix slots (shared by all rows), then visible fed slots
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t j = 0; j < P; ++j) {
+          const float* vr = vg + btq[j / B_] * blk_elems + (j % B_) * D_;
+          for (int64_t row = 0; row < R; ++row) {
+            const __m256 ej = _mm256_set1_ps(e[row * (Spad + W) + j]);
+            float* ar = &acc[row * D_];
+            for (int64_t c = 0; c < D_; c += W)
+              _mm256_storeu_ps(ar + c, _mm256_fmadd_ps(ej, _mm256_loadu_ps(vr + c), _mm256_loadu_ps(ar + c)));
+          }
+        }
+        for (int64_t row = 0; row < R; ++row) {
+          const int64_t t = row / n_rep, nv = nvis[t];
+          const int64_t* vis = vidx + vptr[r0 + t];
+          float* ar = &acc[row * D_];
+          for (int64_t j = 0; j < nv; ++j) {
+            const int64_t slot = P + vis[j];
+            const float* vr = vg + btq[slot / B_] * blk_elems + (slot % B_) * D_;
+            const __m256 ej = _mm256_set1_ps(e[row * (Spad + W) + P + j]);
+            for (int64_t c = 0; c < D_; c += W)
+              _mm256_storeu_ps(ar + c, _mm256_fmadd_ps(ej, _mm256_loadu_ps(vr + c), _mm256_loadu_ps(ar + c)));
+          }
+          const __m256 dv = _mm256_set1_ps(denom[row]);
+          float* orow = out + (r0 + t) * Hq_ * D_ + (g * n_rep + row % n_rep) * D_;
+          for (int64_t c = 0; c < D_; c += W) _mm256_storeu_ps(orow + c, _mm256_div_ps(_mm256_loadu_ps(ar + c), dv));
+        }
+      }
+    }
+  }
+
+  int64_t H_, Hq_, Hkv_, D_, I_;
+  float eps_;
+  int64_t B_;
+  at::Tensor cos_, sin_, embed_, norm_;
+  std::vector<Layer> layers_;
+  Linear head_;
+};
+
+at::Tensor linear_py(const Linear& L, at::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == L.K && x.scalar_type() == at::kFloat, "x must be [M, K] float32");
+  x = x.contiguous();
+  at::Tensor y = at::empty({x.size(0), L.N}, x.options());
+  linear_forward(L, x.data_ptr<float>(), L.K, x.size(0), y.data_ptr<float>(), L.N);
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<Linear>(m, "Linear")
+      .def_readonly("N", &Linear::N)
+      .def_readonly("K", &Linear::K)
+      .def_readonly("int8", &Linear::int8)
+      .def_readonly("wide", &Linear::wide);
+  m.def("make_linear", &make_linear, py::arg("w"), py::arg("w_scale"), py::arg("bias"), py::arg("inv_smooth"),
+        py::arg("activation_bits"));
+  m.def("linear", &linear_py);
+  py::class_<LeanModel>(m, "LeanModel")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t, at::Tensor, at::Tensor, at::Tensor>())
+      .def("add_layer", &LeanModel::add_layer)
+      .def("set_head", &LeanModel::set_head)
+      .def("num_layers", &LeanModel::num_layers)
+      .def("matmuls_only", &LeanModel::matmuls_only, py::call_guard<py::gil_scoped_release>())
+      .def("forward", &LeanModel::forward, py::call_guard<py::gil_scoped_release>());
+}
