@@ -88,8 +88,12 @@ Linear make_linear(at::Tensor w, at::Tensor w_scale, c10::optional<at::Tensor> b
   if (w.scalar_type() == at::kChar) {
     L.int8 = true;
     L.Kp = (L.K + 31) / 32 * 32;
-    L.w = at::zeros({L.N, L.Kp}, w.options());
-    L.w.narrow(1, 0, L.K).copy_(w);
+    // packed for the GEMM: [ceil(N/4) tiles][Kp/32 chunks][4 rows][32 bytes], one
+    // contiguous stream per tile (rows past N are zero and ignored)
+    const int64_t ntiles = (L.N + 3) / 4;
+    at::Tensor padded = at::zeros({ntiles * 4, L.Kp}, w.options());
+    padded.narrow(1, 0, L.K).narrow(0, 0, L.N).copy_(w);
+    L.w = padded.view({ntiles, 4, L.Kp / 32, 32}).permute({0, 2, 1, 3}).contiguous();
     L.colsum = w.to(at::kInt).sum(1).to(at::kInt).contiguous();
     L.wide = w.abs().max().item<int>() > 64;
     TORCH_CHECK(w_scale.numel() == L.N, "w_scale must be [N]");
@@ -146,14 +150,17 @@ void quantize_rows(const Linear& L, const float* x, int64_t ldx, int64_t M, uint
 
 // acc[i][j] = sum_k xq[i][k] * w_j[k] for MR rows and 4 weight rows (u8 x s8, |w| <= 64: no saturation).
 template <int MR>
-inline void tile_u8s8(const uint8_t* x, int64_t ldx, const int8_t* const* w, int64_t Kp, int32_t* out, int64_t ldo) {
+inline void tile_u8s8(const uint8_t* x, int64_t ldx, const int8_t* wt, int64_t Kp, int32_t* out, int64_t ldo) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[MR][4];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_si256();
   for (int64_t k = 0; k < Kp; k += 32) {
     __m256i wv[4];
-    for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[j] + k));
+    const int8_t* wc = wt + k * 4;  // chunk k / 32: 4 rows x 32 bytes
+    _mm_prefetch(reinterpret_cast<const char*>(wc + 1024), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wc + 1088), _MM_HINT_T0);
+    for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wc + j * 32));
     for (int i = 0; i < MR; ++i) {
       const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * ldx + k));
       for (int j = 0; j < 4; ++j)
@@ -166,15 +173,16 @@ inline void tile_u8s8(const uint8_t* x, int64_t ldx, const int8_t* const* w, int
 
 // The exact path for wide weights: both operands sign/zero-extended to int16.
 template <int MR>
-inline void tile_u8s8_wide(const uint8_t* x, int64_t ldx, const int8_t* const* w, int64_t Kp, int32_t* out,
+inline void tile_u8s8_wide(const uint8_t* x, int64_t ldx, const int8_t* wt, int64_t Kp, int32_t* out,
                            int64_t ldo) {
   __m256i acc[MR][4];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_si256();
   for (int64_t k = 0; k < Kp; k += 16) {
     __m256i wv[4];
+    const int8_t* wc = wt + (k / 32) * 128 + (k % 32);  // half of chunk k / 32
     for (int j = 0; j < 4; ++j)
-      wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[j] + k)));
+      wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wc + j * 32)));
     for (int i = 0; i < MR; ++i) {
       const __m256i a = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i * ldx + k)));
       for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(a, wv[j]));
@@ -223,8 +231,7 @@ void linear_forward(const Linear& L, const float* x, int64_t ldx, int64_t M, flo
       int32_t acc[2 * 4];
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = t * 4;
-        const int8_t* w[4];
-        for (int j = 0; j < 4; ++j) w[j] = wp + std::min(n0 + j, N - 1) * Kp;  // tail: repeat the last row
+        const int8_t* w = wp + t * 4 * Kp;  // this tile's packed rows
         const int64_t nn = std::min<int64_t>(4, N - n0);
         for (int64_t m = 0; m < M; m += 2) {
           const int64_t mr = std::min<int64_t>(2, M - m);

@@ -1,0 +1,108 @@
+"""A position-indexed, block-allocated KV cache for the lean decoder (gpt-fast / vLLM style).
+
+One :class:`BlockPool` per model holds every request's keys and values in fixed
+blocks of ``block_size`` positions; a request's :class:`LeanKVCache` is a list of
+block ids plus a length. Slot ``i`` of a request holds position ``i`` of its
+committed sequence, so rollback after a rejection is a length change
+(:meth:`LeanKVCache.truncate`), and blocks past the new length go back to the pool.
+
+Layouts (float32; L layers, NB blocks, Hkv kv heads, B = block_size, D = head dim):
+
+- keys ``[L, NB, Hkv, B / 8, D, 8]``: 8 consecutive positions side by side per
+  d, so the attention kernel scores 8 keys with one vector FMA chain;
+- values ``[L, NB, Hkv, B, D]``.
+
+The pool is allocated once with ``torch.empty`` (virtual memory: pages are
+committed when first written), so a large ``num_blocks`` costs only what
+requests actually use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class PoolExhausted(RuntimeError):
+    """No free block left in the :class:`BlockPool`."""
+
+
+class BlockPool:
+    """Fixed-size KV blocks shared by all requests of one model.
+
+    Attributes:
+        keys, values: the pool tensors (layouts in the module docstring).
+        block_size: positions per block (a multiple of 8).
+        num_blocks: blocks in the pool.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int = 64):
+        if block_size % 8:
+            raise ValueError(f"block_size must be a multiple of 8, got {block_size}")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.keys = torch.empty(num_layers, num_blocks, num_kv_heads, block_size // 8, head_dim, 8)
+        self.values = torch.empty(num_layers, num_blocks, num_kv_heads, block_size, head_dim)
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: low ids first
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise PoolExhausted(f"all {self.num_blocks} KV blocks ({self.block_size} positions each) are in use")
+        return self._free.pop()
+
+    def release(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+@dataclass
+class LeanKVCache:
+    """One request's KV cache: ``length`` committed positions in ``blocks``.
+
+    Blocks are returned to the pool when the cache is truncated below them or
+    garbage collected (:meth:`release` does it explicitly).
+    """
+
+    pool: BlockPool
+    length: int = 0
+    blocks: list[int] = field(default_factory=list)
+
+    def reserve(self, length: int) -> None:
+        """Make sure slots ``[0, length)`` have blocks.
+
+        Raises:
+            PoolExhausted: not enough free blocks (nothing is allocated then).
+        """
+        need = -(-length // self.pool.block_size) - len(self.blocks)
+        if need > self.pool.free_blocks:
+            raise PoolExhausted(f"need {need} more KV blocks, {self.pool.free_blocks} free")
+        for _ in range(max(0, need)):
+            self.blocks.append(self.pool.allocate())
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions; free the blocks past them."""
+        if length < 0 or length > self.length:
+            raise ValueError(f"cannot truncate a cache of length {self.length} to {length}")
+        self.length = length
+        keep = -(-length // self.pool.block_size)
+        if keep < len(self.blocks):
+            self.pool.release(self.blocks[keep:])
+            del self.blocks[keep:]
+
+    def release(self) -> None:
+        """Give every block back (the cache is empty afterwards)."""
+        self.pool.release(self.blocks)
+        self.blocks = []
+        self.length = 0
+
+    def __del__(self):
+        try:
+            if self.blocks:
+                self.pool.release(self.blocks)
+                self.blocks = []
+        except Exception:
+            pass
