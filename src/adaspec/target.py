@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 DTYPES = ("float32", "int8")
+RUNTIMES = ("auto", "lean", "transformers")
 
 
 @dataclass
@@ -141,6 +142,7 @@ def load_target(
     dtype: str = "float32",
     max_model_len: Optional[int] = None,
     num_threads: Optional[int] = None,
+    runtime: str = "auto",
 ) -> TargetModel:
     """Load a target model by registry name or local path.
 
@@ -150,12 +152,26 @@ def load_target(
         max_model_len: context window; defaults to the config's
             ``max_position_embeddings`` capped at 8192.
         num_threads: torch intra-op threads (default: leave as is).
+        runtime: "auto" (default: the lean core, :mod:`adaspec.model`, where the
+            architecture is supported and its kernel builds, else transformers with
+            a one-line note on stderr saying why), "lean" (or raise), "transformers".
+            ``$ADASPEC_RUNTIME`` overrides "auto".
+
+    Returns:
+        a :class:`TargetModel` (a :class:`adaspec.model.target.LeanTarget` on the lean core).
 
     Raises:
-        ValueError: unknown model or dtype.
+        ValueError: unknown model, dtype or runtime; "lean" on an unsupported architecture.
+        RuntimeError: "lean" and the kernel does not build.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if runtime == "auto":
+        import os
+
+        runtime = os.environ.get("ADASPEC_RUNTIME", "auto") or "auto"
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adaspec.models import resolve_model
@@ -173,4 +189,16 @@ def load_target(
         from adaspec.quant import quantize_target
 
         target.quant_report = quantize_target(target)
-    return target
+    if runtime == "transformers":
+        return target
+    from adaspec.model.target import lean_target
+
+    try:
+        return lean_target(target)
+    except (ValueError, RuntimeError) as exc:
+        if runtime == "lean":
+            raise
+        import sys
+
+        print(f"adaspec: lean runtime unavailable for {name} ({exc}); using transformers", file=sys.stderr)
+        return target

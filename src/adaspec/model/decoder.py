@@ -326,7 +326,9 @@ def _linear(ext, mods: Sequence[nn.Module], kinds: set):
     if any(p is not None for p in parts) or not all(isinstance(m, nn.Linear) for m in mods):
         raise ValueError(f"unsupported linear layers {[type(m).__name__ for m in mods]}")
     kinds.add("float32")
-    w = torch.cat([m.weight.detach().float() for m in mods]).contiguous()
+    # a single layer shares the module's weight storage (in-place edits stay visible)
+    w = mods[0].weight.detach() if len(mods) == 1 else torch.cat([m.weight.detach().float() for m in mods])
+    w = w.float().contiguous()
     has_bias = any(m.bias is not None for m in mods)
     bias = torch.cat([m.bias.detach().float() if m.bias is not None else torch.zeros(m.out_features)
                       for m in mods]) if has_bias else None

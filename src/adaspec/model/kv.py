@@ -106,3 +106,12 @@ class LeanKVCache:
                 self.blocks = []
         except Exception:
             pass
+
+
+def _seq_length(self: LeanKVCache) -> int:
+    """``DynamicCache.get_seq_length`` compatibility: positions held (the length *is* the cache here)."""
+    return self.length
+
+
+LeanKVCache.get_seq_length = _seq_length
+LeanKVCache.cache = property(lambda self: self)  # TargetModel's KVCache.cache, for code that inspects it

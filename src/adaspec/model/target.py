@@ -1,0 +1,68 @@
+"""LeanTarget: :class:`adaspec.target.TargetModel`'s interface on the lean decoder.
+
+The runtime forward goes through :class:`adaspec.model.decoder.LeanDecoder`
+(one C++ call per forward); ``model`` still points at the transformers module
+(same weights, quantized in place for int8) for the code that reads its
+embedding, LM head and final norm (draft head) or runs it whole (perplexity,
+training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from adaspec.model.decoder import BatchRequest, LeanDecoder
+from adaspec.model.kv import LeanKVCache
+from adaspec.target import ForwardOutput, TargetModel
+
+
+@dataclass
+class LeanTarget(TargetModel):
+    """A target model whose forwards run on the lean core.
+
+    Attributes (besides :class:`~adaspec.target.TargetModel`'s):
+        decoder: the :class:`~adaspec.model.decoder.LeanDecoder`.
+        runtime: "lean".
+    """
+
+    decoder: Optional[LeanDecoder] = None
+    runtime: str = "lean"
+
+    def new_cache(self) -> LeanKVCache:
+        return self.decoder.new_cache()
+
+    def forward(self, kv: LeanKVCache, token_ids: Sequence[int], last_only: bool = False) -> ForwardOutput:
+        """As :meth:`adaspec.target.TargetModel.forward` (batch invariant, bitwise)."""
+        if len(token_ids) == 0:
+            raise ValueError("forward needs at least one token")
+        if kv.length + len(token_ids) > self.max_model_len:
+            raise ValueError(f"positions up to {kv.length + len(token_ids)} exceed the context window {self.max_model_len}")
+        logits, hidden = self.decoder.forward(kv, token_ids, last_only=last_only)
+        return ForwardOutput(logits=logits, hidden=hidden)
+
+    def forward_batch(self, requests: Sequence[BatchRequest]) -> list[ForwardOutput]:
+        """Several requests' fed tokens in one forward (see :meth:`LeanDecoder.forward_batch`)."""
+        for r in requests:
+            if r.cache.length + len(r.token_ids) > self.max_model_len:
+                raise ValueError(f"positions up to {r.cache.length + len(r.token_ids)} exceed the context window "
+                                 f"{self.max_model_len}")
+        return [ForwardOutput(logits=lg, hidden=h) for lg, h in self.decoder.forward_batch(requests)]
+
+    def truncate(self, kv: LeanKVCache, length: int) -> None:
+        """Roll the cache back to its first ``length`` positions (a length change)."""
+        kv.truncate(length)
+
+
+def lean_target(target: TargetModel, pool_tokens: Optional[int] = None) -> LeanTarget:
+    """Wrap a loaded (and, for int8, quantized) :class:`TargetModel` in the lean runtime.
+
+    Raises:
+        ValueError: the architecture is not supported (:func:`adaspec.model.decoder.unsupported_reason`).
+        RuntimeError: the kernel does not build.
+    """
+    decoder = LeanDecoder.from_hf(target.model, target.max_model_len, pool_tokens=pool_tokens)
+    return LeanTarget(model=target.model, tokenizer=target.tokenizer, name=target.name, dtype=target.dtype,
+                      max_model_len=target.max_model_len, quant_report=target.quant_report, decoder=decoder)
