@@ -75,18 +75,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_step_cost(args: argparse.Namespace) -> int:
-    from adaspec.bench.step_cost import format_step_cost, measure_step_cost
+    from adaspec.bench.step_cost import cli_step_cost
 
-    results = {}
-    for dtype in args.dtypes.split(","):
-        target = config.load_config_target(config.EngineConfig(model=args.model, dtype=dtype, threads=args.threads))
-        results[dtype] = measure_step_cost(target, range(1, args.max_k + 1), repeats=args.repeats)
-        print(f"{dtype}: k=1 {results[dtype][1]:.1f} ms, k=8 {results[dtype].get(8, float('nan')):.1f} ms", flush=True)
-    table = format_step_cost(results)
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
-    return 0
+    return cli_step_cost(args)
 
 
 def _bench_prompts(domains: str, per_domain: int, prompts_file: Optional[str]):
@@ -194,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--repeats", type=int, default=7)
     config.add_threads_argument(sc, default=1)
     sc.add_argument("--out", default=None, help="write the Markdown table here")
+    sc.add_argument("--runtimes", default="transformers,lean", help="comma list: transformers, lean")
+    sc.add_argument("--contexts", default="128", help="cached context lengths, comma list (e.g. 128,1024,4096)")
     sc.set_defaults(func=cmd_bench_step_cost)
     bg = bsub.add_parser("generate", help="this engine vs transformers generate(), same prompts")
     config.add_model_arguments(bg)

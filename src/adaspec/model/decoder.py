@@ -29,6 +29,8 @@ from torch import nn
 from adaspec.model.kv import BlockPool, LeanKVCache
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
+# Longest chain one kernel call gets; longer prefills are split (bitwise the same result).
+PREFILL_CHUNK = 256
 
 
 def unsupported_reason(model: nn.Module) -> Optional[str]:
@@ -254,8 +256,28 @@ class LeanDecoder:
 
     def forward(self, cache: LeanKVCache, token_ids: Sequence[int], last_only: bool = False,
                 parents: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`forward_batch` for one request: ``(logits [T, V], hidden [T, H])``."""
-        return self.forward_batch([BatchRequest(cache, token_ids, parents=parents, last_only=last_only)])[0]
+        """:meth:`forward_batch` for one request: ``(logits [T, V], hidden [T, H])``.
+
+        A long chain (prefill) runs in forwards of :data:`PREFILL_CHUNK` tokens:
+        the result is bitwise the same (invariance), the attention scratch stays small.
+        """
+        T = len(token_ids)
+        if parents is not None or T <= PREFILL_CHUNK:
+            return self.forward_batch([BatchRequest(cache, token_ids, parents=parents, last_only=last_only)])[0]
+        if cache.length + T > self.max_positions:
+            raise ValueError(f"positions up to {cache.length + T} exceed the context window {self.max_positions}")
+        logits, hidden = [], []
+        for start in range(0, T, PREFILL_CHUNK):
+            part = token_ids[start:start + PREFILL_CHUNK]
+            final = start + PREFILL_CHUNK >= T
+            # with last_only, earlier chunks need no LM head
+            lg, h = self.forward_batch([BatchRequest(cache, part, last_only=last_only)],
+                                       logits=final or not last_only)[0]
+            logits.append(lg)
+            hidden.append(h)
+        if last_only:
+            return logits[-1], hidden[-1]
+        return torch.cat(logits), torch.cat(hidden)
 
     @torch.no_grad()
     def keep_path(self, cache: LeanKVCache, start: int, fed_indices: Sequence[int]) -> None:
