@@ -113,7 +113,7 @@ def format_compare(results: dict[int, dict[str, dict[int, float]]], floors: dict
             rows.append(f"| {ctx} | {name} | " + " | ".join(f"{t[k]:.1f}" for k in ks) + f" | {ratio} |")
     if floors:
         rows.append("")
-        rows.append("matmuls only, k=1: " + ", ".join(f"{n} {v:.2f} ms" for n, v in floors.items()))
+        rows.append("matmuls only: " + ", ".join(f"{n} {v:.2f} ms" for n, v in floors.items()))
     return "\n".join(rows)
 
 
@@ -146,7 +146,9 @@ def cli_step_cost(args) -> int:
         floors = {}
         if dtype == "int8":
             lean = systems.get("lean")
-            floors = matmul_floor_ms(lean if lean is not None else base, rows=1)
+            for rows in (1, 8):
+                for n, v in matmul_floor_ms(lean if lean is not None else base, rows=rows).items():
+                    floors[f"{n} k={rows}"] = v
         table = f"### {dtype}\n\n" + format_compare(results, floors)
         print(table, flush=True)
         text.append(table)

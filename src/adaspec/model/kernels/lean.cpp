@@ -68,11 +68,9 @@ void maybe_parallel(bool parallel, int64_t n, const F& f) {
 struct Linear {
   int64_t N = 0, K = 0, Kp = 0;  // Kp: K rounded up to 32 (int8 rows are zero padded)
   bool int8 = false;
-  bool wide = false;  // |w| > 64: u8 x s8 pairs could saturate int16, use the exact int16 path
+  bool wide = false;  // |w| > 64: int16 pair sums could saturate, use the exact int16 path
   float q_max = 127.0f;
-  int32_t zero_point = 128;
   at::Tensor w;           // int8 [N, Kp] or float32 [N, K]
-  at::Tensor colsum;      // int32 [N]: sum of each weight row (for the zero point)
   at::Tensor w_scale;     // float32 [N]
   at::Tensor bias;        // float32 [N] or undefined
   at::Tensor inv_smooth;  // float32 [K] or undefined: input multiplied by it first
@@ -94,13 +92,11 @@ Linear make_linear(at::Tensor w, at::Tensor w_scale, c10::optional<at::Tensor> b
     at::Tensor padded = at::zeros({ntiles * 4, L.Kp}, w.options());
     padded.narrow(1, 0, L.K).narrow(0, 0, L.N).copy_(w);
     L.w = padded.view({ntiles, 4, L.Kp / 32, 32}).permute({0, 2, 1, 3}).contiguous();
-    L.colsum = w.to(at::kInt).sum(1).to(at::kInt).contiguous();
     L.wide = w.abs().max().item<int>() > 64;
     TORCH_CHECK(w_scale.numel() == L.N, "w_scale must be [N]");
     L.w_scale = w_scale.to(at::kFloat).contiguous();
     TORCH_CHECK(activation_bits == 7 || activation_bits == 8, "activation bits must be 7 or 8");
     L.q_max = static_cast<float>((1 << (activation_bits - 1)) - 1);
-    L.zero_point = static_cast<int32_t>(L.q_max) + 1;
   } else {
     TORCH_CHECK(w.scalar_type() == at::kFloat, "weight must be int8 or float32");
     L.Kp = L.K;
@@ -112,8 +108,10 @@ Linear make_linear(at::Tensor w, at::Tensor w_scale, c10::optional<at::Tensor> b
 }
 
 // Per-row activation quantization, as Int8Linear: s = max(max|x|, 1e-30) / q_max,
-// x_q = round_half_even(x / s) + zp in [1, 2 q_max + 1]; padding columns hold zp.
-void quantize_rows(const Linear& L, const float* x, int64_t ldx, int64_t M, uint8_t* xq, float* scales,
+// x_q = round_half_even(x / s) in [-q_max, q_max] (Int8Linear adds a zero point of
+// q_max + 1 for fbgemm's u8 and subtracts it again: the same integer dot product).
+// Padding columns hold 0.
+void quantize_rows(const Linear& L, const float* x, int64_t ldx, int64_t M, int8_t* xq, float* scales,
                    float* tmp) {
   const float* smooth = L.inv_smooth.defined() ? L.inv_smooth.data_ptr<float>() : nullptr;
   const int64_t K = L.K, Kp = L.Kp;
@@ -133,48 +131,71 @@ void quantize_rows(const Linear& L, const float* x, int64_t ldx, int64_t M, uint
     for (int i = 1; i < 8; ++i) amax = std::max(amax, p[i]);  // max: exact in any order
     const float s = std::max(amax, 1e-30f) / L.q_max;
     scales[m] = s;
-    const __m256 vs = _mm256_set1_ps(s), zp = _mm256_set1_ps(static_cast<float>(L.zero_point));
-    const __m256 lo = _mm256_setzero_ps(), hi = _mm256_set1_ps(255.0f);
-    uint8_t* q = xq + m * Kp;
+    const __m256 vs = _mm256_set1_ps(s);
+    const __m256 lo = _mm256_set1_ps(-L.q_max), hi = _mm256_set1_ps(L.q_max);
+    int8_t* q = xq + m * Kp;
     for (int64_t k = 0; k < K; k += W) {
       __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xr + k), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      v = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, zp), lo), hi);
-      const __m256i vi = _mm256_cvtps_epi32(v);
-      alignas(32) int32_t b[8];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(b), vi);
-      for (int i = 0; i < 8; ++i) q[k + i] = static_cast<uint8_t>(b[i]);
+      v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+      const __m256i vi = _mm256_cvtps_epi32(v);  // 8 x int32 -> 8 x int8
+      const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(vi), _mm256_extracti128_si256(vi, 1));
+      const __m128i w8 = _mm_packs_epi16(w16, w16);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), w8);
     }
-    for (int64_t k = K; k < Kp; ++k) q[k] = static_cast<uint8_t>(L.zero_point);
+    for (int64_t k = K; k < Kp; ++k) q[k] = 0;
   }
 }
 
-// acc[i][j] = sum_k xq[i][k] * w_j[k] for MR rows and 4 weight rows (u8 x s8, |w| <= 64: no saturation).
+// acc[i][j] = sum_k xq[i][k] * w_j[k] for MR rows and the 4 weight rows of a packed tile,
+// exactly, for |w| <= 64 and |x| <= 127: maddubs(|w|, sign(x, w)) sums pairs to at most
+// 2 * 64 * 127 = 16256, so two chunks' pair sums add in int16 without saturation (one
+// madd per 64 bytes instead of per 32: the multiply ports are the bottleneck at M > 1).
 template <int MR>
-inline void tile_u8s8(const uint8_t* x, int64_t ldx, const int8_t* wt, int64_t Kp, int32_t* out, int64_t ldo) {
+inline void tile_s8(const int8_t* x, int64_t ldx, const int8_t* wt, int64_t Kp, int32_t* out, int64_t ldo) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[MR][4];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_si256();
-  for (int64_t k = 0; k < Kp; k += 32) {
-    __m256i wv[4];
-    const int8_t* wc = wt + k * 4;  // chunk k / 32: 4 rows x 32 bytes
+  int64_t k = 0;
+  for (; k + 64 <= Kp; k += 64) {
+    const int8_t* wc = wt + k * 4;  // chunks k / 32 and k / 32 + 1: 4 rows x 32 bytes each
     _mm_prefetch(reinterpret_cast<const char*>(wc + 1024), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(wc + 1088), _MM_HINT_T0);
-    for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wc + j * 32));
-    for (int i = 0; i < MR; ++i) {
-      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * ldx + k));
-      for (int j = 0; j < 4; ++j)
-        acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(_mm256_maddubs_epi16(a, wv[j]), ones));
+    _mm_prefetch(reinterpret_cast<const char*>(wc + 1152), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wc + 1216), _MM_HINT_T0);
+    for (int j = 0; j < 4; ++j) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wc + j * 32));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wc + 128 + j * 32));
+      const __m256i u0 = _mm256_abs_epi8(w0), u1 = _mm256_abs_epi8(w1);
+      for (int i = 0; i < MR; ++i) {
+        const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * ldx + k));
+        const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * ldx + k + 32));
+        const __m256i t = _mm256_add_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(a0, w0)),
+                                           _mm256_maddubs_epi16(u1, _mm256_sign_epi8(a1, w1)));
+        acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(t, ones));
+      }
+    }
+  }
+  if (k < Kp) {  // Kp % 64 == 32: one chunk left
+    const int8_t* wc = wt + k * 4;
+    for (int j = 0; j < 4; ++j) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wc + j * 32));
+      const __m256i u0 = _mm256_abs_epi8(w0);
+      for (int i = 0; i < MR; ++i) {
+        const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * ldx + k));
+        acc[i][j] = _mm256_add_epi32(acc[i][j],
+                                     _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(a0, w0)), ones));
+      }
     }
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < 4; ++j) out[i * ldo + j] = hsum_i32(acc[i][j]);
 }
 
-// The exact path for wide weights: both operands sign/zero-extended to int16.
+// The exact path for wide weights (|w| > 64): both operands sign-extended to int16.
 template <int MR>
-inline void tile_u8s8_wide(const uint8_t* x, int64_t ldx, const int8_t* wt, int64_t Kp, int32_t* out,
-                           int64_t ldo) {
+inline void tile_s8_wide(const int8_t* x, int64_t ldx, const int8_t* wt, int64_t Kp, int32_t* out,
+                         int64_t ldo) {
   __m256i acc[MR][4];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_si256();
@@ -184,7 +205,7 @@ inline void tile_u8s8_wide(const uint8_t* x, int64_t ldx, const int8_t* wt, int6
     for (int j = 0; j < 4; ++j)
       wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wc + j * 32)));
     for (int i = 0; i < MR; ++i) {
-      const __m256i a = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i * ldx + k)));
+      const __m256i a = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i * ldx + k)));
       for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(a, wv[j]));
     }
   }
@@ -218,15 +239,12 @@ void linear_forward(const Linear& L, const float* x, int64_t ldx, int64_t M, flo
   const int64_t ntiles = (N + 3) / 4;
   const bool par = M * N * L.K >= PARALLEL_MIN_WORK;
   if (L.int8) {
-    std::vector<uint8_t> xq(M * Kp);
+    std::vector<int8_t> xq(M * Kp);
     std::vector<float> scales(M), tmp(L.K);
     quantize_rows(L, x, ldx, M, xq.data(), scales.data(), tmp.data());
     const int8_t* wp = L.w.data_ptr<int8_t>();
-    const int32_t* colsum = L.colsum.data_ptr<int32_t>();
     const float* ws = L.w_scale.data_ptr<float>();
     const float* bias = L.bias.defined() ? L.bias.data_ptr<float>() : nullptr;
-    const float zp = static_cast<float>(L.zero_point);
-    (void)zp;
     maybe_parallel(par, ntiles, [&](int64_t t0, int64_t t1) {
       int32_t acc[2 * 4];
       for (int64_t t = t0; t < t1; ++t) {
@@ -236,20 +254,19 @@ void linear_forward(const Linear& L, const float* x, int64_t ldx, int64_t M, flo
         for (int64_t m = 0; m < M; m += 2) {
           const int64_t mr = std::min<int64_t>(2, M - m);
           if (mr == 2) {
-            if (L.wide) tile_u8s8_wide<2>(xq.data() + m * Kp, Kp, w, Kp, acc, 4);
-            else tile_u8s8<2>(xq.data() + m * Kp, Kp, w, Kp, acc, 4);
+            if (L.wide) tile_s8_wide<2>(xq.data() + m * Kp, Kp, w, Kp, acc, 4);
+            else tile_s8<2>(xq.data() + m * Kp, Kp, w, Kp, acc, 4);
           } else {
-            if (L.wide) tile_u8s8_wide<1>(xq.data() + m * Kp, Kp, w, Kp, acc, 4);
-            else tile_u8s8<1>(xq.data() + m * Kp, Kp, w, Kp, acc, 4);
+            if (L.wide) tile_s8_wide<1>(xq.data() + m * Kp, Kp, w, Kp, acc, 4);
+            else tile_s8<1>(xq.data() + m * Kp, Kp, w, Kp, acc, 4);
           }
           for (int64_t i = 0; i < mr; ++i) {
             const float s = scales[m + i];
             float* yr = y + (m + i) * ldy;
             for (int64_t j = 0; j < nn; ++j) {
               const int64_t n = n0 + j;
-              // as fbgemm + Int8Linear: ((acc - zp * colsum) * w_scale) * s + bias
-              const int32_t raw = acc[i * 4 + j] - L.zero_point * colsum[n];
-              float v = static_cast<float>(raw) * ws[n];
+              // as Int8Linear: (acc * w_scale) * s + bias
+              float v = static_cast<float>(acc[i * 4 + j]) * ws[n];
               v = v * s;
               if (bias) v = v + bias[n];
               yr[n] = v;
