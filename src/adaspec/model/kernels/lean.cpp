@@ -591,15 +591,28 @@ class LeanModel {
           }
           denom[row] = tree_sum(lane);
         }
-        // weighted sum of V in compact order: prefix slots (shared by all rows), then visible fed slots
+        // weighted sum of V in compact order: prefix slots (shared by all rows), then visible fed
+        // slots. Keys in blocks of VB, rows inner, the row's accumulator in registers within a
+        // block: V is read once per block for all rows, and each row still adds keys in j order.
+        constexpr int64_t VB = 64;
         std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t j = 0; j < P; ++j) {
-          const float* vr = vg + btq[j / B_] * blk_elems + (j % B_) * D_;
+        const int64_t nd = D_ / W;
+        for (int64_t j0 = 0; j0 < P; j0 += VB) {
+          const int64_t j1 = std::min(P, j0 + VB);
           for (int64_t row = 0; row < R; ++row) {
-            const __m256 ej = _mm256_set1_ps(e[row * (Spad + W) + j]);
+            const float* er = &e[row * (Spad + W)];
             float* ar = &acc[row * D_];
-            for (int64_t c = 0; c < D_; c += W)
-              _mm256_storeu_ps(ar + c, _mm256_fmadd_ps(ej, _mm256_loadu_ps(vr + c), _mm256_loadu_ps(ar + c)));
+            for (int64_t c0 = 0; c0 < nd; c0 += 8) {  // up to 8 registers (64 floats) of the row
+              const int64_t nc = std::min<int64_t>(8, nd - c0);
+              __m256 a[8];
+              for (int64_t c = 0; c < nc; ++c) a[c] = _mm256_loadu_ps(ar + (c0 + c) * W);
+              for (int64_t j = j0; j < j1; ++j) {
+                const float* vr = vg + btq[j / B_] * blk_elems + (j % B_) * D_ + c0 * W;
+                const __m256 ej = _mm256_set1_ps(er[j]);
+                for (int64_t c = 0; c < nc; ++c) a[c] = _mm256_fmadd_ps(ej, _mm256_loadu_ps(vr + c * W), a[c]);
+              }
+              for (int64_t c = 0; c < nc; ++c) _mm256_storeu_ps(ar + (c0 + c) * W, a[c]);
+            }
           }
         }
         for (int64_t row = 0; row < R; ++row) {
