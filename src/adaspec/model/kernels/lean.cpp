@@ -510,6 +510,25 @@ class LeanModel {
     }
   }
 
+  // scores of rows [row, row + G) (clamped to R) against the 8 keys of kt ([D, 8]) into sc[., s0 .. s0 + 8)
+  template <int G>
+  void score_rows(const float* qkv, int64_t ld, int64_t r0, int64_t g, int64_t n_rep, int64_t row, int64_t R,
+                  const float* kt, float scale, float* sc, int64_t Spad, int64_t s0) const {
+    const float* qr[G];
+    for (int i = 0; i < G; ++i) {
+      const int64_t rw = std::min(row + i, R - 1);
+      qr[i] = qkv + (r0 + rw / n_rep) * ld + (g * n_rep + rw % n_rep) * D_;
+    }
+    __m256 a[G];
+    for (int i = 0; i < G; ++i) a[i] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D_; ++d) {
+      const __m256 kv = _mm256_loadu_ps(kt + d * W);
+      for (int i = 0; i < G; ++i) a[i] = _mm256_fmadd_ps(_mm256_set1_ps(qr[i][d]), kv, a[i]);
+    }
+    const __m256 vs = _mm256_set1_ps(scale);
+    for (int i = 0; i < G && row + i < R; ++i) _mm256_storeu_ps(sc + (row + i) * Spad + s0, _mm256_mul_ps(a[i], vs));
+  }
+
   // Row r of request q (fed index t) attends to slots [0, P) and to P + a for a in
   // its visibility list, in that order ("compact" key index j). Its scores are
   // 8-key lane FMA chains over d (same arithmetic for every key), softmax lanes by
@@ -535,8 +554,12 @@ class LeanModel {
       const int64_t Spad = (S + W - 1) / W * W;
       const int64_t R = T * n_rep;                  // query vectors per kv head
       const int64_t* btq = bt + q * NBmax;
-      std::vector<float> sc(R * Spad), e(R * (Spad + W)), acc(R * D_);
-      std::vector<int64_t> nvis(T);
+      // scratch reused across calls (per thread: forwards release the GIL)
+      thread_local std::vector<float> sc, acc;
+      thread_local std::vector<int64_t> nvis;
+      if (static_cast<int64_t>(sc.size()) < R * Spad) sc.resize(R * Spad);
+      if (static_cast<int64_t>(acc.size()) < R * D_) acc.resize(R * D_);
+      if (static_cast<int64_t>(nvis.size()) < T) nvis.resize(T);
       for (int64_t t = 0; t < T; ++t) nvis[t] = vptr[r0 + t + 1] - vptr[r0 + t];
       for (int64_t g = 0; g < Hkv_; ++g) {
         const float* kg = kpool + l * NB * blk_elems + g * B_ * D_;
@@ -544,49 +567,48 @@ class LeanModel {
         // scores of every slot in [0, S), 8 keys at a time
         for (int64_t s0 = 0; s0 < S; s0 += W) {
           const float* kt = kg + btq[s0 / B_] * blk_elems + (s0 % B_ / W) * D_ * W;  // [D, 8]
-          for (int64_t row = 0; row < R; row += 4) {
-            const float* qr[4];
-            for (int i = 0; i < 4; ++i) {
-              const int64_t rw = std::min(row + i, R - 1);
-              qr[i] = qkv + (r0 + rw / n_rep) * ld + (g * n_rep + rw % n_rep) * D_;
-            }
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t d = 0; d < D_; ++d) {
-              const __m256 kv = _mm256_loadu_ps(kt + d * W);
-              a0 = _mm256_fmadd_ps(_mm256_set1_ps(qr[0][d]), kv, a0);
-              a1 = _mm256_fmadd_ps(_mm256_set1_ps(qr[1][d]), kv, a1);
-              a2 = _mm256_fmadd_ps(_mm256_set1_ps(qr[2][d]), kv, a2);
-              a3 = _mm256_fmadd_ps(_mm256_set1_ps(qr[3][d]), kv, a3);
-            }
-            const __m256 vs = _mm256_set1_ps(scale);
-            const __m256 res[4] = {a0, a1, a2, a3};
-            for (int i = 0; i < 4 && row + i < R; ++i) _mm256_storeu_ps(&sc[(row + i) * Spad + s0], _mm256_mul_ps(res[i], vs));
+          // G rows at a time: G independent FMA chains hide the FMA latency (each chain is one
+          // row's sequential sum over d, whatever group the row falls in: invariant)
+          for (int64_t row = 0; row < R;) {
+            const int64_t left = R - row;
+            if (left >= 8) score_rows<8>(qkv, ld, r0, g, n_rep, row, R, kt, scale, &sc[0], Spad, s0);
+            else if (left >= 3) score_rows<4>(qkv, ld, r0, g, n_rep, row, R, kt, scale, &sc[0], Spad, s0);
+            else score_rows<2>(qkv, ld, r0, g, n_rep, row, R, kt, scale, &sc[0], Spad, s0);
+            row += left >= 8 ? 8 : (left >= 3 ? 4 : 2);
           }
         }
-        // softmax per row over its compact key list
+        // softmax per row over its compact key list, in place: slots [0, P) stay, the visible
+        // fed slots are gathered right after them (vis is increasing, so reads stay ahead of writes)
         std::vector<float> denom(R);
         for (int64_t row = 0; row < R; ++row) {
           const int64_t t = row / n_rep, nv = nvis[t], n = P + nv;
-          const float* s = &sc[row * Spad];
-          float* er = &e[row * (Spad + W)];
-          std::memcpy(er, s, P * sizeof(float));
+          float* er = &sc[row * Spad];
           const int64_t* vis = vidx + vptr[r0 + t];
-          for (int64_t j = 0; j < nv; ++j) er[P + j] = s[P + vis[j]];
-          float m = er[0];
-          for (int64_t j = 1; j < n; ++j) m = er[j] > m ? er[j] : m;
+          for (int64_t j = 0; j < nv; ++j) er[P + j] = er[P + vis[j]];
+          const int64_t nfull = n / W;
+          __m256 vmax = _mm256_set1_ps(er[0]);
+          for (int64_t b = 0; b < nfull; ++b) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(er + b * W));
+          alignas(32) float mb[8];
+          _mm256_store_ps(mb, vmax);
+          float m = mb[0];
+          for (int i = 1; i < 8; ++i) m = std::max(m, mb[i]);
+          for (int64_t j = nfull * W; j < n; ++j) m = std::max(m, er[j]);  // max: exact in any order
           const __m256 vm = _mm256_set1_ps(m);
           __m256 lane = _mm256_setzero_ps();
-          const int64_t nb = (n + W - 1) / W;
-          for (int64_t b = 0; b < nb; ++b) {
-            const int64_t valid = std::min<int64_t>(W, n - b * W);
-            alignas(32) float buf[8];
-            for (int i = 0; i < 8; ++i) buf[i] = i < valid ? er[b * W + i] : m;
-            __m256 y = exp_ps(_mm256_sub_ps(_mm256_load_ps(buf), vm));
-            alignas(32) float yb[8];
-            _mm256_store_ps(yb, y);
-            for (int i = valid; i < 8; ++i) yb[i] = 0.0f;  // past the row's keys: exactly 0
-            y = _mm256_load_ps(yb);
+          for (int64_t b = 0; b < nfull; ++b) {
+            const __m256 y = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(er + b * W), vm));
             _mm256_storeu_ps(er + b * W, y);
+            lane = _mm256_add_ps(lane, y);
+          }
+          if (nfull * W < n) {  // the last partial lane block: keys past the row's weigh exactly 0
+            const int64_t valid = n - nfull * W;
+            alignas(32) float buf[8];
+            for (int i = 0; i < 8; ++i) buf[i] = i < valid ? er[nfull * W + i] : m;
+            alignas(32) float yb[8];
+            _mm256_store_ps(yb, exp_ps(_mm256_sub_ps(_mm256_load_ps(buf), vm)));
+            for (int i = static_cast<int>(valid); i < 8; ++i) yb[i] = 0.0f;
+            const __m256 y = _mm256_load_ps(yb);
+            _mm256_storeu_ps(er + nfull * W, y);
             lane = _mm256_add_ps(lane, y);
           }
           denom[row] = tree_sum(lane);
@@ -600,7 +622,7 @@ class LeanModel {
         for (int64_t j0 = 0; j0 < P; j0 += VB) {
           const int64_t j1 = std::min(P, j0 + VB);
           for (int64_t row = 0; row < R; ++row) {
-            const float* er = &e[row * (Spad + W)];
+            const float* er = &sc[row * Spad];
             float* ar = &acc[row * D_];
             for (int64_t c0 = 0; c0 < nd; c0 += 8) {  // up to 8 registers (64 floats) of the row
               const int64_t nc = std::min<int64_t>(8, nd - c0);
@@ -622,7 +644,7 @@ class LeanModel {
           for (int64_t j = 0; j < nv; ++j) {
             const int64_t slot = P + vis[j];
             const float* vr = vg + btq[slot / B_] * blk_elems + (slot % B_) * D_;
-            const __m256 ej = _mm256_set1_ps(e[row * (Spad + W) + P + j]);
+            const __m256 ej = _mm256_set1_ps(sc[row * Spad + P + j]);
             for (int64_t c = 0; c < D_; c += W)
               _mm256_storeu_ps(ar + c, _mm256_fmadd_ps(ej, _mm256_loadu_ps(vr + c), _mm256_loadu_ps(ar + c)));
           }
