@@ -316,3 +316,25 @@ def test_real_model_int8_invariant_position_by_position(real_int8):
     old = hf.forward(hf.new_cache(), seq).logits
     agree = float((old.argmax(-1) == ref.argmax(-1)).float().mean())
     assert agree >= 0.85  # measured 0.93-0.96: the two int8 paths round differently
+
+
+def test_runtime_cost_table_shape(targets):
+    from adaspec.bench.runtime_cost import compare_step_cost, format_compare, matmul_floor_ms
+
+    hf, lean = targets["llama", "int8"]
+    res = compare_step_cost({"transformers": hf, "lean": lean}, ks=[1, 8], contexts=[16], repeats=1)
+    assert set(res) == {16} and set(res[16]) == {"transformers", "lean"} and set(res[16]["lean"]) == {1, 8}
+    floors = matmul_floor_ms(lean, rows=1, repeats=1)
+    assert set(floors) == {"fbgemm", "lean"}
+    table = format_compare(res, floors)
+    assert "| 16 | lean |" in table and "matmuls only" in table
+
+
+def test_long_prefill_is_split_and_identical(targets):
+    _, lean = targets["qwen2", "int8"]
+    ids = prompt_ids(300, seed=9)
+    whole, hid, kv = feed(lean, ids, [300])  # > PREFILL_CHUNK: split into kernel calls
+    parts, hid2, kv2 = feed(lean, ids, [37])
+    assert torch.equal(whole, parts) and torch.equal(hid, hid2)
+    last = lean.forward(lean.new_cache(), ids, last_only=True)
+    assert torch.equal(last.logits[0], whole[-1]) and last.logits.shape[0] == 1

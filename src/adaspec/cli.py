@@ -75,7 +75,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_step_cost(args: argparse.Namespace) -> int:
-    from adaspec.bench.step_cost import cli_step_cost
+    from adaspec.bench.runtime_cost import cli_step_cost
 
     return cli_step_cost(args)
 
