@@ -113,12 +113,14 @@ def cli_step_cost(args) -> int:
     from pathlib import Path
 
     from adaspec.target import load_target
+    from adaspec.threads import apply_threads
 
+    apply_threads(args.threads)  # a count; "auto" measures at 1 thread (a benchmark does not tune)
     runtimes = [r for r in getattr(args, "runtimes", "transformers,lean").split(",") if r]
     contexts = [int(c) for c in str(getattr(args, "contexts", "128")).split(",") if c]
     text = []
     for dtype in args.dtypes.split(","):
-        base = load_target(args.model, dtype=dtype, num_threads=args.threads, runtime="transformers")
+        base = load_target(args.model, dtype=dtype, runtime="transformers")
         systems: dict[str, TargetModel] = {}
         for rt in runtimes:
             if rt == "lean":
