@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test browser clean
+.PHONY: setup model demo test browser peers clean
 
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -32,6 +32,14 @@ browser:
 
 test: model browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Optional peer for `adaspec bench engines`: llama.cpp through llama-cpp-python,
+# compiled from source for this CPU (about 8-15 minutes on 2 cores). Its
+# dependencies do not conflict with the pinned ones, so it goes into .venv.
+LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
+peers: setup
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(PY) -m pip install -q --no-binary llama-cpp-python "$(LLAMA_CPP_PYTHON)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

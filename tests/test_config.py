@@ -51,13 +51,14 @@ def test_cli_server_and_bench_defaults_come_from_config():
 def test_documented_defaults():
     assert (config.DEFAULT_DTYPE, config.DEFAULT_SPECULATOR) == ("int8", "atlas")
     assert (config.default_lookahead("ngram"), config.default_lookahead("atlas")) == (8, 16)
-    assert config.EngineConfig().threads == "auto"
+    assert config.EngineConfig().threads == "auto" and config.EngineConfig().runtime == "auto"
+    assert _parse(["generate", "--prompt", "x"]).runtime == "auto"
 
 
 @pytest.mark.parametrize("field,value,match", [
     ("dtype", "int4", "dtype"), ("speculator", "psychic", "speculator"), ("lookahead", -1, "lookahead"),
     ("threads", "many", "threads"), ("threads", 0, "threads"), ("max_model_len", 1, "max_model_len"),
-    ("draft_model", "x", "--draft-model"),
+    ("draft_model", "x", "--draft-model"), ("runtime", "cuda", "runtime"),
 ])
 def test_bad_settings_are_refused(field, value, match):
     cfg = config.EngineConfig(**{field: value})

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from adaspec.controller import ATLAS_MAX_LOOKAHEAD
 from adaspec.models import DEFAULT_MODEL
-from adaspec.target import DTYPES
+from adaspec.target import DTYPES, RUNTIMES
 from adaspec.threads import THREADS_AUTO
 from adaspec.types import DEFAULT_TENANT
 
@@ -60,7 +60,10 @@ class EngineConfig:
         state_dir: folder of learned-state snapshots, or None.
         tenant: whose learned state a single request uses (CLI ``generate``).
         threads: torch intra-op threads: a count, or "auto" (see
-            :func:`adaspec.threads.resolve_threads`).
+            :func:`adaspec.threads.tune_threads`).
+        runtime: the target's forward: "auto" (the lean C++ core,
+            :mod:`adaspec.model`, where the architecture is supported, else
+            transformers), "lean" or "transformers".
         calibrate: measure the verify cost at start-up for the controller
             (``atlas``; ~3 s); False starts from a flat cost model.
     """
@@ -74,6 +77,7 @@ class EngineConfig:
     state_dir: Optional[str] = None
     tenant: str = DEFAULT_TENANT
     threads: int | str = THREADS_AUTO
+    runtime: str = "auto"
     calibrate: bool = True
 
     def validate(self) -> None:
@@ -86,6 +90,8 @@ class EngineConfig:
             raise ValueError(f"lookahead must be an integer >= 0, got {self.lookahead!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len!r}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.draft_model and self.speculator != "static":
             raise ValueError("--draft-model needs --speculator static")
         from adaspec.threads import parse_threads
@@ -104,6 +110,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPES),
                    help="target precision; int8 is the batch-invariant quantized path (default: %(default)s)")
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's, <= 8192)")
+    p.add_argument("--runtime", default="auto", choices=list(RUNTIMES),
+                   help="target forward: auto = the lean C++ core where the architecture is supported, else "
+                        "transformers (default: %(default)s)")
     add_threads_argument(p)
 
 
@@ -136,7 +145,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
     """
     cfg = EngineConfig()
     for name in ("model", "dtype", "speculator", "lookahead", "draft_model", "max_model_len", "state_dir",
-                 "tenant", "threads"):
+                 "tenant", "threads", "runtime"):
         if hasattr(args, name):
             setattr(cfg, name, getattr(args, name))
     cfg.validate()
@@ -154,7 +163,7 @@ def load_config_target(cfg: EngineConfig, log: Callable[[str], None] | None = No
     from adaspec.threads import apply_threads, tune_threads
 
     apply_threads(cfg.threads, log=log)
-    target = load_target(cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len)
+    target = load_target(cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len, runtime=cfg.runtime)
     tune_threads(target, cfg.threads, log=log)
     return target
 
