@@ -187,7 +187,10 @@ class Engine:
             out = self.target.forward(state.kv, ids[:-1], last_only=True)
             state.hidden_state = out.hidden[-1]
         for spec in self.speculators.values():
-            spec.start_request(request_id, ids, tenant)
+            if params.learn:
+                spec.start_request(request_id, ids, tenant)
+            else:  # opted out: no trace in learned state
+                spec.start_request_private(request_id, ids, tenant)
         self.controller.start_request(request_id, ids, tenant)
         return state
 

@@ -180,6 +180,9 @@ class SamplingParams:
         ignore_eos: do not stop on the tokenizer's EOS token. Default False.
         logprobs: None for no logprobs; n >= 0 to return each emitted token's
             log-probability and its top-n alternatives (n <= 20).
+        learn: False keeps the request out of learned state: speculators
+            start it with ``start_request_private`` and store none of its
+            prompt or output. Default True.
     """
 
     max_tokens: int = 64
@@ -191,6 +194,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: Optional[int] = None
+    learn: bool = True
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""

@@ -169,6 +169,22 @@ class Speculator:
     def stop_request(self, request_id: str) -> None:
         """The request finished or was cancelled; release its per-request state."""
 
+    # Governance of learned state. Defaults suit speculators that learn nothing from
+    # request text (n-gram over the request itself, draft heads, draft models); a
+    # speculator that keeps text across requests overrides all three.
+    def start_request_private(self, request_id: str, prompt_ids: Sequence[int],
+                              tenant: str = DEFAULT_TENANT) -> None:
+        """Like ``start_request``, for a request whose prompt and output must not enter learned state."""
+        self.start_request(request_id, prompt_ids, tenant)
+
+    def forget_tenant(self, tenant: str) -> int:
+        """Delete what was learned from ``tenant``; returns how many records went (0: none held)."""
+        return 0
+
+    def forget_older_than(self, max_age_s: float, now: Optional[float] = None) -> int:
+        """Retention: delete what was learned more than ``max_age_s`` seconds ago; returns how many records went."""
+        return 0
+
     def state_dict(self) -> dict[str, Any]:
         """Learned state to persist (empty for model-free, stateless speculators)."""
         return {}
