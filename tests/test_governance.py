@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from adaspec import cli
+from adaspec.config import EngineConfig, build_controller
 from adaspec.engine import Engine
 from adaspec.server import create_app
 from adaspec.server.main import parse_duration_s
@@ -79,8 +80,8 @@ def test_engine_request_with_learn_false_leaves_no_trace(tiny_target):
     r = eng.generate("a private prompt, never stored " * 2, SamplingParams(max_tokens=16, learn=False))
     assert len(r.token_ids) == 16
     assert spec.state_dict() == before
-    (atlas,) = cli.build_speculators("atlas", tiny_target, calibrate=False)
-    eng = Engine(tiny_target, [atlas], lookahead=4)
+    atlas = build_controller(EngineConfig(speculator="atlas", lookahead=4, calibrate=False), tiny_target)
+    eng = Engine(tiny_target, controller=atlas)
     eng.generate("a private prompt " * 3, SamplingParams(max_tokens=12, learn=False))
     assert not atlas.adaptive.memory_stats()["tenants"].get("default", {}).get("tokens")
 

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from adaspec import cli
+from adaspec.config import EngineConfig, build_controller
 from adaspec.engine import Engine
 from adaspec.server.app import create_app
 from adaspec.server.testing import BackgroundServer
@@ -38,8 +38,7 @@ def test_seeded_request_identical_under_every_speculator_and_lookahead(real_targ
     drafted = {}
     for name in SPECULATORS:
         for k in (2, 6):
-            specs = cli.build_speculators(name, t, calibrate=False)
-            eng = Engine(t, specs, lookahead=k)
+            eng = Engine(t, controller=build_controller(EngineConfig(speculator=name, lookahead=k, calibrate=False), t))
             for (i, seed), ref in want.items():
                 r = eng.generate(prompts[i], seeded_params(seed, 24))
                 assert r.token_ids == ref, (name, k, i, seed)
@@ -54,8 +53,10 @@ def test_seeded_request_identical_beside_unseeded_concurrent_requests(tiny_targe
     plain = Engine(tiny_target)
     prompt = "the cat sat on the mat. " * 4
     ref = plain.generate(plain.encode_prompt(prompt), seeded_params(7, 48))
-    engine = Engine(tiny_target, cli.build_speculators("atlas", tiny_target, calibrate=False)
-                    + cli.build_speculators("ngram"), lookahead=5)
+    from adaspec.speculators import NgramSpeculator
+
+    atlas = build_controller(EngineConfig(speculator="atlas", lookahead=5, calibrate=False), tiny_target)
+    engine = Engine(tiny_target, [NgramSpeculator()], controller=atlas)
     app = create_app(engine, "m", max_active=8, max_queue=16, request_timeout_s=120)
     with BackgroundServer(app) as server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=120)

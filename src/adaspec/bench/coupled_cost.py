@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adaspec.bench.prompts import load_domain
+from adaspec.prompts import load_domain
 from adaspec.engine import Engine
 from adaspec.target import load_target
 from adaspec.types import SamplingParams, SpeculationStats
