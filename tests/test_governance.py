@@ -177,3 +177,15 @@ def test_admin_delete_endpoint_and_opt_out_through_the_server(tiny_target, tmp_p
     with BackgroundServer(disabled) as server:
         r = httpx.delete(server.base_url + "/admin/tenants/a/state", headers={"Authorization": "Bearer x"})
         assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+
+
+def test_serve_governance_and_snapshot_option_defaults(monkeypatch):
+    import argparse
+
+    from adaspec.server import add_serve_arguments
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    a = parser.parse_args([])
+    assert (a.snapshot_interval, a.snapshot_tokens, a.admin_key, a.state_retention) == (60.0, 50_000, None, None)
+    assert parser.parse_args(["--state-retention", "2d"]).state_retention == 172800.0
