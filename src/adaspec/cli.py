@@ -149,6 +149,17 @@ def cmd_state(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_state_delete(args: argparse.Namespace) -> int:
+    from adaspec.store import delete_tenant
+
+    removed = delete_tenant(args.dir, args.tenant)
+    if not removed:
+        print(f"no learned state of tenant {args.tenant!r} in {args.dir}")
+    for name, n in sorted(removed.items()):
+        print(f"{name}: removed {n} entries of tenant {args.tenant!r}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaspec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     si = stsub.add_parser("inspect", help="print what a snapshot folder holds")
     si.add_argument("dir")
     si.set_defaults(func=cmd_state)
+    sd = stsub.add_parser("delete", help="delete one tenant's learned state from a snapshot folder "
+                          "(for a running server use DELETE /admin/tenants/TENANT/state)")
+    sd.add_argument("dir")
+    sd.add_argument("--tenant", required=True, help="the tenant whose learned state is deleted")
+    sd.set_defaults(func=cmd_state_delete)
     return parser
 
 

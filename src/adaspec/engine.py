@@ -4,7 +4,8 @@ The only module that knows every part. One step (Medusa's loop shape):
 
 1. propose  - the controller picks a speculator and lookahead k; it drafts.
 2. verify   - one target forward over [last committed token, drafts...].
-3. evaluate - greedy match or rejection sampling decides what is emitted.
+3. evaluate - greedy match, coupled sampling (seeded requests) or rejection
+              sampling (unseeded) decides what is emitted.
 4. update   - commit tokens (stop conditions checked token by token), truncate
               the KV cache to the committed length, tell the controller and
               every speculator.
@@ -43,7 +44,7 @@ from adaspec.types import (
     Usage,
     VerifyResult,
 )
-from adaspec.verify import verify_greedy, verify_stochastic
+from adaspec.verify import verify_coupled, verify_greedy, verify_stochastic
 
 _request_counter = itertools.count()
 
@@ -186,7 +187,10 @@ class Engine:
             out = self.target.forward(state.kv, ids[:-1], last_only=True)
             state.hidden_state = out.hidden[-1]
         for spec in self.speculators.values():
-            spec.start_request(request_id, ids, tenant)
+            if params.learn:
+                spec.start_request(request_id, ids, tenant)
+            else:  # opted out: no trace in learned state
+                spec.start_request_private(request_id, ids, tenant)
         self.controller.start_request(request_id, ids, tenant)
         return state
 
@@ -321,6 +325,9 @@ class Engine:
         if p.greedy:
             return verify_greedy(logits, proposal.token_ids)
         target_probs = process_logits(logits, p.temperature, p.top_k, p.top_p)  # [n+1, V]
+        if p.seed is not None:
+            # A seed fixes the draw at each output position, whatever the drafts (drafter-invariant).
+            return verify_coupled(target_probs, proposal.token_ids, p.seed, len(state.output_ids))
         return verify_stochastic(target_probs, proposal.token_ids, proposal.draft_probs, state.generator)
 
     def _commit(self, state: RequestState, result: VerifyResult, logits: torch.Tensor) -> list[int]:

@@ -203,6 +203,9 @@ def summarize_state(state: Any) -> dict[str, Any]:
     return {"tenants": tenants, "shared_tokens": shared, "tokens": sum(tenants.values()) + shared}
 
 
+SNAPSHOT_MODE = 0o600  # snapshot files: owner read/write only
+
+
 class SnapshotStore:
     """Named snapshots in one directory (``NAME.snap``), written atomically.
 
@@ -251,7 +254,9 @@ class SnapshotStore:
         data = encode_snapshot(name, state)
         tmp = self.state_dir / f".{name}{SUFFIX}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            # 0600: learned state is users' text; only the server's user may read it.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SNAPSHOT_MODE)
+            os.fchmod(fd, SNAPSHOT_MODE)  # whatever the umask
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -320,6 +325,64 @@ class SnapshotStore:
                 log.info("removed stale snapshot temp file %s", p)
             except OSError:
                 pass
+
+
+def forget_tenant_in_state(state: Any, tenant: str) -> int:
+    """Remove ``tenant`` from a speculator state in place; returns how many entries went.
+
+    Walks the state (composites such as atlas nest their children's states):
+    a ``"tenants"`` mapping loses the tenant's key (counted by its sequences),
+    and an ``"estimates"`` list loses the entries whose ``"tenant"`` is it.
+    """
+    removed = 0
+    if isinstance(state, dict):
+        tenants = state.get("tenants")
+        if isinstance(tenants, dict) and tenant in tenants:
+            held = tenants.pop(tenant)
+            seqs = held.get("sequences") if isinstance(held, dict) else None
+            removed += len(seqs) if isinstance(seqs, list) else 1
+        estimates = state.get("estimates")
+        if isinstance(estimates, list):
+            keep = [e for e in estimates if not (isinstance(e, dict) and e.get("tenant") == tenant)]
+            removed += len(estimates) - len(keep)
+            state["estimates"] = keep
+        for key, value in state.items():
+            if key not in ("tenants", "estimates"):
+                removed += forget_tenant_in_state(value, tenant)
+    elif isinstance(state, list):
+        for value in state:
+            if isinstance(value, (dict, list)):
+                removed += forget_tenant_in_state(value, tenant)
+    return removed
+
+
+def delete_tenant(state_dir: PathLike, tenant: str) -> dict[str, int]:
+    """Delete ``tenant``'s learned state from every snapshot in ``state_dir`` (``adaspec state delete``).
+
+    Each snapshot holding the tenant is rewritten atomically without it (a
+    bad snapshot is set aside, as at load). Run it while no server uses the
+    folder (a running server would write its memory back at its next
+    snapshot; use its ``DELETE /admin/tenants/{tenant}/state`` instead).
+
+    Returns:
+        ``{snapshot name: entries removed}`` for the snapshots that held the tenant.
+
+    Raises:
+        FileNotFoundError: no such folder.
+    """
+    if not Path(state_dir).is_dir():
+        raise FileNotFoundError(f"{state_dir}: no such state directory")
+    store = SnapshotStore(state_dir)
+    out: dict[str, int] = {}
+    for name in store.names():
+        state = store.load(name)
+        if not state:
+            continue
+        n = forget_tenant_in_state(state, tenant)
+        if n:
+            store.save(name, state)
+            out[name] = n
+    return out
 
 
 def _pid_alive(pid: int) -> bool:

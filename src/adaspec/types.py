@@ -62,10 +62,11 @@ class ProposeContext:
         temperature / top_k / top_p: the request's sampling parameters; a
             speculator that returns ``draft_probs`` must process its logits with
             them (``adaspec.sampling.process_logits``); temperature 0 is greedy.
-        seed: the request's seed, or None. A speculator that samples its drafts
-            draws them, for a seeded request, from a generator of that request
-            (``adaspec.speculators.base.request_draft_generator``), so the
-            request reproduces whatever else the speculator served before.
+        seed: the request's seed, or None. The engine verifies a seeded request
+            with coupled sampling (``adaspec.verify.verify_coupled``), so its
+            output does not depend on the drafts; a speculator that samples its
+            drafts should draw them, for a seeded request, with the same noise
+            (``adaspec.speculators.base.coupled_draft``) to be accepted often.
     """
 
     request_id: str
@@ -170,12 +171,18 @@ class SamplingParams:
             (argmax); above it samples. Default 0.0.
         top_p: nucleus mass in (0, 1]. Default 1.0 (off).
         top_k: keep the k most likely tokens; 0 means off. Default 0.
-        seed: seeds the request's own generator so sampled output reproduces.
+        seed: fixes the sampled output: the draw at each output position is a
+            function of (seed, position) and the target's distribution there
+            (Gumbel-max, ``adaspec.verify.verify_coupled``), so it does not
+            depend on speculators, lookahead or other requests.
         stop: stop strings; the text is cut before the first occurrence.
         stop_token_ids: token ids that end generation (kept in ``token_ids``).
         ignore_eos: do not stop on the tokenizer's EOS token. Default False.
         logprobs: None for no logprobs; n >= 0 to return each emitted token's
             log-probability and its top-n alternatives (n <= 20).
+        learn: False keeps the request out of learned state: speculators
+            start it with ``start_request_private`` and store none of its
+            prompt or output. Default True.
     """
 
     max_tokens: int = 64
@@ -187,6 +194,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: Optional[int] = None
+    learn: bool = True
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""

@@ -1,6 +1,6 @@
 """Verification: accept or reject a block of draft tokens against the target model.
 
-Pure torch; no model imports. Two rules:
+Pure torch; no model imports. Three rules:
 
 - **greedy** (temperature 0): a draft token is accepted while it equals the
   target's argmax at its position; the first mismatch is replaced by the
@@ -15,6 +15,14 @@ Pure torch; no model imports. Two rules:
   draft probabilities (prompt lookup, suffix) is a point mass on its draft token,
   so acceptance is ``target_probs_i[x_i]`` and the residual is the target
   distribution with x_i removed.
+- **coupled** (seeded requests): drafter-invariant speculative sampling
+  (Daliri et al. 2024, "Coupling without communication and drafter-invariant
+  speculative decoding"). The token at each absolute output position is the
+  Gumbel-max draw ``argmax(target_probs / E)`` with exponential noise E keyed
+  by (seed, position) alone (:func:`adaspec.sampling.position_exponentials`);
+  a draft token is accepted iff it equals that draw. The output is therefore a
+  function of the seed and the target's distributions only, identical under
+  every speculator and lookahead, and still an exact sample of the target.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from adaspec.sampling import position_exponentials, race_argmax
 from adaspec.types import VerifyResult
 
 
@@ -100,3 +109,51 @@ def verify_stochastic(
     bonus = int(torch.multinomial(target_probs[n], 1, generator=generator).item())
     tokens.append(bonus)
     return VerifyResult(token_ids=tokens, num_accepted=n, num_draft_tokens=n)
+
+
+def verify_coupled(
+    target_probs: torch.Tensor,
+    draft_token_ids: Sequence[int],
+    seed: int,
+    start_position: int,
+) -> VerifyResult:
+    """Drafter-invariant verification for a seeded request (Daliri et al. 2024).
+
+    Row i's token is the Gumbel-max draw from ``target_probs[i]`` with noise
+    keyed by ``(seed, start_position + i)``. Draft token i is accepted iff it
+    equals the draw at its position; at the first mismatch the draw is the
+    recovered token; with every draft accepted the draw at the next position
+    is the bonus token. Each emitted token is the one plain seeded sampling
+    would emit at that position, so the output never depends on the drafts.
+    For a deterministic draft x the acceptance probability is
+    ``target_probs[x]``, as in rejection sampling; for a draft sampled from
+    draft probabilities it is lower unless the drafter couples its own choice
+    with the same noise (``adaspec.sampling.race_argmax``), which accepts with
+    probability >= (1 - TV) / (1 + TV).
+
+    Args:
+        target_probs: ``[n + 1, V]`` float32 processed target distributions.
+        draft_token_ids: the n draft tokens (draft probabilities are not needed).
+        seed: the request's seed.
+        start_position: absolute output position of row 0 (tokens generated so far).
+
+    Returns:
+        VerifyResult with the accepted drafts then the recovered or bonus token.
+
+    Raises:
+        ValueError: on shape mismatch or a negative start position.
+    """
+    n = len(draft_token_ids)
+    if target_probs.shape[0] != n + 1:
+        raise ValueError(f"target_probs has {target_probs.shape[0]} rows, expected {n + 1}")
+    if start_position < 0:
+        raise ValueError(f"start_position must be >= 0, got {start_position}")
+    V = target_probs.shape[-1]
+    tokens: list[int] = []
+    # Noise is drawn lazily, row by row: rows after the first mismatch are never needed.
+    for i in range(n + 1):
+        tok = race_argmax(target_probs[i], position_exponentials(seed, start_position + i, V))
+        tokens.append(tok)
+        if i == n or int(draft_token_ids[i]) != tok:
+            return VerifyResult(token_ids=tokens, num_accepted=i, num_draft_tokens=n)
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns at i == n

@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import re
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -49,6 +50,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import Gauge
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -74,6 +76,12 @@ from adaspec.server.schemas import (
     validation_error_to_api,
 )
 from adaspec.types import DEFAULT_TENANT, SamplingParams, is_greedy
+from adaspec.server.snapshots import (
+    DEFAULT_SNAPSHOT_INTERVAL_S,
+    DEFAULT_SNAPSHOT_TOKENS,
+    SnapshotSaver,
+    collect_learned_state,
+)
 
 log = logging.getLogger("adaspec.server")
 
@@ -104,6 +112,8 @@ class ServerState:
     drain_timeout_s: float = 30.0
     engine: Any = None
     scheduler: Optional[Scheduler] = None
+    snapshots: Optional[SnapshotSaver] = None
+    admin_key: Optional[str] = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -125,6 +135,10 @@ def create_app(
     request_timeout_s: Optional[float] = 600.0,
     state_store: Any = None,
     drain_timeout_s: float = 30.0,
+    snapshot_interval_s: float = DEFAULT_SNAPSHOT_INTERVAL_S,
+    snapshot_tokens: int = DEFAULT_SNAPSHOT_TOKENS,
+    admin_key: Optional[str] = None,
+    state_retention_s: Optional[float] = None,
 ) -> FastAPI:
     """Build the OpenAI-compatible app around an engine.
 
@@ -142,10 +156,21 @@ def create_app(
             "timeout"), one still queued gets a 429. None: no limit. Default 600.
         state_store: optional snapshot store (``load(name) -> dict | None`` and
             ``save(name, state)``, e.g. :class:`adaspec.store.SnapshotStore`):
-            speculators with learned state are restored from it at start-up and
-            saved to it at shutdown.
+            speculators with learned state are restored from it at start-up,
+            snapshotted while serving (see ``snapshot_interval_s``) and saved
+            at shutdown.
         drain_timeout_s: at shutdown, how long in-flight requests may finish
             before they are cut. Default 30.
+        snapshot_interval_s: with a ``state_store``, seconds between snapshots
+            while something was learned (off the request path; see
+            :mod:`adaspec.server.snapshots`); 0: only at shutdown. Default 60.
+        snapshot_tokens: also snapshot after this many new prompt + generated
+            tokens; 0: off. Default 50_000.
+        admin_key: bearer token of the admin endpoints (``DELETE
+            /admin/tenants/{tenant}/state``); None: they answer 403.
+        state_retention_s: drop learned sequences last written more than this
+            many seconds ago (checked at start-up and then every
+            ``min(retention / 10, 60)`` s); None: keep until evicted by the bounds.
 
     Returns:
         The FastAPI app; run it with uvicorn. The engine worker starts and stops
@@ -153,6 +178,9 @@ def create_app(
     """
     ctx = ServerState(served_model_name=served_model_name or "", api_keys=dict(api_keys or {}),
                       request_timeout_s=request_timeout_s, metrics=ServerMetrics(), drain_timeout_s=drain_timeout_s)
+    ctx.admin_key = admin_key or None
+    if state_retention_s is not None and not state_retention_s > 0:
+        raise ValueError(f"state_retention_s must be > 0, got {state_retention_s}")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -163,19 +191,28 @@ def create_app(
         ctx.served_model_name = ctx.served_model_name or engine.target.name
         if state_store is not None:
             await anyio.to_thread.run_sync(_load_learned_state, engine, state_store)
+        if state_retention_s:
+            await anyio.to_thread.run_sync(_forget_old, engine, state_retention_s)
         scheduler = Scheduler(engine, ctx.metrics, max_active=max_active, max_queue=max_queue)
         ctx.metrics.queue_depth = lambda: scheduler.queue_depth
         ctx.metrics.active_requests = lambda: scheduler.active_count
         ctx.metrics.speculators = lambda: dict(getattr(engine, "speculators", {}) or {})
         ctx.scheduler = scheduler
         scheduler.start()
+        saver = None
+        if state_store is not None:
+            saver = _start_snapshots(ctx, engine, state_store, snapshot_interval_s, snapshot_tokens)
+        retention = _Retention(ctx, engine, state_retention_s) if state_retention_s else None
         log.info("serving %s (context window %d)", ctx.served_model_name, ctx.max_model_len)
         try:
             yield
         finally:
+            if retention is not None:
+                retention.stop()
             await anyio.to_thread.run_sync(scheduler.shutdown, ctx.drain_timeout_s)
-            if state_store is not None:
-                await anyio.to_thread.run_sync(_save_learned_state, engine, state_store)
+            if saver is not None:
+                await anyio.to_thread.run_sync(saver.stop)
+                await anyio.to_thread.run_sync(saver.snapshot)  # the worker has stopped: read directly
 
     app = FastAPI(title="adaspec", version=_version(), lifespan=lifespan,
                   description="OpenAI-compatible API over adaspec's speculative decoding engine.")
@@ -246,6 +283,21 @@ def _install_routes(app: FastAPI, ctx: ServerState) -> None:
         job = Job(request_id=f"chatcmpl-{uuid.uuid4().hex}", params=params, messages=messages, tenant=tenant,
                   stream=req.stream, timeout_s=ctx.request_timeout_s, endpoint="chat")
         return await _run(request, ctx, job, req, _ChatFormat(ctx, job, req))
+
+    @app.delete("/admin/tenants/{tenant}/state")
+    async def delete_tenant_state(tenant: str, request: Request) -> dict[str, Any]:
+        """Delete a tenant's learned state from memory and from the snapshots on disk (admin key)."""
+        _check_admin(request, ctx)
+        if not _TENANT_RE.match(tenant):
+            raise ApiError(400, "invalid tenant: 1-64 characters of letters, digits and _.:@-, starting with a "
+                           "letter or digit", param="tenant", code="invalid_tenant")
+        engine = ctx.engine
+        forgotten = await anyio.to_thread.run_sync(lambda: ctx.scheduler.run_between_steps(
+            lambda: sum(s.forget_tenant(tenant) for s in (engine.speculators or {}).values())).result(120.0))
+        written = None
+        if ctx.snapshots is not None:  # the files on disk lose the tenant now, not at the next interval
+            written = await anyio.to_thread.run_sync(ctx.snapshots.snapshot)
+        return {"tenant": tenant, "deleted": True, "forgotten_records": forgotten, "snapshot_written": written}
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -577,6 +629,7 @@ def _sampling_params(req: Any, ctx: ServerState, max_tokens: int, logprobs: Opti
         stop_token_ids=list(req.stop_token_ids or []),
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
+        learn=req.adaspec.learn if req.adaspec is not None else True,
     )
     try:
         params.validate()
@@ -603,6 +656,17 @@ def _tenant(request: Request, ctx: ServerState) -> str:
         raise ApiError(400, f"invalid {TENANT_HEADER} header: 1-64 characters of letters, digits and _.:@-, "
                        "starting with a letter or digit", param=TENANT_HEADER, code="invalid_tenant")
     return tenant
+
+
+def _check_admin(request: Request, ctx: ServerState) -> None:
+    """401 without the admin key (or with a wrong one); 403 when no admin key is configured."""
+    if not ctx.admin_key:
+        raise ApiError(403, "admin endpoints are disabled: start the server with --admin-key "
+                       "(or ADASPEC_ADMIN_KEY)", type="permission_error", code="admin_disabled")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or not hmac.compare_digest(token.encode(), ctx.admin_key.encode()):
+        raise ApiError(401, "admin endpoints need 'Authorization: Bearer ADMIN_KEY'", code="invalid_admin_key")
 
 
 def _model_card(ctx: ServerState) -> dict[str, Any]:
@@ -701,12 +765,66 @@ def _load_learned_state(engine: Any, store: Any) -> None:
         log.info("restored learned state %s", name)
 
 
-def _save_learned_state(engine: Any, store: Any) -> None:
-    """Write every part's non-empty learned state to ``store``."""
-    from adaspec.config import save_state
+def _forget_old(engine: Any, retention_s: float) -> int:
+    """Retention: each speculator drops what it learned more than ``retention_s`` ago (call on the engine thread)."""
+    dropped = 0
+    for name, spec in (getattr(engine, "speculators", {}) or {}).items():
+        try:
+            dropped += int(spec.forget_older_than(retention_s) or 0)
+        except Exception:
+            log.exception("retention failed for speculator %s", name)
+    return dropped
 
-    for name in save_state(store, engine, log=log.error):
-        log.info("saved learned state %s", name)
+
+class _Retention:
+    """A daemon thread applying the retention limit every ``min(retention_s / 10, 60)`` seconds."""
+
+    def __init__(self, ctx: ServerState, engine: Any, retention_s: float) -> None:
+        self.ctx, self.engine, self.retention_s = ctx, engine, retention_s
+        self.period_s = min(retention_s / 10.0, 60.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="adaspec-retention", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                dropped = self.ctx.scheduler.run_between_steps(
+                    lambda: _forget_old(self.engine, self.retention_s)).result(120.0)
+            except Exception:
+                log.exception("retention sweep failed")
+                continue
+            if dropped and self.ctx.snapshots is not None:
+                self.ctx.snapshots.mark_dirty()  # the files on disk lose them at the next check
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _start_snapshots(ctx: ServerState, engine: Any, store: Any, interval_s: float,
+                     learned_tokens: int) -> SnapshotSaver:
+    """The snapshot thread, and the ``adaspec_snapshot_age_seconds`` gauge."""
+    scheduler = ctx.scheduler
+
+    def collect() -> dict[str, Any]:
+        # state_dict() on the engine thread between steps; encoding and writing on the saver's thread.
+        return scheduler.run_between_steps(lambda: collect_learned_state(engine)).result(timeout=120.0)
+
+    last = None
+    names = [getattr(getattr(engine, "controller", None), "name", None), *(getattr(engine, "speculators", {}) or {})]
+    for name in [n for n in names if n]:
+        try:
+            last = max(last or 0.0, store.path(name).stat().st_mtime)
+        except (OSError, ValueError, AttributeError):
+            pass
+    saver = SnapshotSaver(store, collect, progress=ctx.metrics.tokens_seen, interval_s=interval_s,
+                          learned_tokens=learned_tokens, last_snapshot_unix=last)
+    Gauge("adaspec_snapshot_age_seconds", "Seconds since the last good learned-state snapshot "
+          "(since the loaded one or the server start before the first)",
+          registry=ctx.metrics.registry).set_function(saver.age_s)
+    ctx.snapshots = saver
+    saver.start()
+    return saver
 
 
 def _version() -> str:

@@ -23,9 +23,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from adaspec import config
+from adaspec.server.snapshots import DEFAULT_SNAPSHOT_INTERVAL_S, DEFAULT_SNAPSHOT_TOKENS
 from adaspec.types import DEFAULT_TENANT
 
 API_KEYS_ENV = "ADASPEC_API_KEYS"
+ADMIN_KEY_ENV = "ADASPEC_ADMIN_KEY"
+_DURATION_UNITS_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_QUEUE = 32
@@ -54,7 +57,35 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_SHUTDOWN_TIMEOUT_S:g})")
     parser.add_argument("--api-keys", default=None,
                         help=f"'key:tenant,...' or a JSON/TOML file (default: env {API_KEYS_ENV}; none: open)")
+    parser.add_argument("--snapshot-interval", type=float, default=DEFAULT_SNAPSHOT_INTERVAL_S,
+                        help="with --state-dir: seconds between snapshots while something was learned; 0: only "
+                        f"at shutdown (default {DEFAULT_SNAPSHOT_INTERVAL_S:g})")
+    parser.add_argument("--snapshot-tokens", type=int, default=DEFAULT_SNAPSHOT_TOKENS,
+                        help="with --state-dir: also snapshot after this many new prompt + generated tokens; 0: "
+                        f"off (default {DEFAULT_SNAPSHOT_TOKENS})")
+    parser.add_argument("--admin-key", default=None,
+                        help=f"bearer token of the admin endpoints (default: env {ADMIN_KEY_ENV}; none: disabled)")
+    parser.add_argument("--state-retention", default=None, type=parse_duration_s,
+                        help="drop learned sequences older than this: seconds, or a number with s/m/h/d "
+                        "(e.g. 30d); default: keep until evicted by the size bounds")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def parse_duration_s(text: str) -> float:
+    """Seconds from ``"3600"``, ``"90s"``, ``"15m"``, ``"12h"`` or ``"30d"``.
+
+    Raises:
+        ValueError: not a positive duration (argparse reports it as a usage error).
+    """
+    t = str(text).strip().lower()
+    scale = _DURATION_UNITS_S.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if scale else t) * (scale or 1.0)
+    except ValueError:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 3600, 90s, 15m, 12h, 30d)") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"a duration must be > 0, got {text!r}")
+    return value
 
 
 def load_api_keys(spec: Optional[str]) -> dict[str, str]:
@@ -121,6 +152,10 @@ def serve_from_args(args: argparse.Namespace) -> None:
         request_timeout_s=args.request_timeout or None,
         state_store=config.open_store(cfg.state_dir),
         drain_timeout_s=args.shutdown_timeout,
+        snapshot_interval_s=args.snapshot_interval,
+        snapshot_tokens=args.snapshot_tokens,
+        admin_key=args.admin_key if args.admin_key is not None else os.environ.get(ADMIN_KEY_ENV),
+        state_retention_s=args.state_retention,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)))

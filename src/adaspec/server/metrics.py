@@ -109,6 +109,7 @@ class ServerMetrics:
         self._lookahead: dict[int, int] = {}
         self._recent: deque[RequestRecord] = deque(maxlen=RECENT_REQUESTS)
         self._tokens_total = 0
+        self._prompt_tokens_total = 0
         self._requests_total = 0
         self.speculators = speculators
         self.queue_depth = queue_depth
@@ -188,6 +189,8 @@ class ServerMetrics:
 
     def record_start(self, prompt_tokens: int, queue_wait_s: float) -> None:
         self.prompt_tokens.inc(prompt_tokens)
+        with self._lock:
+            self._prompt_tokens_total += prompt_tokens
         self.queue_wait.observe(queue_wait_s)
 
     def record_finish(self, record: RequestRecord) -> None:
@@ -209,6 +212,11 @@ class ServerMetrics:
         return self._buckets[-1]
 
     # ------------------------------------------------------------ readers
+    def tokens_seen(self) -> int:
+        """Prompt tokens started plus tokens generated since start (what learned state may grow by)."""
+        with self._lock:
+            return self._prompt_tokens_total + self._tokens_total
+
     def tokens_per_s(self, window_s: float = THROUGHPUT_WINDOW_S) -> float:
         """Generated tokens per second over the last ``window_s`` seconds."""
         now = time.time()

@@ -27,8 +27,9 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from adaspec.server.metrics import RequestRecord, ServerMetrics
 from adaspec.server.schemas import ApiError
@@ -174,6 +175,7 @@ class Scheduler:
         self.max_queue = max_queue
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()  # run on the worker between steps
         self._active: list[Job] = []  # only the worker changes it
         self._closing = False  # no new submissions
         self._abort_all = False  # cut every request now
@@ -240,12 +242,40 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout=30.0)
 
+    def run_between_steps(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn()`` on the worker thread between two steps; its result comes back in the Future.
+
+        The engine and its speculators are never mid-step then, so ``fn`` reads
+        a consistent state (e.g. speculators' ``state_dict``). Once the worker
+        has stopped, ``fn`` runs at once on the caller's thread.
+        """
+        fut: Future = Future()
+        with self._cond:
+            alive = self._thread is not None and self._thread.is_alive() and not self._stop
+            if alive:
+                self._calls.append((fn, fut))
+                self._cond.notify()
+                return fut
+        _run_call(fn, fut)
+        return fut
+
     # ------------------------------------------------------------ worker side
-    def _run(self) -> None:
+    def _run_calls(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._active and not self._stop:
+                if not self._calls:
+                    return
+                fn, fut = self._calls.popleft()
+            _run_call(fn, fut)
+
+    def _run(self) -> None:
+        while True:
+            self._run_calls()
+            with self._cond:
+                while not self._pending and not self._active and not self._stop and not self._calls:
                     self._cond.wait()
+                if self._calls and not self._pending and not self._active and not self._stop:
+                    continue
                 if self._abort_all:
                     dropped = list(self._pending)
                     self._pending.clear()
@@ -256,6 +286,7 @@ class Scheduler:
                     admit.append(self._pending.popleft())
                 if self._stop and not admit and not self._active and not self._pending:
                     break
+            self._run_calls()
             for job in dropped:
                 self._push(job, Failed(ApiError(503, "the server is shutting down", type="server_error",
                                                 code="shutting_down")))
@@ -264,6 +295,7 @@ class Scheduler:
             self.peak_active = max(self.peak_active, len(self._active))
             for job in list(self._active):  # one step each: round-robin
                 self._guarded(self._advance, job)
+        self._run_calls()  # callers waiting on a call queued just before the stop
         log.info("engine worker stopped")
 
     def _guarded(self, fn: Any, job: Job) -> None:
@@ -388,6 +420,15 @@ class Scheduler:
             job.loop.call_soon_threadsafe(job.events.put_nowait, event)
         except RuntimeError:  # the event loop is gone (shutdown); nobody is listening
             pass
+
+
+def _run_call(fn: Callable[[], Any], fut: Future) -> None:
+    if not fut.set_running_or_notify_cancel():
+        return
+    try:
+        fut.set_result(fn())
+    except BaseException as e:  # the caller sees it; the worker goes on
+        fut.set_exception(e)
 
 
 def queue_timeout_error(timeout_s: Optional[float]) -> ApiError:

@@ -126,11 +126,22 @@ _UNSUPPORTED_CHAT: _Table = {
 }
 
 
+class AdaspecOptions(_Strict):
+    """The ``adaspec`` extension object of a request body.
+
+    ``learn``: false keeps the request out of learned state (the speculators
+    store none of its prompt or output; it still gets drafts). Default true.
+    """
+
+    learn: bool = True
+
+
 class _RequestBase(_Strict):
     """Fields shared by both endpoints.
 
     ``top_k`` (-1 or 0: off), ``ignore_eos`` and ``stop_token_ids`` are the
-    usual vLLM-style extensions. ``max_tokens`` at most the context window.
+    usual vLLM-style extensions; ``adaspec`` holds this server's own options
+    (:class:`AdaspecOptions`). ``max_tokens`` at most the context window.
     ``temperature`` defaults to 1.0 as in OpenAI's API; below 1e-5 it decodes
     greedily.
     """
@@ -147,6 +158,7 @@ class _RequestBase(_Strict):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+    adaspec: Optional[AdaspecOptions] = None
     # Known OpenAI parameters accepted only at their no-op value (see unsupported()).
     n: Optional[Any] = None
     presence_penalty: Optional[Any] = None

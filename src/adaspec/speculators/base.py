@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from adaspec.sampling import process_logits
+from adaspec.sampling import position_exponentials, process_logits, race_argmax
 from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext
 
 
@@ -43,8 +43,9 @@ def draft_sampler(request_state: Any, ctx: ProposeContext, default: torch.Genera
     return request_state.generator
 
 
-def draft_token(logits: torch.Tensor, ctx: ProposeContext,
-                generator: Optional[torch.Generator]) -> tuple[int, float, Optional[torch.Tensor]]:
+def draft_token(logits: torch.Tensor, ctx: ProposeContext, generator: Optional[torch.Generator],
+                step: int = 0, vocab_size: Optional[int] = None,
+                vocab_ids: Optional[torch.Tensor] = None) -> tuple[int, float, Optional[torch.Tensor]]:
     """Pick one draft token from a model-based speculator's logits (draft head, draft model).
 
     Greedy requests (``ctx.greedy``) take the argmax; sampled ones draw from the
@@ -55,6 +56,11 @@ def draft_token(logits: torch.Tensor, ctx: ProposeContext,
         logits: ``[V']`` float32 over the speculator's vocabulary.
         ctx: the request (sampling parameters).
         generator: for sampled requests (see :func:`draft_sampler`); unused when greedy.
+        step / vocab_size / vocab_ids: with ``vocab_size`` (the target's V), a
+            seeded sampled request drafts with the coupled verifier's noise
+            (:func:`coupled_draft`; ``step`` is the token's index in the chain,
+            ``vocab_ids`` the target ids of the ``V'`` entries); without it, the
+            draft is drawn from ``generator``.
 
     Returns:
         ``(index into V', confidence = its probability, processed row [V'] or None when greedy)``.
@@ -63,7 +69,10 @@ def draft_token(logits: torch.Tensor, ctx: ProposeContext,
         j = int(torch.argmax(logits))
         return j, float(torch.softmax(logits, dim=-1)[j]), None
     probs = process_logits(logits.unsqueeze(0), ctx.temperature, ctx.top_k, ctx.top_p)[0]  # [V']
-    j = int(torch.multinomial(probs, 1, generator=generator))
+    if ctx.seed is not None and vocab_size is not None:
+        j = coupled_draft(probs, ctx, step, vocab_size, vocab_ids)
+    else:
+        j = int(torch.multinomial(probs, 1, generator=generator))
     return j, float(probs[j]), probs
 
 
@@ -80,6 +89,35 @@ def draft_probs_matrix(rows: Sequence[torch.Tensor], vocab_size: int, columns: A
     out = torch.zeros(len(rows), vocab_size)  # [n, V]: zero mass outside the speculator's vocabulary
     out[:, columns] = torch.stack(rows)
     return out
+
+
+def coupled_draft(probs: torch.Tensor, ctx: ProposeContext, step: int, vocab_size: int,
+                  vocab_ids: Optional[torch.Tensor] = None) -> int:
+    """A seeded request's draft token, coupled with the verifier's noise (Daliri et al. 2024).
+
+    The engine verifies a seeded request with :func:`adaspec.verify.verify_coupled`:
+    it accepts a draft iff it equals the Gumbel-max draw from the target's
+    distribution with the noise of that output position. Drafting with the same
+    noise over the drafter's own distribution makes the two draws agree with
+    probability >= (1 - TV) / (1 + TV) instead of ``sum_x draft(x) target(x)``
+    for an independent draw. The draft stays a draw from ``probs``.
+
+    Args:
+        probs: ``[Vd]`` float32, the drafter's processed distribution over
+            ``vocab_ids`` (default: target ids ``0 .. Vd - 1``).
+        ctx: the request (its seed must be set, and its tokens committed so far).
+        step: index of this draft token in the chain (0 = the next output position).
+        vocab_size: the target's vocabulary size V (width of its logits), which
+            the noise must have to match the verifier's.
+        vocab_ids: ``[Vd]`` int64 target ids of ``probs``' entries, or None.
+
+    Returns:
+        The index into ``probs`` of the drafted token.
+    """
+    position = len(ctx.token_ids) - ctx.num_prompt_tokens + step
+    noise = position_exponentials(int(ctx.seed), position, vocab_size)  # [V]
+    noise = noise[vocab_ids] if vocab_ids is not None else noise[: probs.shape[-1]]
+    return race_argmax(probs, noise)
 
 
 class Speculator:
@@ -130,6 +168,22 @@ class Speculator:
 
     def stop_request(self, request_id: str) -> None:
         """The request finished or was cancelled; release its per-request state."""
+
+    # Governance of learned state. Defaults suit speculators that learn nothing from
+    # request text (n-gram over the request itself, draft heads, draft models); a
+    # speculator that keeps text across requests overrides all three.
+    def start_request_private(self, request_id: str, prompt_ids: Sequence[int],
+                              tenant: str = DEFAULT_TENANT) -> None:
+        """Like ``start_request``, for a request whose prompt and output must not enter learned state."""
+        self.start_request(request_id, prompt_ids, tenant)
+
+    def forget_tenant(self, tenant: str) -> int:
+        """Delete what was learned from ``tenant``; returns how many records went (0: none held)."""
+        return 0
+
+    def forget_older_than(self, max_age_s: float, now: Optional[float] = None) -> int:
+        """Retention: delete what was learned more than ``max_age_s`` seconds ago; returns how many records went."""
+        return 0
 
     def state_dict(self) -> dict[str, Any]:
         """Learned state to persist (empty for model-free, stateless speculators)."""

@@ -437,12 +437,14 @@ class DraftHeadSpeculator(Speculator):
     Per request it keeps the committed tokens' n-gram index (for the context
     successor), freed by ``stop_request``.
 
-    Draft sampling: a seeded request draws from its own generator
-    (:func:`~adaspec.speculators.base.request_draft_generator`), so it
-    reproduces whatever the speculator served before; unseeded requests share
-    one generator, seeded once. Either way each draft is a fresh draw from its
-    ``draft_probs``, which rejection sampling needs to be exact (a sampler
-    re-seeded by prompt alone would repeat the same drafts for every sample).
+    Draft sampling: a seeded request draws with the noise the engine's coupled
+    verifier uses at the same output position
+    (:func:`~adaspec.speculators.base.coupled_draft`), so its drafts agree with
+    the target's draws as often as the two distributions allow; unseeded
+    requests share one generator, seeded once, and each draft is a fresh draw
+    from its ``draft_probs``, which rejection sampling needs to be exact (a
+    sampler re-seeded by prompt alone would repeat the same drafts for every
+    sample).
 
     Args:
         net: the trained head (float32, eval mode).
@@ -488,6 +490,9 @@ class DraftHeadSpeculator(Speculator):
         self._match_ids = [torch.tensor([n]) for n in range(cfg.context_ngram + 1)]
         self._requests: dict[str, _RequestState] = {}
         self._generator = torch.Generator().manual_seed(seed)
+        # Seeded requests draft with the verifier's noise; False draws them independently
+        # (request_draft_generator), which only the acceptance benchmark wants.
+        self.couple_seeded = True
 
     # ---------------------------------------------------------------- lifecycle
     def start_request(self, request_id: str, prompt_ids: Sequence[int], tenant: str = DEFAULT_TENANT) -> None:
@@ -537,7 +542,9 @@ class DraftHeadSpeculator(Speculator):
             succ_emb = self.embed[succ].unsqueeze(0) if n else self._zero  # [1, H]
             feature = self.net(feature, self.embed[seq[t]].unsqueeze(0), succ_emb, self._match_ids[n])  # [1, H]
             logits = self.net.logits(feature)  # [1, Vd]
-            j, c, row = draft_token(logits[0], ctx, sampler)
+            j, c, row = draft_token(logits[0], ctx, sampler, step=len(ids),
+                                    vocab_size=self.vocab_size if self.couple_seeded else None,
+                                    vocab_ids=self.net.draft_to_target)
             if row is not None:
                 rows.append(row)
             token = self._draft_to_target[j]

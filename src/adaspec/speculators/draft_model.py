@@ -40,7 +40,7 @@ class _RequestCache:
 
     cache: Any
     fed: list[int] = field(default_factory=list)
-    generator: Optional[torch.Generator] = None  # a seeded request's draft sampler
+    generator: Optional[torch.Generator] = None  # unused by seeded requests (they draft coupled)
 
 
 def check_same_tokenizer(target_tokenizer: Any, draft_tokenizer: Any, draft_name: str = "draft model") -> None:
@@ -97,11 +97,11 @@ class DraftModelSpeculator(Speculator):
             tokenizer's size, at most V and V_draft); the rest are masked.
         max_model_len: the draft model's context window; drafting stops before
             a position would reach it.
-        seed: seed of the draft sampler shared by unseeded requests; a seeded
-            request draws from its own
-            (:func:`~adaspec.speculators.base.request_draft_generator`).
-            Either way each draft is a fresh draw from its ``draft_probs``,
-            which rejection sampling needs to be exact. Default 0.
+        seed: seed of the draft sampler shared by unseeded requests (each
+            draft a fresh draw from its ``draft_probs``, which rejection
+            sampling needs to be exact); a seeded request drafts with the
+            coupled verifier's noise at each output position
+            (:func:`~adaspec.speculators.base.coupled_draft`). Default 0.
         model_name: for messages.
 
     Raises:
@@ -212,7 +212,7 @@ class DraftModelSpeculator(Speculator):
         rows: list[torch.Tensor] = []  # [n_valid] each, sampled requests only
         for i in range(k):
             logits = self._forward(req, feed)[:n_valid]  # padded rows (>= n_valid) never drafted
-            tok, c, row = draft_token(logits, ctx, sampler)
+            tok, c, row = draft_token(logits, ctx, sampler, step=i, vocab_size=self.target_vocab_size)
             if row is not None:
                 rows.append(row)
             ids.append(tok)

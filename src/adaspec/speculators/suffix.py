@@ -57,6 +57,7 @@ only mark data that may be shown to every tenant).
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -86,6 +87,7 @@ class _Corpus:
         self.max_tokens = max_tokens
         self.max_nodes = max_nodes
         self.seqs: "OrderedDict[int, StoredSequence]" = OrderedDict()  # oldest first
+        self.learned_unix: dict[int, float] = {}  # sequence key -> when last written (retention)
         self._next_key = 0
         self.live = 0  # live requests feeding this corpus
 
@@ -307,6 +309,7 @@ class SuffixSpeculator(Speculator):
             assert corpus is not None
             corpus.live += 1
             tenant_seq = corpus.add(prompt, live=True)
+            _touch(corpus, tenant_seq)
             shared, shared_seq = None, None
             if shareable and self.enable_shared:
                 shared = self._shared
@@ -359,6 +362,7 @@ class SuffixSpeculator(Speculator):
         if req.corpus is not None and req.tenant_seq is not None:
             req.corpus.close(req.tenant_seq)
             req.corpus.live -= 1
+            _touch(req.corpus, req.tenant_seq)
         if req.shared is not None and req.shared_seq is not None:
             req.shared.close(req.shared_seq)
             req.shared.live -= 1
@@ -454,6 +458,73 @@ class SuffixSpeculator(Speculator):
 
     # -- state ---------------------------------------------------------------
 
+    # -- governance (deletion, retention, opt-out) ------------------------------
+
+    def start_request_private(self, request_id: str, prompt_ids: Sequence[int],
+                              tenant: str = DEFAULT_TENANT) -> None:
+        """Begin a request that leaves no trace in learned state (``"learn": false``).
+
+        It drafts from the tenant's structure like any request, and its own
+        prompt and output go only into its request structure, which
+        ``stop_request`` frees; the tenant and shared structures never see them.
+        """
+        tenant = tenant or DEFAULT_TENANT
+        prompt = _check_ids(_tail_ints(prompt_ids, min(self.max_prompt_tokens, self.max_sequence_tokens)))
+        with self._lock:
+            if request_id in self._requests:
+                self._stop_locked(request_id)
+            local = SuffixTrie(self.max_depth)
+            local_seq = StoredSequence()
+            for t in prompt:
+                local.append(local_seq, t)
+                if local.num_nodes >= self.max_request_nodes:
+                    local.close(local_seq)
+                    break
+            self._requests[request_id] = _Request(tenant, local, local_seq, None, None, None, None, len(prompt))
+
+    def forget_tenant(self, tenant: str) -> int:
+        """Delete everything learned from ``tenant``; returns how many sequences were dropped.
+
+        Live requests of the tenant keep their request structures (freed at
+        their end) but stop feeding the tenant structure, so nothing of the
+        tenant is learned again until its next request starts.
+        """
+        with self._lock:
+            corpus = self._tenants.pop(tenant, None)
+            for req in self._requests.values():
+                if req.tenant == tenant:
+                    req.corpus = req.tenant_seq = None
+                    if req.shared is not None and req.shared_seq is not None:
+                        req.shared.seqs.pop(req.shared_seq.key, None)
+                        if not req.shared_seq.removed:
+                            req.shared.trie.remove(req.shared_seq)
+                        req.shared.live -= 1
+                        req.shared = req.shared_seq = None
+            return len(corpus.seqs) if corpus is not None else 0
+
+    def forget_older_than(self, max_age_s: float, now: Optional[float] = None) -> int:
+        """Retention: drop stored sequences last written more than ``max_age_s`` ago.
+
+        Sequences of live requests are kept (they are being written). A tenant
+        left empty and idle is dropped. Returns how many sequences were dropped.
+        """
+        now = time.time() if now is None else now
+        cutoff = now - max_age_s
+        dropped = 0
+        with self._lock:
+            for tenant, corpus in list(self._tenants.items()) + [("", self._shared)]:
+                for key, seq in list(corpus.seqs.items()):
+                    if seq.closed and corpus.learned_unix.get(key, now) < cutoff:
+                        del corpus.seqs[key]
+                        if not seq.removed:
+                            corpus.trie.remove(seq)
+                        dropped += 1
+                for key in [k for k in corpus.learned_unix if k not in corpus.seqs]:
+                    del corpus.learned_unix[key]  # evicted by the bounds since
+                if tenant and not corpus.seqs and corpus.live == 0:
+                    del self._tenants[tenant]
+        return dropped
+
     def memory_stats(self) -> dict[str, Any]:
         """Stored tokens and trie records per tenant, for bounds checks and metrics."""
         with self._lock:
@@ -490,14 +561,18 @@ class SuffixSpeculator(Speculator):
 
         Returns:
             ``{"format": "adaspec.suffix", "version": 1, "tenants": {tenant:
-            {"sequences": [[token ids], ...]}}, "shared": {"sequences": [...]}}``;
-            plain JSON-able types. Live requests are included as far as indexed.
+            {"sequences": [[token ids], ...], "learned_unix": [when each was
+            last written, ...]}}, "shared": {"sequences": [...]}}``; plain
+            JSON-able types (``learned_unix`` is optional when loading: missing
+            times count from the load). Live requests are included as far as
+            indexed.
         """
         with self._lock:
             return {
                 "format": STATE_FORMAT,
                 "version": STATE_VERSION,
-                "tenants": {t: {"sequences": c.sequences()} for t, c in self._tenants.items()},
+                "tenants": {t: {"sequences": c.sequences(), "learned_unix": _times(c)}
+                            for t, c in self._tenants.items()},
                 "shared": {"sequences": self._shared.sequences()},
             }
 
@@ -514,6 +589,7 @@ class SuffixSpeculator(Speculator):
         """
         if not isinstance(state, dict):
             raise ValueError(f"suffix state must be a dict, got {type(state).__name__}")
+        times: dict[str, list[float]] = {}
         if state == {}:
             tenants: dict[str, list[list[int]]] = {}
             shared: list[list[int]] = []
@@ -532,13 +608,15 @@ class SuffixSpeculator(Speculator):
                 if not isinstance(t, str) or not t:
                     raise ValueError(f"suffix state: tenant names must be non-empty strings, got {t!r}")
                 tenants[t] = _check_sequences(v, f"tenant {t!r}")
+                times[t] = _check_times(v, len(tenants[t]))
             shared = _check_sequences(state.get("shared", {"sequences": []}), "shared")
         with self._lock:
             self._tenants = OrderedDict()
+            now = time.time()
             for t, seqs in tenants.items():
                 corpus = self._tenants[t] = self._new_corpus()
-                for s in seqs:
-                    corpus.add(s, live=False)
+                for s, learned in zip(seqs, times.get(t) or [now] * len(seqs)):
+                    _touch(corpus, corpus.add(s, live=False), learned)
             self._evict_tenants()
             self._shared = self._new_corpus()
             for s in shared:
@@ -584,3 +662,30 @@ def _after_invalid(ids: list[int]) -> list[int]:
         if not 0 <= ids[i] < MAX_TOKEN_ID:
             return ids[i + 1 :]
     return ids
+
+
+def _touch(corpus: _Corpus, seq: StoredSequence, when: Optional[float] = None) -> None:
+    """Record when ``seq`` was last written (retention); the table drops keys the bounds evicted."""
+    if seq.removed:
+        corpus.learned_unix.pop(seq.key, None)
+        return
+    corpus.learned_unix[seq.key] = time.time() if when is None else when
+    if len(corpus.learned_unix) > 2 * len(corpus.seqs) + 1024:
+        for key in [k for k in corpus.learned_unix if k not in corpus.seqs]:
+            del corpus.learned_unix[key]
+
+
+def _times(corpus: _Corpus) -> list[float]:
+    now = time.time()
+    return [corpus.learned_unix.get(key, now) for key in corpus.seqs]
+
+
+def _check_times(v: dict, n: int) -> Optional[list[float]]:
+    """A tenant's optional ``learned_unix``: one number per sequence, else None (times count from now)."""
+    times = v.get("learned_unix")
+    if times is None:
+        return None
+    if not isinstance(times, list) or len(times) != n or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) for t in times):
+        raise ValueError("suffix state: learned_unix must hold one number per sequence")
+    return [float(t) for t in times]
