@@ -1,4 +1,4 @@
-"""Command line: ``adaspec generate | models | bench | demo | serve | state``."""
+"""Command line: adaspec generate | models | bench | demo | serve | state | train-speculator."""
 
 from __future__ import annotations
 
@@ -122,8 +122,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     p = argparse.ArgumentParser(prog="adaspec demo")
     add_drift_arguments(p)
+    skip = min(3, args.phase_length // 2) if args.skip is None else args.skip
     argv = ["--model", args.model, "--dtype", args.dtype, "--phase-length", str(args.phase_length),
-            "--skip", str(args.skip), "--systems", args.systems, "--max-tokens", str(args.max_tokens),
+            "--skip", str(skip), "--systems", args.systems, "--max-tokens", str(args.max_tokens),
             "--out", args.out, "--threads", str(args.threads)]
     if args.max_model_len is not None:
         argv += ["--max-model-len", str(args.max_model_len)]
@@ -237,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="short drift benchmark on the default model (~10 min on 2 cores)")
     config.add_model_arguments(d)
     d.add_argument("--phase-length", type=int, default=8, help="requests per phase (default: %(default)s)")
-    d.add_argument("--skip", type=int, default=3,
-                   help="requests per phase left out of the 'after' columns (default: %(default)s)")
+    d.add_argument("--skip", type=int, default=None,
+                   help="requests per phase left out of the 'after' columns (default: 3, or half the phase "
+                        "length when that is shorter)")
     d.add_argument("--systems", default=DEMO_SYSTEMS, help="comma list (default: %(default)s)")
     d.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default: %(default)s)")
     d.add_argument("--out", default="bench_out/demo", help="output folder (default: %(default)s)")

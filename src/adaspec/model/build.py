@@ -9,6 +9,7 @@ stale build is never loaded.
 
 from __future__ import annotations
 
+import sys
 import hashlib
 import os
 from pathlib import Path
@@ -50,6 +51,9 @@ def lean_kernel():
             name = f"adaspec_lean_{h.hexdigest()[:12]}"
             build_dir = cache_root() / "torch_extensions" / name
             build_dir.mkdir(parents=True, exist_ok=True)
+            if not any(build_dir.glob("*.so")):
+                print("adaspec: building the lean core's C++ kernel (once per machine; a minute or two)...",
+                      file=sys.stderr, flush=True)
             module = load(name=name, sources=[str(s) for s in sources], extra_cflags=_CFLAGS,
                           build_directory=str(build_dir), verbose=False)
         except Exception as exc:  # no compiler, no ninja, no AVX2, a compile error ...

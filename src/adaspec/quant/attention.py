@@ -9,6 +9,7 @@ use (:func:`attention_kernel`), or, where it cannot be built, one
 
 from __future__ import annotations
 
+import sys
 import hashlib
 import os
 from pathlib import Path
@@ -74,6 +75,9 @@ def attention_kernel() -> Optional[object]:
             name = f"adaspec_invariant_attention_{digest}"
             build_dir = cache_root() / "torch_extensions" / name
             build_dir.mkdir(parents=True, exist_ok=True)
+            if not any(build_dir.glob("*.so")):
+                print("adaspec: building the invariant-attention C++ kernel (once per machine; a minute or two)...",
+                      file=sys.stderr, flush=True)
             module = load_inline(name=name, cpp_sources=[source], functions=["invariant_attention"],
                                  extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=fast"],
                                  build_directory=str(build_dir), verbose=False)

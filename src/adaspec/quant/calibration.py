@@ -10,6 +10,7 @@ machine with the same tokenizer.
 
 from __future__ import annotations
 
+import sys
 import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -322,6 +323,8 @@ def cached_activation_stats(model: nn.Module, calibration_ids: Sequence[torch.Te
             return {name: ActivationStats(**fields) for name, fields in raw.items()}
         except Exception:  # a truncated or stale file: recompute
             pass
+    print("adaspec: calibrating int8 activation scales (once per model; about a minute)...", file=sys.stderr,
+          flush=True)
     stats = collect_activation_stats(model, calibration_ids)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
