@@ -179,11 +179,15 @@ def test_sigkill_during_traffic_loses_at_most_one_interval_and_never_tears(tiny_
 
 
 def test_learned_state_plateaus_at_its_bounds_on_a_long_stream(tiny_target) -> None:
-    """Small caps, a stream long enough to pass them many times: stored tokens and records stay flat."""
+    """Small caps, a stream long enough to pass them many times: stored tokens, records and resident memory stay flat."""
     cap_tokens, cap_nodes = 1500, 4000
     spec = SuffixSpeculator(max_tokens_per_tenant=cap_tokens, max_nodes_per_tenant=cap_nodes)
     app = create_app(Engine(tiny_target, [spec], lookahead=4), "tiny", request_timeout_s=120)
-    sizes = []
+    import gc
+
+    import psutil
+
+    sizes, rss = [], {}
     with BackgroundServer(app) as server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=60)
         for i in range(120):
@@ -191,7 +195,12 @@ def test_learned_state_plateaus_at_its_bounds_on_a_long_stream(tiny_target) -> N
                                       max_tokens=24, temperature=0)
             stats = spec.memory_stats()["tenants"]["default"]
             sizes.append((stats["tokens"], stats["nodes"]))
+            if i in (59, 119):  # the server process's resident memory, half way and at the end
+                gc.collect()
+                rss[i] = psutil.Process().memory_info().rss
         spec.check_integrity()
+    # Resident memory stays flat once the learned state is at its bounds.
+    assert rss[119] - rss[59] < max(0.10 * rss[59], 16 << 20), rss
     total_learned = 120 * (24 + 30)
     assert total_learned > 4 * cap_tokens  # the stream passes the bound several times over
     assert all(t <= cap_tokens and n <= cap_nodes for t, n in sizes)
