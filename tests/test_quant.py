@@ -453,10 +453,43 @@ def test_real_model_int8_invariant_and_close_in_perplexity():
 
 
 def test_bench_quality_table(tiny_model_dir):
-    from adaspec.bench.quality import format_quality, measure_quality
+    from adaspec.bench.quality import DEFAULT_SYSTEMS, format_quality, measure_quality
 
-    res = measure_quality(str(tiny_model_dir), ["float32", "int8"], n_per_domain=2, max_tokens=24)
-    assert set(res) == {"float32", "int8"} and set(res["int8"]) == {"python", "rust", "chat", "all"}
+    res = measure_quality(str(tiny_model_dir), DEFAULT_SYSTEMS.split(","), n_per_domain=2, max_tokens=24, chunk=5)
+    assert list(res) == ["float32:transformers", "int8:transformers", "int8:lean"]
+    assert set(res["int8:lean"]) == {"python", "rust", "chat", "all"}
     assert all(r["ppl"] > 1 and r["tokens"] > 0 for row in res.values() for r in row.values())
+    # the pooled row is the token-weighted union of the domains
+    assert res["int8:lean"]["all"]["tokens"] == sum(res["int8:lean"][d]["tokens"] for d in ("python", "rust", "chat"))
+    # same int8 weights on both runtimes: the lean kernels cost (almost) nothing in quality
+    for d in res["int8:lean"]:
+        assert math.isclose(res["int8:lean"][d]["ppl"], res["int8:transformers"][d]["ppl"], rel_tol=0.01)
     table = format_quality(res)
-    assert table.splitlines()[0] == "| dtype | python | rust | chat | all |" and "x) |" in table
+    assert table.splitlines()[0] == "| dtype:runtime | python | rust | chat | all |" and "x) |" in table
+    assert "int8 lean / transformers: python " in table
+
+
+def test_runtime_perplexity_matches_module_perplexity_and_is_chunk_invariant(tiny_model_dir):
+    from adaspec.model.target import lean_target
+    from adaspec.target import load_target
+
+    target = load_target(str(tiny_model_dir), dtype="float32", runtime="transformers")
+    seqs = [_ids(30, 9), _ids(1, 10), _ids(12, 11)]
+    ref = quant.perplexity(target.model, seqs)
+    hf = quant.runtime_perplexity(target, seqs, chunk=7)
+    assert hf["tokens"] == ref["tokens"] == 29 + 11
+    assert math.isclose(hf["ppl"], ref["ppl"], rel_tol=1e-4)
+    lean = lean_target(target)
+    by_chunk = [quant.runtime_perplexity(lean, seqs, chunk=c)["nll"] for c in (1, 4, 64)]
+    assert by_chunk[0] == by_chunk[1] == by_chunk[2]  # bitwise: the lean core is chunk invariant
+    assert math.isclose(by_chunk[0], ref["nll"], rel_tol=1e-4)
+    with pytest.raises(ValueError):
+        quant.runtime_perplexity(lean, seqs, chunk=0)
+
+
+def test_bench_quality_refuses_unknown_runtime():
+    from adaspec.bench.quality import QualitySystem, parse_systems
+
+    assert parse_systems(["float32", "int8:lean"]) == [QualitySystem("float32", "auto"), QualitySystem("int8", "lean")]
+    with pytest.raises(ValueError, match="runtime"):
+        parse_systems(["int8:gpu"])

@@ -43,7 +43,7 @@ Modules (this package re-exports their public names):
 - :mod:`~adaspec.quant.calibration`: calibration and held-out texts,
   activation statistics (cached on disk), SmoothQuant;
 - :mod:`~adaspec.quant.convert`: :func:`quantize_model_int8`, :func:`quantize_target`;
-- :mod:`~adaspec.quant.checks`: :func:`perplexity`, :func:`check_batch_invariance`.
+- :mod:`~adaspec.quant.checks`: :func:`perplexity`, :func:`runtime_perplexity`, :func:`check_batch_invariance`.
 """
 
 from adaspec.quant.attention import (
@@ -64,7 +64,7 @@ from adaspec.quant.calibration import (
     held_out_texts,
     smooth_model,
 )
-from adaspec.quant.checks import InvarianceResult, check_batch_invariance, perplexity
+from adaspec.quant.checks import InvarianceResult, check_batch_invariance, perplexity, runtime_perplexity
 from adaspec.quant.convert import FUSED_GROUPS, quantize_model_int8, quantize_target
 from adaspec.quant.linear import (
     FusedInt8Group,
@@ -79,7 +79,7 @@ __all__ = [
     "use_invariant_attention",
     "STDLIB_CALIBRATION_MODULES", "ActivationStats", "cached_activation_stats", "calibration_texts",
     "collect_activation_stats", "default_calibration_ids", "held_out_texts", "smooth_model",
-    "InvarianceResult", "check_batch_invariance", "perplexity",
+    "InvarianceResult", "check_batch_invariance", "perplexity", "runtime_perplexity",
     "FUSED_GROUPS", "quantize_model_int8", "quantize_target",
     "FusedInt8Group", "FusedInt8Member", "Int8Linear", "default_bits", "fbgemm_saturates",
 ]

@@ -11,13 +11,32 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _scored_sequences(tokenizer_or_ids, texts: Optional[Sequence[str]], max_tokens: int) -> list[torch.Tensor]:
+    """``[T]`` int64 sequences cut to ``max_tokens``, those with at least 2 tokens (something to predict)."""
+    if isinstance(tokenizer_or_ids, (list, tuple)):
+        seqs = [torch.as_tensor(t, dtype=torch.long).reshape(-1) for t in tokenizer_or_ids]
+    else:
+        if texts is None:
+            raise ValueError("perplexity with a tokenizer needs texts")
+        seqs = [torch.as_tensor(tokenizer_or_ids(t)["input_ids"], dtype=torch.long) for t in texts]
+    seqs = [ids[:max_tokens] for ids in seqs]
+    return [ids for ids in seqs if len(ids) >= 2]
+
+
+def _summary(total_nll: float, count: int) -> dict:
+    if count == 0:
+        raise ValueError("no sequence with at least 2 tokens")
+    return {"ppl": math.exp(total_nll / count), "nll": total_nll / count, "tokens": count}
+
+
 @torch.inference_mode()
 def perplexity(model: nn.Module, tokenizer_or_ids, texts: Optional[Sequence[str]] = None,
                max_tokens: int = 512) -> dict:
-    """Token-level perplexity of ``model`` on held-out text.
+    """Token-level perplexity of a transformers module on held-out text.
 
     One forward per sequence (no cache), mean negative log-likelihood over all
-    predicted tokens of all sequences, ``exp`` of it.
+    predicted tokens of all sequences, ``exp`` of it. :func:`runtime_perplexity`
+    does the same through a target's runtime forward (lean or transformers).
 
     Args:
         model: a transformers causal LM.
@@ -32,23 +51,51 @@ def perplexity(model: nn.Module, tokenizer_or_ids, texts: Optional[Sequence[str]
     Raises:
         ValueError: a tokenizer without texts, or nothing to score.
     """
-    if isinstance(tokenizer_or_ids, (list, tuple)):
-        seqs = [torch.as_tensor(t, dtype=torch.long).reshape(-1) for t in tokenizer_or_ids]
-    else:
-        if texts is None:
-            raise ValueError("perplexity with a tokenizer needs texts")
-        seqs = [torch.as_tensor(tokenizer_or_ids(t)["input_ids"], dtype=torch.long) for t in texts]
     total, count = 0.0, 0
-    for ids in seqs:
-        ids = ids[:max_tokens]
-        if len(ids) < 2:
-            continue
+    for ids in _scored_sequences(tokenizer_or_ids, texts, max_tokens):
         logits = model(input_ids=ids[None], use_cache=False).logits[0, :-1].float()  # [T-1, V]
         total += float(F.cross_entropy(logits, ids[1:], reduction="sum"))
         count += len(ids) - 1
-    if count == 0:
-        raise ValueError("no sequence with at least 2 tokens")
-    return {"ppl": math.exp(total / count), "nll": total / count, "tokens": count}
+    return _summary(total, count)
+
+
+@torch.inference_mode()
+def runtime_perplexity(target, tokenizer_or_ids, texts: Optional[Sequence[str]] = None,
+                       max_tokens: int = 512, chunk: int = 64) -> dict:
+    """Perplexity as :func:`perplexity`, computed through ``target.forward`` (the runtime that decodes).
+
+    Each sequence is prefilled into a fresh cache in forwards of ``chunk``
+    tokens, keeping every fed position's logits (``last_only=False``), so the
+    score covers the forward the engine runs: the lean core for a
+    :class:`~adaspec.model.target.LeanTarget`, transformers with a cache for a
+    plain :class:`~adaspec.target.TargetModel`. On a batch-invariant runtime
+    the result does not depend on ``chunk``.
+
+    Args:
+        target: anything with ``new_cache()`` and ``forward(cache, token_ids, last_only)``
+            returning ``.logits`` ``[T, V]``.
+        tokenizer_or_ids, texts, max_tokens: as :func:`perplexity`.
+        chunk: tokens per prefill forward (>= 1).
+
+    Returns:
+        ``{"ppl", "nll", "tokens"}`` as :func:`perplexity`.
+
+    Raises:
+        ValueError: ``chunk < 1``, a tokenizer without texts, or nothing to score.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    total, count = 0.0, 0
+    for ids in _scored_sequences(tokenizer_or_ids, texts, max_tokens):
+        kv = target.new_cache()
+        feed = ids[:-1].tolist()  # the last token is only predicted
+        rows = []
+        for start in range(0, len(feed), chunk):
+            rows.append(target.forward(kv, feed[start:start + chunk], last_only=False).logits.float())
+        logits = torch.cat(rows)  # [T-1, V]
+        total += float(F.cross_entropy(logits, ids[1:], reduction="sum"))
+        count += len(ids) - 1
+    return _summary(total, count)
 
 
 @dataclass
