@@ -223,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_quality_arguments(bq)
     bq.set_defaults(func=quality_from_args)
 
+    be = bsub.add_parser("engines", help="this engine (plain, atlas) vs llama.cpp (plain, prompt lookup), same prompts")
+    from adaspec.bench.engines import add_engines_arguments, engines_from_args
+
+    add_engines_arguments(be)
+    be.set_defaults(func=engines_from_args)
+
     rs = bsub.add_parser("restart", help="a restarted server vs before the restart vs a cold one, on repeated traffic")
     from adaspec.bench.restart import add_restart_arguments, restart_from_args
 
