@@ -40,7 +40,7 @@ LLAMA_SYSTEMS = ("llama-plain", "llama-lookup")
 DEFAULT_DOMAINS = "python,rust,chat,sql,tools"
 DEFAULT_LOOKUP_TOKENS = 10  # llama.cpp's prompt lookup draft length (transformers' peer uses 10 too)
 STREAMS = ("drift", "long")
-LLAMA_N_CTX = 4096  # llama.cpp's context (KV cache) size: the longest drift prompt plus its output fits
+LLAMA_N_CTX_SLACK = 32  # llama.cpp's context beyond the longest request (prompt + new tokens + drafts)
 
 
 @dataclass
@@ -334,7 +334,7 @@ def add_engines_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _build_systems(names: Sequence[str], target, threads: int, gguf: Optional[str], lookup_tokens: int,
-                   log: Callable[[str], None]) -> list[EngineBenchSystem]:
+                   log: Callable[[str], None], n_ctx: int = 2048) -> list[EngineBenchSystem]:
     from adaspec.config import EngineConfig, build_engine
 
     unknown = [n for n in names if n not in ENGINE_SYSTEMS + LLAMA_SYSTEMS]
@@ -354,7 +354,7 @@ def _build_systems(names: Sequence[str], target, threads: int, gguf: Optional[st
             log(f"llama.cpp not run ({why}); measuring this engine's systems only")
         else:
             for name in llama:
-                systems.append(LlamaCppSystem(name, gguf, threads, min(target.max_model_len, LLAMA_N_CTX), target.eos_token_ids,
+                systems.append(LlamaCppSystem(name, gguf, threads, n_ctx, target.eos_token_ids,
                                               lookup_tokens if name == "llama-lookup" else 0))
     return systems
 
@@ -381,7 +381,10 @@ def engines_from_args(args: argparse.Namespace) -> int:
     records: list[EngineRecord] = []
     for threads in thread_counts:
         apply_threads(threads)
-        systems = _build_systems(names, target, threads, gguf, args.lookup_tokens, print)
+        # llama.cpp's context must hold the longest request (with prompt lookup it keeps logits for all of it)
+        n_ctx = min(target.max_model_len, max(len(r.prompt_ids) + r.max_tokens for r in requests)
+                    + args.lookup_tokens + LLAMA_N_CTX_SLACK)
+        systems = _build_systems(names, target, threads, gguf, args.lookup_tokens, print, n_ctx=n_ctx)
         for s in systems:  # first-call costs (allocator, llama.cpp's graph) out of the timings; not a bench prompt
             s.run(warm_ids, 8, False)
         records += run_engines(requests, systems, threads)
