@@ -91,7 +91,7 @@ def _start(cmd, env):
     return proc
 
 
-def _wait_up(proc, base, timeout_s=120):
+def _wait_up(proc, base, timeout_s=300):  # start-up imports torch; slow on a loaded machine
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -119,7 +119,7 @@ def test_sigkill_during_traffic_loses_at_most_one_interval_and_never_tears(tiny_
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "adaspec.server.main", "--model", str(tiny_model_dir), "--port", str(port),
            "--served-model-name", "tiny", "--max-model-len", "256", "--log-level", "warning",
-           "--speculator", "suffix", "--state-dir", str(state_dir), "--snapshot-interval", "1",
+           "--dtype", "float32", "--threads", "1", "--speculator", "suffix", "--state-dir", str(state_dir), "--snapshot-interval", "1",
            "--snapshot-tokens", "0", "--shutdown-timeout", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     rng = random.Random(0)

@@ -441,9 +441,10 @@ def summary_tables(s: DriftSummary) -> list[Table]:
                           for m in s.mismatches if m.system == sy)[:300] or "none"]
                for sy in s.systems if s.checked[sy]],
               "Every system of this engine must match plain decoding token for token. Other engines "
-              "(hf-*, vllm-*) are listed for reference: on the int8 path transformers computes the first new "
-              "token inside its prefill forward, which is not batch-invariant beyond 64 tokens, so near-ties "
-              "can flip without either output being wrong (BENCHMARKS.md, issue 2 section)."),
+              "(hf-*, vllm-*) are listed for reference: on int8 they run other arithmetic (transformers: "
+              "fbgemm's int16-saturating int8 GEMM where the lean core's is exact, and its first new token "
+              "from a prefill forward that is not batch-invariant), so near-ties can flip without either "
+              "output being wrong (BENCHMARKS.md, issue 2 and lean core sections)."),
     ]
     blk_headers = ["requests", "phase"]
     for sy in s.systems:
