@@ -338,3 +338,50 @@ def test_long_prefill_is_split_and_identical(targets):
     assert torch.equal(whole, parts) and torch.equal(hid, hid2)
     last = lean.forward(lean.new_cache(), ids, last_only=True)
     assert torch.equal(last.logits[0], whole[-1]) and last.logits.shape[0] == 1
+
+
+def test_kernel_build_survives_a_dead_builders_lock(tmp_path):
+    """F: a process killed mid-load left torch's ``lock`` file; CI then hung on it for 90 min."""
+    from types import SimpleNamespace
+
+    from adaspec.cpp_ext import build_and_load
+
+    build_dir = tmp_path / "ext"
+    build_dir.mkdir()
+    (build_dir / "lock").write_text("")  # what a SIGKILLed torch build leaves
+    seen = []
+
+    def build(path):
+        seen.append(Path(path, "lock").exists())
+        return SimpleNamespace(name="built")
+
+    assert build_and_load("adaspec_test_ext", build_dir, build).name == "built"
+    assert seen == [False] and (build_dir / ".complete").exists()
+
+    def failing(path):
+        raise RuntimeError("compile error")
+
+    other = tmp_path / "other"
+    with pytest.raises(RuntimeError, match="compile error"):
+        build_and_load("adaspec_test_ext2", other, failing)
+    assert not (other / ".complete").exists()  # a failed build is retried next time
+
+
+def test_finished_kernel_build_is_imported_without_building(tmp_path):
+    import shutil
+
+    from adaspec.cpp_ext import build_and_load
+    from adaspec.model.build import lean_kernel
+
+    real = Path(lean_kernel().__file__)
+    build_dir = tmp_path / real.parent.name
+    build_dir.mkdir()
+    shutil.copy(real, build_dir / real.name)
+    (build_dir / ".complete").write_text("built\n")
+    (build_dir / "lock").write_text("")  # ignored: nothing is built
+
+    def build(path):
+        raise AssertionError("a finished build was rebuilt")
+
+    module = build_and_load(real.stem, build_dir, build)
+    assert hasattr(module, "__file__")

@@ -9,7 +9,6 @@ use (:func:`attention_kernel`), or, where it cannot be built, one
 
 from __future__ import annotations
 
-import sys
 import hashlib
 import os
 from pathlib import Path
@@ -59,28 +58,19 @@ def attention_kernel() -> Optional[object]:
         try:
             if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
                 raise RuntimeError(f"CPU capability {torch.backends.cpu.get_cpu_capability()} lacks AVX2")
-            try:  # the PyPI `ninja` package (requirements.lock) puts its binary beside the venv's python
-                import ninja
-
-                if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
-                    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-            except ImportError:
-                pass
             from torch.utils.cpp_extension import load_inline
 
-            from adaspec.models import cache_root
+            from adaspec.cpp_ext import build_and_load, extension_dir
 
             source = KERNEL_SOURCE.read_text(encoding="utf-8")
             digest = hashlib.sha256(source.encode()).hexdigest()[:12]
             name = f"adaspec_invariant_attention_{digest}"
-            build_dir = cache_root() / "torch_extensions" / name
-            build_dir.mkdir(parents=True, exist_ok=True)
-            if not any(build_dir.glob("*.so")):
-                print("adaspec: building the invariant-attention C++ kernel (once per machine; a minute or two)...",
-                      file=sys.stderr, flush=True)
-            module = load_inline(name=name, cpp_sources=[source], functions=["invariant_attention"],
-                                 extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=fast"],
-                                 build_directory=str(build_dir), verbose=False)
+            module = build_and_load(
+                name, extension_dir(name),
+                lambda build_dir: load_inline(name=name, cpp_sources=[source], functions=["invariant_attention"],
+                                              extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=fast"],
+                                              build_directory=build_dir, verbose=False),
+                what="invariant-attention C++ kernel")
             op = module.invariant_attention
         except Exception as exc:  # no compiler, no ninja, no AVX2, ...
             error = f"{type(exc).__name__}: {exc}"
