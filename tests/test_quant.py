@@ -493,3 +493,73 @@ def test_bench_quality_refuses_unknown_runtime():
     assert parse_systems(["float32", "int8:lean"]) == [QualitySystem("float32", "auto"), QualitySystem("int8", "lean")]
     with pytest.raises(ValueError, match="runtime"):
         parse_systems(["int8:gpu"])
+
+
+# --------------------------------------------------------------------------- int8 model cache
+
+
+@pytest.fixture
+def quant_cache(tmp_path, monkeypatch):
+    from adaspec.quant import cache
+
+    folder = tmp_path / "quant-cache"
+    monkeypatch.setattr(cache, "cache_path", lambda key, cache_dir=None: folder / f"int8-model-{key}.safetensors")
+    return folder
+
+
+def _fresh_and_cached(model_dir, runtime):
+    from adaspec.target import load_target
+
+    fresh = load_target(str(model_dir), dtype="int8", max_model_len=256, runtime=runtime)
+    cached = load_target(str(model_dir), dtype="int8", max_model_len=256, runtime=runtime)
+    return fresh, cached
+
+
+@pytest.mark.parametrize("runtime", ["transformers", "lean"])
+def test_int8_model_cache_gives_bitwise_the_quantized_model(tiny_model_dir, quant_cache, runtime):
+    """Quantize once, load from the cache after: same int8 state, same logits bit for bit."""
+    fresh, cached = _fresh_and_cached(tiny_model_dir, runtime)
+    assert "cache" not in fresh.quant_report and cached.quant_report["cache"].startswith(str(quant_cache))
+    assert len(list(quant_cache.glob("int8-model-*.safetensors"))) == 1
+    got, want = _int8_state(cached.model), _int8_state(fresh.model)
+    assert got.keys() == want.keys() and len(got) > 10
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert torch.equal(cached.model.model.embed_tokens.weight, fresh.model.model.embed_tokens.weight)
+    ids = _ids(40, seed=3, vocab=fresh.vocab_size).tolist()
+    a, b = fresh.forward(fresh.new_cache(), ids), cached.forward(cached.new_cache(), ids)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.hidden, b.hidden)
+    for k in ("quantized", "fused", "smoothed", "lm_head", "activation_bits", "weight_bits"):
+        assert cached.quant_report[k] == fresh.quant_report[k], k
+
+
+def test_damaged_int8_cache_is_quantized_again(tiny_model_dir, quant_cache, capsys):
+    from adaspec.target import load_target
+
+    fresh = load_target(str(tiny_model_dir), dtype="int8", max_model_len=256, runtime="transformers")
+    (path,) = quant_cache.glob("int8-model-*.safetensors")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a crash mid-copy, a full disk
+    again = load_target(str(tiny_model_dir), dtype="int8", max_model_len=256, runtime="transformers")
+    assert "unusable" in capsys.readouterr().err and "cache" not in again.quant_report
+    ids = _ids(30, seed=4, vocab=fresh.vocab_size).tolist()
+    assert torch.equal(fresh.forward(fresh.new_cache(), ids).logits, again.forward(again.new_cache(), ids).logits)
+    assert path.exists() and path.stat().st_size > 0  # rewritten whole
+
+
+def test_int8_cache_key_follows_weights_and_calibration(tiny_model_dir, tmp_path):
+    import shutil
+
+    from adaspec.quant import cache
+
+    ids = [torch.arange(10)]
+    key = cache.int8_cache_key(tiny_model_dir, ids, 8, 7, 0.5)
+    assert key == cache.int8_cache_key(tiny_model_dir, ids, 8, 7, 0.5)
+    assert key != cache.int8_cache_key(tiny_model_dir, [torch.arange(11)], 8, 7, 0.5)
+    assert key != cache.int8_cache_key(tiny_model_dir, ids, 8, 8, 0.5)
+    other = shutil.copytree(tiny_model_dir, tmp_path / "other")
+    assert cache.int8_cache_key(other, ids, 8, 7, 0.5) == key  # content, not path
+    from conftest import build_tiny_model_dir
+
+    changed = build_tiny_model_dir(tmp_path / "seed9", seed=9)
+    assert cache.int8_cache_key(changed, ids, 8, 7, 0.5) != key
+    assert cache.int8_cache_key(tmp_path, ids, 8, 7, 0.5) is None  # not a model folder

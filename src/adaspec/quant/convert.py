@@ -20,6 +20,8 @@ from adaspec.quant.calibration import (
 )
 from adaspec.quant.linear import FusedInt8Group, FusedInt8Member, Int8Linear, default_bits, quantized_engine
 
+DEFAULT_SMOOTH_ALPHA = 0.5  # SmoothQuant migration strength of the default int8 path
+
 # Projections that read the same input tensor, fused into one matmul when all present.
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -38,7 +40,7 @@ def _decoder_linears(model: nn.Module, lm_head: bool) -> list[tuple[str, nn.Modu
 
 
 def quantize_model_int8(model: nn.Module, calibration_ids: Optional[Sequence[torch.Tensor]] = None, *,
-                        lm_head: bool = True, smooth_alpha: Optional[float] = 0.5,
+                        lm_head: bool = True, smooth_alpha: Optional[float] = DEFAULT_SMOOTH_ALPHA,
                         activation_bits: Optional[int] = None, weight_bits: Optional[int] = None,
                         fuse: bool = True, invariant_attention: bool = True,
                         stats: Optional[dict[str, "ActivationStats"]] = None) -> dict:
@@ -147,7 +149,7 @@ def quantize_model_int8(model: nn.Module, calibration_ids: Optional[Sequence[tor
     return report
 
 
-def quantize_target(target, calibration_ids: Optional[Sequence[torch.Tensor]] = None) -> dict:
+def quantize_target(target, calibration_ids: Optional[Sequence[torch.Tensor]] = None, use_cache: bool = True) -> dict:
     """:func:`quantize_model_int8` for an :class:`adaspec.target.TargetModel` (in place).
 
     Calibration defaults to :func:`default_calibration_ids` of the target's
@@ -155,16 +157,37 @@ def quantize_target(target, calibration_ids: Optional[Sequence[torch.Tensor]] = 
     source, both from the subset shipped in the package, so every machine
     calibrates alike); its statistics are cached on disk
     (:func:`cached_activation_stats`), so only the first int8 load of a model
-    pays the calibration forwards.
+    pays the calibration forwards. With ``use_cache`` the quantized model itself
+    is cached too (:mod:`adaspec.quant.cache`): later loads build the int8 layers
+    from it without reading the fp32 weights.
 
     Returns:
-        the :func:`quantize_model_int8` report.
+        the :func:`quantize_model_int8` report (with ``cache``: the file, when loaded from it).
 
     Raises:
         FileNotFoundError: the shipped calibration data is missing (a broken
             install): better than quietly quantizing another way.
     """
+    from adaspec.quant import cache
+
     if calibration_ids is None:
         calibration_ids = default_calibration_ids(target.tokenizer)
+    path = None
+    if use_cache and calibration_ids:
+        a_bits, w_bits = default_bits()
+        key = cache.int8_cache_key(getattr(target.model, "name_or_path", "") or "", calibration_ids, a_bits, w_bits,
+                                   DEFAULT_SMOOTH_ALPHA)
+        path = cache.cache_path(key) if key else None
+    if path is not None and path.exists():
+        try:
+            return cache.load_int8_model(target.model, path)
+        except Exception as exc:  # a stale or damaged file: quantize again (the model is untouched)
+            cache.note(f"int8 cache {path.name} unusable ({type(exc).__name__}: {exc}); quantizing again")
     stats = cached_activation_stats(target.model, calibration_ids) if calibration_ids else None
-    return quantize_model_int8(target.model, calibration_ids, stats=stats)
+    report = quantize_model_int8(target.model, calibration_ids, stats=stats, smooth_alpha=DEFAULT_SMOOTH_ALPHA)
+    if path is not None:
+        try:
+            cache.save_int8_model(target.model, report, path)
+        except Exception as exc:  # a full or read-only disk: serve anyway
+            cache.note(f"could not write the int8 cache {path} ({type(exc).__name__}: {exc})")
+    return report

@@ -34,15 +34,15 @@ def quantized_engine() -> str:
     )
 
 
-def _pack_int8(weight: torch.Tensor, weight_bits: int = 8) -> tuple[torch.Tensor, torch.Tensor, object]:
-    """Quantize a weight per output channel (symmetric) and prepack it for fbgemm.
+def _quantize_weight(weight: torch.Tensor, weight_bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a weight per output channel (symmetric).
 
     Args:
         weight: ``[N, K]`` float weight.
         weight_bits: 8 (levels -127..127) or 7 (-63..63).
 
     Returns:
-        ``(w_int8 [N, K] int8, w_scale [N] float32, packed)``; ``w_int8 * w_scale[:, None]``
+        ``(w_int8 [N, K] int8, w_scale [N] float32)``; ``w_int8 * w_scale[:, None]``
         is the dequantized weight.
     """
     w = weight.detach().float()
@@ -52,8 +52,22 @@ def _pack_int8(weight: torch.Tensor, weight_bits: int = 8) -> tuple[torch.Tensor
         # quantized tensors are deprecated for removal in a future torch; 2.13 is pinned.
         warnings.simplefilter("ignore")
         wq = torch.quantize_per_channel(w, w_scale.double(), zero, 0, torch.qint8)
-        packed = torch.ops.quantized.linear_prepack(wq, None)
-    return wq.int_repr(), w_scale, packed
+    return wq.int_repr(), w_scale
+
+
+def _prepack(w_int8: torch.Tensor, w_scale: torch.Tensor) -> object:
+    """fbgemm's packed form of an int8 weight (``[N, K]`` int8, ``[N]`` float32 scale)."""
+    zero = torch.zeros(w_int8.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wq = torch._make_per_channel_quantized_tensor(w_int8.contiguous(), w_scale.double(), zero, 0)
+        return torch.ops.quantized.linear_prepack(wq, None)
+
+
+def _pack_int8(weight: torch.Tensor, weight_bits: int = 8) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """:func:`_quantize_weight` and fbgemm's packed form: ``(w_int8, w_scale, packed)``."""
+    w_int8, w_scale = _quantize_weight(weight, weight_bits)
+    return w_int8, w_scale, _prepack(w_int8, w_scale)
 
 
 _SATURATES: Optional[bool] = None
@@ -148,10 +162,50 @@ class Int8Linear(nn.Module):
         if input_smooth is not None:
             weight = weight * input_smooth.float()[None, :]
             self.inv_smooth = nn.Parameter((1.0 / input_smooth.float()).clone(), requires_grad=False)
-        w_int8, w_scale, self._packed = _pack_int8(weight, weight_bits)
+        w_int8, w_scale = _quantize_weight(weight, weight_bits)
+        self._set_int8(w_int8, w_scale, None if bias is None else bias.detach().float().clone())
+
+    def _set_int8(self, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
         self.register_buffer("w_scale", w_scale, persistent=False)
-        self._w_int8 = w_int8  # kept for dequantized_weight(); 1 byte per weight
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self._w_int8 = w_int8  # 1 byte per weight: the lean core and dequantized_weight() read it
+        self._packed_weight = None  # fbgemm's copy, packed on the first forward (the lean core never needs it)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_int8(cls, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  inv_smooth: Optional[torch.Tensor] = None, activation_bits: int = 8,
+                  weight_bits: int = 8) -> "Int8Linear":
+        """An Int8Linear from already quantized parts (as :mod:`adaspec.quant.cache` stores them).
+
+        Args:
+            w_int8: ``[N, K]`` int8 weight; w_scale: ``[N]`` float32 per-channel scale;
+            bias: ``[N]`` float32 or None; inv_smooth: ``[K]`` float32 (1 / SmoothQuant
+            factors applied to the input) or None.
+
+        Raises:
+            ValueError: shapes or dtypes that do not fit, or a bit width not in (7, 8).
+        """
+        if activation_bits not in (7, 8) or weight_bits not in (7, 8):
+            raise ValueError(f"bit widths must be 7 or 8, got {activation_bits} (activations), {weight_bits} (weights)")
+        if w_int8.dtype != torch.int8 or w_int8.dim() != 2 or tuple(w_scale.shape) != (w_int8.shape[0],):
+            raise ValueError(f"w_int8 must be [N, K] int8 and w_scale [N], got {tuple(w_int8.shape)} "
+                             f"{w_int8.dtype} and {tuple(w_scale.shape)}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = w_int8.shape
+        self.activation_bits, self.weight_bits = activation_bits, weight_bits
+        self.q_max = float(2 ** (activation_bits - 1) - 1)
+        self.zero_point = int(self.q_max) + 1
+        self.inv_smooth = None if inv_smooth is None else nn.Parameter(inv_smooth.float(), requires_grad=False)
+        self._set_int8(w_int8, w_scale.float(), None if bias is None else bias.float())
+        return self
+
+    @property
+    def _packed(self) -> object:
+        if self._packed_weight is None:
+            quantized_engine()
+            self._packed_weight = _prepack(self._w_int8, self.w_scale)
+        return self._packed_weight
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, activation_bits: Optional[int] = None,
@@ -215,6 +269,23 @@ class FusedInt8Group(nn.Module):
             bounds.append(bounds[-1] + lin.out_features)
         self.bounds = bounds
         self._stash = threading.local()  # .input, .output, .served
+
+    @classmethod
+    def from_linear(cls, linear: Int8Linear, bounds: Sequence[int]) -> "FusedInt8Group":
+        """A group over an already stacked :class:`Int8Linear`; member i owns rows ``bounds[i]:bounds[i+1]``.
+
+        Raises:
+            ValueError: bounds that do not start at 0, increase, and end at ``linear.out_features``.
+        """
+        bounds = [int(b) for b in bounds]
+        if bounds[0] != 0 or bounds[-1] != linear.out_features or any(a >= b for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"bounds {bounds} do not split {linear.out_features} rows")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.linear = linear
+        self.bounds = bounds
+        self._stash = threading.local()
+        return self
 
     def __getstate__(self):  # deepcopy / pickle: the per-thread stash is not state
         state = self.__dict__.copy()
