@@ -83,3 +83,32 @@ def test_without_llama_cpp_only_this_engine_runs(tiny_target, monkeypatch):
                                      said.append)
     assert [s.name for s in systems] == ["plain"]
     assert "llama.cpp not run" in said[0] and "this engine's systems only" in said[0]
+
+
+def test_a_failing_peer_leaves_the_request_out_for_everyone(tiny_target):
+    """llama-cpp-python's prompt lookup raised mid-run twice ("could not broadcast ..."): the run goes on."""
+    from adaspec.config import EngineConfig, build_engine
+
+    plain = AdaspecSystem("plain", build_engine(EngineConfig(model=tiny_target.name, dtype=tiny_target.dtype,
+                                                             speculator="none", threads=1, calibrate=False),
+                                                target=tiny_target))
+
+    class Flaky:
+        name = "flaky"
+
+        def __init__(self):
+            self.calls = 0
+
+        def run(self, prompt_ids, max_tokens, ignore_eos):
+            self.calls += 1
+            if self.calls == 2:
+                raise ValueError("could not broadcast input array from shape (245760,) into shape (0,)")
+            return RunTiming(list(prompt_ids[:3]), 0.1, 0.05, 1)
+
+    prompt = tiny_target.tokenizer.encode("def add(a, b):\n    return a + b\n")
+    reqs = [BenchRequest("drift", "python", f"p{i}", prompt, 4, False) for i in range(3)]
+    lines, skipped = [], []
+    records = run_engines(reqs, [plain, Flaky()], threads=1, log=lines.append, skipped=skipped)
+    assert sorted({r.request for r in records}) == [0, 2] and len(records) == 4
+    assert len(skipped) == 1 and skipped[0]["request"] == 1 and "broadcast" in skipped[0]["errors"]["flaky"]
+    assert "left out for every system" in lines[1]

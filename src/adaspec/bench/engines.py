@@ -280,17 +280,32 @@ def build_requests(target, domains: Sequence[str], per_domain: int, max_tokens: 
 
 
 def run_engines(requests: Sequence[BenchRequest], systems: Sequence[EngineBenchSystem], threads: int,
-                log: Callable[[str], None] = print) -> list[EngineRecord]:
+                log: Callable[[str], None] = print, skipped: Optional[list] = None) -> list[EngineRecord]:
     """Every request on every system, interleaved (order rotated per request).
 
     ``same_as_plain`` compares each system's output to ``plain``'s on the same
-    request when a system named ``plain`` runs.
+    request when a system named ``plain`` runs. A request on which any system
+    raises is logged, appended to ``skipped`` (stream, request, domain,
+    threads, the errors) and left out for every system, so the systems are
+    always compared on the same requests.
     """
     records: list[EngineRecord] = []
     names = [s.name for s in systems]
     for i, req in enumerate(requests):
         order = list(systems[i % len(systems):]) + list(systems[:i % len(systems)])
-        timings = {s.name: s.run(req.prompt_ids, req.max_tokens, req.ignore_eos) for s in order}
+        timings, errors = {}, {}
+        for s in order:
+            try:
+                timings[s.name] = s.run(req.prompt_ids, req.max_tokens, req.ignore_eos)
+            except Exception as exc:  # a peer's bug must not end the run (llama-cpp-python's lookup did)
+                errors[s.name] = f"{type(exc).__name__}: {exc}"
+        if errors:
+            log(f"[{req.stream} {i + 1}/{len(requests)} {req.domain}] left out for every system: "
+                + "; ".join(f"{n} failed ({e})" for n, e in errors.items()))
+            if skipped is not None:
+                skipped.append({"stream": req.stream, "request": i, "domain": req.domain, "threads": threads,
+                                "prompt_tokens": len(req.prompt_ids), "errors": errors})
+            continue
         plain_ids = timings["plain"].token_ids if "plain" in timings else None
         for name in names:
             rec = make_record(req.stream, i, req.domain, req.prompt_id, name, threads, len(req.prompt_ids),
@@ -379,6 +394,7 @@ def engines_from_args(args: argparse.Namespace) -> int:
     print(f"engines: {len(requests)} requests, target {target.name} {target.dtype} "
           f"({getattr(target, 'runtime', 'transformers')}), llama.cpp on {gguf}")
     records: list[EngineRecord] = []
+    skipped: list[dict] = []
     for threads in thread_counts:
         apply_threads(threads)
         # llama.cpp's context must hold the longest request (with prompt lookup it keeps logits for all of it)
@@ -387,7 +403,7 @@ def engines_from_args(args: argparse.Namespace) -> int:
         systems = _build_systems(names, target, threads, gguf, args.lookup_tokens, print, n_ctx=n_ctx)
         for s in systems:  # first-call costs (allocator, llama.cpp's graph) out of the timings; not a bench prompt
             s.run(warm_ids, 8, False)
-        records += run_engines(requests, systems, threads)
+        records += run_engines(requests, systems, threads, skipped=skipped)
     rows = summarize(records)
     table = format_engines(rows)
     if args.out:
@@ -397,6 +413,6 @@ def engines_from_args(args: argparse.Namespace) -> int:
             for r in records:
                 f.write(json.dumps(asdict(r)) + "\n")
         (out / "run.json").write_text(json.dumps({"machine": machine_info(), "args": vars(args) | {"func": None},
-                                                  "gguf": gguf}, indent=1, default=str))
+                                                  "gguf": gguf, "skipped": skipped}, indent=1, default=str))
     print_table(table, str(Path(args.out) / "engines.md") if args.out else None)
     return 0

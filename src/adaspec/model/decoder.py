@@ -139,7 +139,9 @@ class LeanDecoder:
         """Build from a transformers llama/qwen2 model, fp32 or after :func:`adaspec.quant.quantize_model_int8`.
 
         Args:
-            model: the ``*ForCausalLM`` module (not modified; int8 weights are copied).
+            model: the ``*ForCausalLM`` module (not modified; int8 weights are copied, and an
+                :class:`adaspec.quant.Int8Linear` loaded from the int8 cache drops its own
+                copy until something reads it: ``Int8Linear.release_int8``).
             max_positions: RoPE table length (the context window).
             pool_tokens: KV pool capacity in positions over all requests
                 (default ``8 * max_positions``; virtual memory until used).
@@ -183,6 +185,12 @@ class LeanDecoder:
         km.set_head(inner.norm.weight.detach().float(), _linear(ext, [model.lm_head], kinds))
         if len(kinds) != 1:
             raise ValueError(f"mixed linear kinds {kinds}: quantize all layers or none")
+        from adaspec.quant import Int8Linear
+
+        for mod in model.modules():  # the kernel holds its own copy; a cached int8 model reads it back on demand
+            if isinstance(mod, Int8Linear):
+                mod.release_int8()
+        _trim_heap()
         dtype = kinds.pop()
         pool_tokens = pool_tokens or 8 * max_positions
         pool = BlockPool(len(inner.layers), Hkv, D, -(-pool_tokens // block_size), block_size)
@@ -305,6 +313,16 @@ class LeanDecoder:
         self._km.matmuls_only(rows)
 
 
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc keeps freed chunks of a few MB mapped)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _out_features(lin: nn.Module) -> int:
     return int(getattr(lin, "out_features", None) or lin.weight.shape[0])
 
@@ -343,8 +361,12 @@ def _linear(ext, mods: Sequence[nn.Module], kinds: set):
         has_bias = any(lin.bias is not None for lin in lins)
         bias = torch.cat([lin.bias.detach()[sl] if lin.bias is not None else torch.zeros(sl.stop - sl.start)
                           for lin, sl in parts]) if has_bias else None
-        return ext.make_linear(w.contiguous(), scale.float().contiguous(), bias,
+        made = ext.make_linear(w.contiguous(), scale.float().contiguous(), bias,
                                None if smooth is None else smooth.detach().float(), lins[0].activation_bits)
+        del w
+        for lin in lins:  # layer by layer, so two copies of every weight never coexist
+            lin.release_int8()
+        return made
     if any(p is not None for p in parts) or not all(isinstance(m, nn.Linear) for m in mods):
         raise ValueError(f"unsupported linear layers {[type(m).__name__ for m in mods]}")
     kinds.add("float32")

@@ -156,6 +156,38 @@ def _evict(folder: Path) -> None:
             pass
 
 
+_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
+
+
+def read_tensors(path: str | Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``names`` of a safetensors file read into ordinary (anonymous) memory, not memory-mapped.
+
+    A memory-mapped tensor's touched pages stay resident while any tensor of the
+    file is alive; these are freed when the tensor is, so an int8 weight the lean
+    core has copied really leaves memory (:meth:`Int8Linear.release_int8`).
+
+    Raises:
+        KeyError: a name not in the file; ValueError: a dtype this reader does not know.
+    """
+    out = {}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        base = 8 + n
+        for name in names:
+            info = header[name]
+            if info["dtype"] not in _DTYPES:
+                raise ValueError(f"{name}: dtype {info['dtype']} not supported")
+            a, b = info["data_offsets"]
+            raw = torch.empty(b - a, dtype=torch.uint8)
+            f.seek(base + a)
+            if f.readinto(raw.numpy()) != b - a:
+                raise ValueError(f"{path}: truncated at {name}")
+            out[name] = raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return out
+
+
 def load_int8_model(model: nn.Module, path: Path) -> dict:
     """Make the fp32 ``model`` the cached int8 model, in place; returns the quantization report.
 
@@ -168,9 +200,11 @@ def load_int8_model(model: nn.Module, path: Path) -> dict:
     """
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(path), framework="pt") as f:  # memory-mapped: pages load as they are touched
         meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.endswith("/w_int8")}
+        weights = [k for k in f.keys() if k.endswith("/w_int8")]
+    tensors.update(read_tensors(path, weights))  # the int8 weights: released once the lean core holds its copy
     entries = json.loads(meta["layout"])
     aliases = json.loads(meta.get("aliases", "{}"))
     for k, src in aliases.items():
@@ -187,6 +221,7 @@ def load_int8_model(model: nn.Module, path: Path) -> dict:
             raise ValueError(f"{e['key']}: cached weight {tuple(w.shape)} does not fit the model")
         lin = Int8Linear.from_int8(w, tensors[f"{k}/w_scale"], tensors.get(f"{k}/bias"), tensors.get(f"{k}/inv_smooth"),
                                    e["activation_bits"], e["weight_bits"])
+        lin._int8_source = (str(path), f"{k}/w_int8")  # see Int8Linear.release_int8
         built.append((e, parent, lin))
     rest = {k[len("rest/"):]: t for k, t in tensors.items() if k.startswith("rest/")}
     params = dict(model.named_parameters(remove_duplicate=False))

@@ -167,7 +167,8 @@ class Int8Linear(nn.Module):
 
     def _set_int8(self, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
         self.register_buffer("w_scale", w_scale, persistent=False)
-        self._w_int8 = w_int8  # 1 byte per weight: the lean core and dequantized_weight() read it
+        self._w_int8_data = w_int8  # 1 byte per weight: the lean core and dequantized_weight() read it
+        self._int8_source = None  # (safetensors file, key) it can be read back from, see release_int8
         self._packed_weight = None  # fbgemm's copy, packed on the first forward (the lean core never needs it)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
@@ -201,6 +202,24 @@ class Int8Linear(nn.Module):
         return self
 
     @property
+    def _w_int8(self) -> torch.Tensor:
+        """``[N, K]`` int8 weight (read back from its file if :meth:`release_int8` dropped it)."""
+        if self._w_int8_data is None:
+            from adaspec.quant.cache import read_tensors
+
+            path, key = self._int8_source
+            self._w_int8_data = read_tensors(path, [key])[key]
+        return self._w_int8_data
+
+    def release_int8(self) -> bool:
+        """Drop the int8 weight from memory if it can be read back from a file (the int8
+        model cache); True if dropped. The lean core calls this once it holds its own copy."""
+        if self._int8_source is None or self._packed_weight is not None:
+            return False
+        self._w_int8_data = None
+        return True
+
+    @property
     def _packed(self) -> object:
         if self._packed_weight is None:
             quantized_engine()
@@ -213,9 +232,13 @@ class Int8Linear(nn.Module):
         """Build from an ``nn.Linear`` (its weight and bias are copied, not shared)."""
         return cls(linear.weight, linear.bias, activation_bits, weight_bits)
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """``[N, K]`` float32: the weight this module effectively multiplies its input by."""
-        w = self._w_int8.float() * self.w_scale[:, None]
+    def dequantized_weight(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[N, K]`` float32: the weight this module effectively multiplies its input by
+        (``[len(rows), K]``: only the output rows ``rows``, int64)."""
+        if rows is None:
+            w = self._w_int8.float() * self.w_scale[:, None]
+        else:
+            w = self._w_int8[rows].float() * self.w_scale[rows][:, None]
         return w if self.inv_smooth is None else w * self.inv_smooth[None, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

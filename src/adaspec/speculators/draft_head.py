@@ -281,23 +281,26 @@ def target_embedding_weight(target: Any) -> torch.Tensor:
     return target.model.model.embed_tokens.weight.detach()
 
 
-def target_lm_head_weight(target: Any) -> Optional[torch.Tensor]:
-    """``[V, H]`` float32 LM-head weight of a target, or None when it is not a dense tensor.
+def target_lm_head_weight(target: Any, rows: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """``[V, H]`` float32 LM-head weight of a target (``[len(rows), H]``: only ``rows``),
+    or None when it is not a dense tensor.
 
     A quantized LM head is dequantized: ``adaspec.quant.Int8Linear`` (its
-    ``dequantized_weight()``) or ``torch.ao`` dynamic int8 (whose ``weight`` is
-    a method returning a quantized tensor).
+    ``dequantized_weight(rows)``, so a draft vocabulary's rows never cost the
+    whole fp32 head) or ``torch.ao`` dynamic int8 (whose ``weight`` is a method
+    returning a quantized tensor).
     """
     head = target.model.lm_head
     if callable(getattr(head, "dequantized_weight", None)):
-        return head.dequantized_weight().detach().float()
+        return head.dequantized_weight(rows).detach().float()
     w = getattr(head, "weight", None)
     if callable(w) and not isinstance(w, torch.Tensor):
         w = w()
     if isinstance(w, torch.Tensor):
         if w.is_quantized:
             w = w.dequantize()
-        return w.detach().float()
+        w = w.detach()
+        return (w if rows is None else w[rows]).float()
     return None
 
 
@@ -570,9 +573,8 @@ def check_matches_target(net: DraftHeadNet, target: Any) -> None:
             f"draft head was trained for vocabulary {cfg.target_vocab_size} x hidden {cfg.hidden_size} "
             f"({cfg.target_name or 'unknown target'}); target {target.name} has {V} x {int(emb.shape[1])}"
         )
-    lm = target_lm_head_weight(target)
-    if lm is not None:
-        rows = lm[net.draft_to_target]  # [Vd, H]
+    rows = target_lm_head_weight(target, net.draft_to_target)  # [Vd, H]
+    if rows is not None:
         scale = float(rows.abs().max()) or 1.0
         err = float((rows - net.lm_head).abs().max()) / scale
         if err > _LM_HEAD_MATCH_TOLERANCE:
