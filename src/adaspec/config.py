@@ -176,11 +176,24 @@ def load_config_target(cfg: EngineConfig, log: Callable[[str], None] | None = No
 
 
 def calibrated_cost_model(target: "TargetModel") -> "CostModel":
-    """The controller's cost model, seeded with verify times measured on ``target`` now (~3 s)."""
+    """The controller's cost model, seeded with verify times measured on ``target`` (~3 s, once per target).
+
+    The measured table is kept on the target, so every controller built for
+    it (e.g. chain and tree mode side by side in a benchmark) starts from the
+    same curve; each gets its own :class:`CostModel`, whose scale then
+    follows its own forwards.
+    """
     from adaspec.controller import CostModel
     from adaspec.step_cost import measure_step_cost
 
-    return CostModel(measure_step_cost(target, ks=CALIBRATION_TOKENS_FED, repeats=3, prompt_len=32))
+    table = getattr(target, "_adaspec_verify_ms_table", None)
+    if table is None:
+        table = measure_step_cost(target, ks=CALIBRATION_TOKENS_FED, repeats=3, prompt_len=32)
+        try:
+            target._adaspec_verify_ms_table = dict(table)
+        except AttributeError:  # a target that takes no attributes: measure again next time
+            pass
+    return CostModel(dict(table))
 
 
 def static_speculator_or_none(target: "TargetModel") -> Optional["Speculator"]:

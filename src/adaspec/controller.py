@@ -481,19 +481,20 @@ class ConfidenceAwareController(Controller):
         for i in range(tree.num_nodes):
             tree.value[i] = values[i]
         sub = tree.subtree(keep)
-        self._pending[ctx.request_id] = [_PendingTree(sub, mode)]  # type: ignore[list-item]
+        # The whole candidate tree is judged, the pruned nodes in the shadow, so an
+        # estimate that priced a speculator's nodes out of the tree can recover.
+        self._pending[ctx.request_id] = [_PendingTree(tree, mode)]  # type: ignore[list-item]
         self.choices["tree"] = self.choices.get("tree", 0) + 1
         return DraftProposal(speculator="tree", tree=sub)
 
     def _tree_values(self, tree: TokenTree, tenant: str, mode: str) -> list[float]:
         """Per node: the estimated probability that it is accepted (product of per-node estimates along its path)."""
         p_node: list[float] = []
+        depths: list[int] = []
         for i in range(tree.num_nodes):
-            depth = 0
-            j = tree.parents[i]
-            while j >= 0:
-                depth += 1
-                j = tree.parents[j]
+            par = tree.parents[i]
+            depth = depths[par] + 1 if par >= 0 else 0  # 0 = the root's child
+            depths.append(depth)
             best = 0.0
             for c in tree.claims[i]:
                 est = self.estimator(c.source, tenant, mode)
@@ -513,13 +514,19 @@ class ConfidenceAwareController(Controller):
         return values
 
     def _judge_tree(self, request_id: str, pend: _PendingTree, token_ids: Sequence[int], num_accepted: int) -> None:
-        """Judge every verified node whose parent was reached: accepted iff it is on the accepted path."""
+        """Judge every candidate node whose parent is on the committed path: right iff it is the committed token.
+
+        ``pend.tree`` is the whole candidate tree (verified and pruned nodes):
+        a verified node is thus judged by its verification (accepted iff on the
+        accepted path), a pruned one in the shadow, against what the target
+        committed (as chain mode judges an unchosen draft).
+        """
         tenant = self._tenant_of.get(request_id, DEFAULT_TENANT)
         tree = pend.tree
         known = len(token_ids)  # tokens known at depths 1..known
         depth_of: dict[int, int] = {-1: 0}  # reached nodes -> depth
         node = -1
-        for t in token_ids[:min(num_accepted, known)]:
+        for t in token_ids[:known]:
             nxt = tree.child(node, t)
             if nxt is None:
                 break
