@@ -23,6 +23,12 @@ Pure torch; no model imports. Three rules:
   a draft token is accepted iff it equals that draw. The output is therefore a
   function of the seed and the target's distributions only, identical under
   every speculator and lookahead, and still an exact sample of the target.
+
+Each rule has a token-tree form (``verify_tree_*``, tree mode): greedy takes the
+longest path whose every token is the target's argmax at its parent; coupled
+walks the tree along the target's own seeded draw; unseeded sampling runs
+recursive rejection sampling over each node's candidates (SpecInfer, Miao et
+al. 2023). A one-branch tree gives exactly the chain rule's result.
 """
 
 from __future__ import annotations
