@@ -306,7 +306,7 @@ def _sampled_tree(q_rows, g, shape):
 RULE_SHAPES = {
     "point_masses": [(-1, None), (-1, None), (-1, None), (0, None), (0, None)],
     "iid_siblings": [(-1, 0), (-1, 0), (-1, 0), (0, 1)],
-    "mixed": [(-1, 1), (-1, None), (0, 0), (-1, 0)],
+    "mixed": [(-1, 1), (-1, None), (0, 0), (-1, 0), (-1, 1)],
 }
 
 
@@ -413,3 +413,19 @@ def test_real_model_greedy_tree_equals_plain(real_target):
         assert a.token_ids == b.token_ids, text
         trees += a.speculation.tree_steps
     assert trees > 0
+
+
+def test_equal_draws_keep_their_proposal_order():
+    """Two i.i.d. draws of one token are two candidates at their own places, not regrouped."""
+    q = torch.full((V,), 1.0 / V)
+    t = TokenTree()
+    t.add(-1, 3, TreeClaim("s", q))
+    t.add(-1, 5, TreeClaim("s", q))
+    t.add(-1, 3, TreeClaim("s", q))
+    assert [(n, t.tokens[n]) for n, _ in t.candidates(-1)] == [(0, 3), (1, 5), (0, 3)]
+    sub = t.subtree([0, 1], point_masses=True)
+    assert [sub.tokens[n] for n, _ in sub.candidates(-1)] == [3, 5, 3]
+    assert all(c.draft_probs is None for _, c in sub.candidates(-1))
+    merged = TokenTree()
+    merged.merge(t)
+    assert [merged.tokens[n] for n, _ in merged.candidates(-1)] == [3, 5, 3]

@@ -249,8 +249,8 @@ class ConfidenceAwareController(Controller):
     (EAGLE-2) are merged (a shared prefix is one node). Each node's value is
     the probability that it is accepted: the product along its path of the
     calibrated acceptance estimate of each node (the best of its claims;
-    under greedy decoding siblings exclude each other, so their estimates are
-    scaled to sum to at most 1). :func:`adaspec.estimates.size_tree` then
+    siblings exclude each other, so their estimates are scaled to sum to at
+    most 1). :func:`adaspec.estimates.size_tree` then
     keeps the most valuable nodes up to the count that maximises expected
     tokens per second under the measured cost curve by tokens fed; a chain is
     the one-branch case and plain decoding the empty tree. Every verified node
@@ -480,7 +480,7 @@ class ConfidenceAwareController(Controller):
             return DraftProposal(speculator="tree", tree=TokenTree())
         for i in range(tree.num_nodes):
             tree.value[i] = values[i]
-        sub = tree.subtree(keep)
+        sub = tree.subtree(keep, point_masses=True)  # chosen by value: sampled claims become point masses
         # The whole candidate tree is judged, the pruned nodes in the shadow, so an
         # estimate that priced a speculator's nodes out of the tree can recover.
         self._pending[ctx.request_id] = [_PendingTree(tree, mode)]  # type: ignore[list-item]
@@ -501,13 +501,14 @@ class ConfidenceAwareController(Controller):
                 p = est.calibrated([c.confidence])[0] if c.confidence is not None else est.position_probs(depth + 1)[depth]
                 best = max(best, p)
             p_node.append(best)
-        if mode == "greedy":  # one argmax per parent: siblings' probabilities sum to at most 1
-            for parent in [-1] + list(range(tree.num_nodes)):
-                kids = tree.children(parent)
-                total = sum(p_node[k] for k in kids)
-                if total > 1.0:
-                    for k in kids:
-                        p_node[k] /= total
+        # One token is emitted per position under every rule (argmax, coupled draw,
+        # rejection sampling): siblings exclude each other, so their probabilities sum to at most 1.
+        for parent in [-1] + list(range(tree.num_nodes)):
+            kids = tree.children(parent)
+            total = sum(p_node[k] for k in kids)
+            if total > 1.0:
+                for k in kids:
+                    p_node[k] /= total
         values: list[float] = []
         for i, par in enumerate(tree.parents):
             values.append(p_node[i] * (values[par] if par >= 0 else 1.0))

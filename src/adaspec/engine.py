@@ -582,7 +582,8 @@ def _sanitize_tree(tree: TokenTree, max_nodes: int, vocab_size: int) -> TokenTre
         if par in ok and 0 <= int(t) < vocab_size:
             ok.add(i)
             keep.append(i)
-    return tree if len(keep) == tree.num_nodes else tree.subtree(keep)
+    # A cut tree keeps nodes by their place, which depends on the drafted tokens: point masses stay exact.
+    return tree if len(keep) == tree.num_nodes else tree.subtree(keep, point_masses=True)
 
 
 def _first_branch(tree: TokenTree) -> DraftProposal:

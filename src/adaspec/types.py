@@ -158,6 +158,8 @@ class TokenTree:
         self.claims: list[list[TreeClaim]] = []
         self.value: list[float] = []
         self._children: dict[int, dict[int, int]] = {-1: {}}  # parent -> token -> node
+        self._log: list[tuple[int, TreeClaim]] = []  # (node, claim) in the order claims were added
+        self._cands: dict[int, list[tuple[int, TreeClaim]]] = {}  # parent -> its children's claims, in order
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -178,6 +180,15 @@ class TokenTree:
         """Nodes under ``parent`` (-1: root), in insertion order."""
         return list(self._children.get(parent, {}).values())
 
+    def candidates(self, parent: int) -> list[tuple[int, TreeClaim]]:
+        """``(child node, claim)`` for every claim on a child of ``parent``, in the order the claims were added.
+
+        Rejection sampling tries them in this order: the proposal order, never
+        regrouped by token (regrouping equal draws would make a later
+        candidate depend on the values of the others).
+        """
+        return list(self._cands.get(parent, []))
+
     def add(self, parent: int, token: int, claim: TreeClaim, value: float = 0.0) -> int:
         """Add ``token`` under ``parent`` (-1: root), or add ``claim`` to the node already there.
 
@@ -195,13 +206,15 @@ class TokenTree:
         if i is not None:
             self.claims[i].append(claim)
             self.value[i] = max(self.value[i], value)
-            return i
-        i = len(self.tokens)
-        self.tokens.append(token)
-        self.parents.append(parent)
-        self.claims.append([claim])
-        self.value.append(value)
-        kids[token] = i
+        else:
+            i = len(self.tokens)
+            self.tokens.append(token)
+            self.parents.append(parent)
+            self.claims.append([claim])
+            self.value.append(value)
+            kids[token] = i
+        self._log.append((i, claim))
+        self._cands.setdefault(parent, []).append((i, claim))
         return i
 
     def add_path(self, token_ids: Sequence[int], source: str, parent: int = -1,
@@ -223,13 +236,10 @@ class TokenTree:
         return out
 
     def merge(self, other: "TokenTree") -> None:
-        """Add every node of ``other`` (its claims and values), merging shared prefixes."""
+        """Add every claim of ``other`` (in its order, with its values), merging shared prefixes."""
         where: dict[int, int] = {-1: -1}
-        for i, (t, p) in enumerate(zip(other.tokens, other.parents)):
-            node = -1
-            for c in other.claims[i]:
-                node = self.add(where[p], t, c, other.value[i])
-            where[i] = node
+        for i, c in other._log:
+            where[i] = self.add(where[other.parents[i]], other.tokens[i], c, other.value[i])
 
     def depth(self, i: int) -> int:
         """Depth of node ``i`` (1 for a child of the root)."""
@@ -254,19 +264,32 @@ class TokenTree:
             i = self.parents[i]
         return out[::-1]
 
-    def subtree(self, keep: Sequence[int]) -> "TokenTree":
-        """The tree of nodes ``keep`` (each one's parent must be kept too), re-indexed in order."""
-        keep = sorted(set(int(i) for i in keep))
+    def subtree(self, keep: Sequence[int], point_masses: bool = False) -> "TokenTree":
+        """The tree of nodes ``keep`` (each one's parent must be kept too), claims in their order.
+
+        Args:
+            keep: node indices to keep.
+            point_masses: drop every claim's ``draft_probs`` (each kept token
+                becomes a deterministic candidate). Required when ``keep`` was
+                chosen by looking at the drafted tokens (e.g. by their value):
+                a sampled token that survived a selection is no longer a draw
+                from its q, while a point mass stays exact for any token.
+
+        Raises:
+            ValueError: a node kept without its parent.
+        """
+        kept = set(int(i) for i in keep)
+        for i in kept:
+            p = self.parents[i]
+            if p >= 0 and p not in kept:
+                raise ValueError(f"node {i} kept without its parent {p}")
         where: dict[int, int] = {-1: -1}
         out = TokenTree()
-        for i in keep:
-            p = self.parents[i]
-            if p not in where:
-                raise ValueError(f"node {i} kept without its parent {p}")
-            node = -1
-            for c in self.claims[i]:
-                node = out.add(where[p], self.tokens[i], c, self.value[i])
-            where[i] = node
+        for i, c in self._log:
+            if i in kept:
+                if point_masses and c.draft_probs is not None:
+                    c = TreeClaim(c.source, None, c.confidence)
+                where[i] = out.add(where[self.parents[i]], self.tokens[i], c, self.value[i])
         return out
 
     @classmethod

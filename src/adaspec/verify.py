@@ -246,8 +246,9 @@ def verify_tree_stochastic(target_probs: torch.Tensor, tree: TokenTree,
                            generator: Optional[torch.Generator]) -> TreeVerifyResult:
     """Recursive rejection sampling over a token tree (SpecInfer, Miao et al. 2023, Alg. 2 "multi-step speculative sampling"; SpecTr, Sun et al. 2023).
 
-    At each node the candidates are its children's claims in order (a child
-    proposed by two speculators is two candidates). With ``p`` the target's
+    At each node the candidates are its children's claims in the order they
+    were proposed (:meth:`TokenTree.candidates`; a child proposed twice is two
+    candidates). With ``p`` the target's
     distribution at the node, candidate x with draft distribution q is accepted
     with probability ``min(1, p(x) / q(x))`` (a deterministic claim is a point
     mass: ``p(x)``); on acceptance the walk moves to x's node, on rejection
@@ -257,7 +258,10 @@ def verify_tree_stochastic(target_probs: torch.Tensor, tree: TokenTree,
     target distribution. Each stage is one exact single-draft rejection step
     against the current ``p`` (Leviathan et al. 2023), so every emitted token
     is distributed exactly as the target's, provided each sampled claim was
-    drawn from its q independently of the others; with deterministic
+    drawn from its q independently of the others and no candidate was kept
+    or dropped by looking at the drawn tokens (a tree pruned by value must
+    carry point masses: :meth:`TokenTree.subtree` with ``point_masses``; a
+    point mass is exact for any token fixed before verification); with deterministic
     candidates the rule samples without replacement, accepting one of them
     with probability ``sum p(x)``.
 
@@ -276,28 +280,25 @@ def verify_tree_stochastic(target_probs: torch.Tensor, tree: TokenTree,
     while True:
         p = target_probs[node + 1]
         accepted: Optional[int] = None
-        for child in tree.children(node):
+        for child, claim in tree.candidates(node):
             x = tree.tokens[child]
-            for claim in tree.claims[child]:
-                q = claim.draft_probs
-                q_x = 1.0 if q is None else float(q[x])
-                if q_x <= 0.0:
-                    raise ValueError(f"tree node {child} (token {x}) has zero draft probability under its claim")
-                p_x = float(p[x])
-                r = float(torch.rand((), generator=generator))
-                if r * q_x < p_x:
-                    accepted = child
-                    break
-                if q is None:
-                    residual = p.clone()
-                    residual[x] = 0.0
-                else:
-                    residual = torch.clamp(p - q, min=0.0)
-                total = float(residual.sum())
-                # total == 0 only when p is (up to rounding) covered by q: rejection had probability ~0.
-                p = residual / total if total > 0.0 else p
-            if accepted is not None:
+            q = claim.draft_probs
+            q_x = 1.0 if q is None else float(q[x])
+            if q_x <= 0.0:
+                raise ValueError(f"tree node {child} (token {x}) has zero draft probability under its claim")
+            p_x = float(p[x])
+            r = float(torch.rand((), generator=generator))
+            if r * q_x < p_x:
+                accepted = child
                 break
+            if q is None:
+                residual = p.clone()
+                residual[x] = 0.0
+            else:
+                residual = torch.clamp(p - q, min=0.0)
+            total = float(residual.sum())
+            # total == 0 only when p is (up to rounding) covered by q: rejection had probability ~0.
+            p = residual / total if total > 0.0 else p
         if accepted is None:
             tok = int(torch.multinomial(p, 1, generator=generator).item())
             return TreeVerifyResult([tree.tokens[i] for i in path] + [tok], path, tree.num_nodes)
