@@ -37,6 +37,7 @@ from adaspec.speculators.base import Speculator
 from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext, TokenTree, common_prefix_len, is_greedy
 
 NO_SPECULATOR = "none"  # the name stats use for a step without a draft
+ALT_SUFFIX = ":alt"  # tree mode: estimates of a speculator's alternatives (not its first choice) go under name + this
 ATLAS_MAX_LOOKAHEAD = 16  # the most draft tokens the confidence-aware controller may choose per step
 
 
@@ -253,8 +254,11 @@ class ConfidenceAwareController(Controller):
     most 1). :func:`adaspec.estimates.size_tree` then
     keeps the most valuable nodes up to the count that maximises expected
     tokens per second under the measured cost curve by tokens fed; a chain is
-    the one-branch case and plain decoding the empty tree. Every verified node
-    whose parent was reached is judged (accepted iff on the accepted path).
+    the one-branch case and plain decoding the empty tree. Every candidate
+    node whose parent is on the committed path is judged (verified ones by
+    their verification, pruned ones in the shadow); a speculator's first
+    choice under a parent and its alternatives have separate estimates
+    (``name`` and ``name + ":alt"``), since alternatives are right less often.
     """
 
     name = "atlas"
@@ -311,6 +315,8 @@ class ConfidenceAwareController(Controller):
 
     def _new_estimator(self, speculator: str, max_positions: Optional[int] = None) -> AcceptanceEstimator:
         prior = self.static_prior if self.static is not None and speculator == self.static.name else 0.3
+        if speculator.endswith(ALT_SUFFIX):  # a tree's alternatives start doubtful
+            prior = 0.1
         return AcceptanceEstimator(prior=prior, decay=self.decay, max_positions=max_positions or self.max_lookahead)
 
     # ---------------------------------------------------------------- lifecycle
@@ -489,6 +495,7 @@ class ConfidenceAwareController(Controller):
 
     def _tree_values(self, tree: TokenTree, tenant: str, mode: str) -> list[float]:
         """Per node: the estimated probability that it is accepted (product of per-node estimates along its path)."""
+        primary = _primary_children(tree)
         p_node: list[float] = []
         depths: list[int] = []
         for i in range(tree.num_nodes):
@@ -497,7 +504,7 @@ class ConfidenceAwareController(Controller):
             depths.append(depth)
             best = 0.0
             for c in tree.claims[i]:
-                est = self.estimator(c.source, tenant, mode)
+                est = self.estimator(c.source if primary[(par, c.source)] == i else c.source + ALT_SUFFIX, tenant, mode)
                 p = est.calibrated([c.confidence])[0] if c.confidence is not None else est.position_probs(depth + 1)[depth]
                 best = max(best, p)
             p_node.append(best)
@@ -533,22 +540,18 @@ class ConfidenceAwareController(Controller):
                 break
             depth_of[nxt] = depth_of[node] + 1
             node = nxt
-        primary: dict[tuple[int, str], int] = {}
-        for i, par in enumerate(tree.parents):
-            for c in tree.claims[i]:
-                key = (par, c.source)
-                j = primary.get(key)
-                if j is None or (c.confidence or 0.0) > max((x.confidence or 0.0) for x in tree.claims[j]
-                                                             if x.source == c.source):
-                    primary[key] = i
+        primary = _primary_children(tree)
         for i, par in enumerate(tree.parents):
             d = depth_of.get(par)
             if d is None or d + 1 > known:
                 continue
             ok = i in depth_of
             for c in tree.claims[i]:
-                self.estimator(c.source, tenant, pend.mode).observe_node(d, c.confidence, ok,
-                                                                         primary=primary[(par, c.source)] == i)
+                first = primary[(par, c.source)] == i
+                # A speculator's first choice and its alternatives are estimated apart: an
+                # alternative is right less often than a first choice of the same confidence.
+                name = c.source if first else c.source + ALT_SUFFIX
+                self.estimator(name, tenant, pend.mode).observe_node(d, c.confidence, ok)
 
     def observe(self, request_id: str, token_ids: Sequence[int], num_accepted: int, num_draft_tokens: int) -> None:
         """Judge this step's drafts: the chosen one by its verification, the others in the shadow."""
@@ -630,6 +633,19 @@ class ConfidenceAwareController(Controller):
         for name, st in children.items():
             by_name[name].load_state_dict(st)
         self._estimators.update(restored)
+
+
+def _primary_children(tree: TokenTree) -> dict[tuple[int, str], int]:
+    """``(parent, source) -> node``: each speculator's first choice under each parent (its most confident child)."""
+    primary: dict[tuple[int, str], int] = {}
+    best: dict[tuple[int, str], float] = {}
+    for i, par in enumerate(tree.parents):
+        for c in tree.claims[i]:
+            key = (par, c.source)
+            conf = c.confidence if c.confidence is not None else 0.0
+            if key not in primary or conf > best[key]:
+                primary[key], best[key] = i, conf
+    return primary
 
 
 def _truncate(d: DraftProposal, k: int) -> DraftProposal:
