@@ -86,3 +86,48 @@ class EmptySpeculator(Speculator):
 
     def propose(self, ctx: ProposeContext, max_draft_tokens: int) -> DraftProposal:
         return DraftProposal(speculator=self.name)
+
+
+class ScriptedTreeController:
+    """A controller that proposes a scripted token tree every step (tree mode's every accept/reject case).
+
+    ``shape(truth, wrong)`` returns the tree as a list of ``(parent, token)``
+    (parents before children, -1 = the root), where ``truth`` is the plain
+    continuation from this step on (up to 8 tokens) and ``wrong(x, i)`` a token
+    different from x. ``draft_probs(node)`` may give a node's ``[V]`` row (its
+    token must then have been sampled from it; tests use it with sampled shapes).
+    """
+
+    name = "scripted-tree"
+    speculators = ()
+
+    def __init__(self, plain_output: Sequence[int], shape, vocab_size: int, sources=("a", "b")) -> None:
+        self.plain = list(plain_output)
+        self.shape = shape
+        self.vocab_size = vocab_size
+        self.sources = sources
+        self.trees: list = []  # every tree proposed, for inspection
+
+    def _wrong(self, x: int, i: int = 0) -> int:
+        return (int(x) + 1 + i) % self.vocab_size
+
+    def propose(self, ctx: ProposeContext, max_lookahead: int, speculators=None):
+        from adaspec.controller import Decision
+        from adaspec.types import TokenTree, TreeClaim
+
+        pos = len(ctx.token_ids) - ctx.num_prompt_tokens
+        truth = self.plain[pos:pos + 8]
+        truth += [(3 + i) % self.vocab_size for i in range(8 - len(truth))]  # past the end: anything
+        tree = TokenTree()
+        where = {-1: -1}  # shape index -> tree node (a repeated (parent, token) merges)
+        for j, (parent, tok) in enumerate(self.shape(truth, self._wrong)):
+            where[j] = tree.add(where[parent], tok, TreeClaim(self.sources[j % len(self.sources)], None, 0.5))
+        self.trees.append(tree)
+        return Decision("tree", tree.num_nodes, DraftProposal(speculator="tree", tree=tree))
+
+    def start_request(self, *a, **k) -> None: ...
+    def stop_request(self, *a, **k) -> None: ...
+    def observe(self, *a, **k) -> None: ...
+    def on_verify(self, *a, **k) -> None: ...
+    def state_dict(self) -> dict:
+        return {}

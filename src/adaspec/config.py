@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # imported lazily at run time: torch and transformers take se
     from adaspec.store import SnapshotStore
     from adaspec.target import TargetModel
 
-SPECULATORS = ("none", "ngram", "suffix", "static", "atlas")
+SPECULATORS = ("none", "ngram", "suffix", "static", "atlas", "atlas-tree")
 DEFAULT_DTYPE = "int8"  # the fastest exact path (batch-invariant int8, see adaspec.quant)
 DEFAULT_SPECULATOR = "atlas"  # the confidence-aware controller over the static and the adaptive speculator
 DEFAULT_LOOKAHEAD = 8  # k of a single named speculator
@@ -41,8 +41,8 @@ CALIBRATION_TOKENS_FED = (1, 2, 3, 5, 9, 13, 17)
 
 
 def default_lookahead(speculator: str) -> int:
-    """k when none is given: :data:`ATLAS_LOOKAHEAD` for atlas (its controller picks k per step), else 8."""
-    return ATLAS_LOOKAHEAD if speculator == "atlas" else DEFAULT_LOOKAHEAD
+    """k when none is given: :data:`ATLAS_LOOKAHEAD` for atlas / atlas-tree (its controller picks k per step), else 8."""
+    return ATLAS_LOOKAHEAD if speculator in ("atlas", "atlas-tree") else DEFAULT_LOOKAHEAD
 
 
 @dataclass
@@ -52,7 +52,12 @@ class EngineConfig:
     Attributes:
         model: registry name (``adaspec models``), local HF folder or ``.gguf`` file.
         dtype: "int8" (batch-invariant quantized path) or "float32".
-        speculator: one of :data:`SPECULATORS`; "none" decodes plainly.
+        speculator: one of :data:`SPECULATORS`; "none" decodes plainly;
+            "atlas-tree" is atlas in tree mode (every step verifies one token
+            tree merging the suffix speculator's continuations, prompt
+            lookup's matches and the draft head's dynamic tree, sized by the
+            controller from the measured cost curve; needs the lean core, on
+            the transformers runtime it verifies chains).
         lookahead: most draft tokens per step; None for :func:`default_lookahead`.
         draft_model: with ``speculator="static"``: a small causal LM with the
             target's tokenizer, instead of the shipped draft head.
@@ -127,7 +132,9 @@ def add_speculator_arguments(p: argparse.ArgumentParser, state_help: str) -> Non
     """``--speculator``, ``--lookahead``, ``--draft-model``, ``--state-dir``."""
     p.add_argument("--speculator", default=DEFAULT_SPECULATOR, choices=SPECULATORS,
                    help="draft proposer; none decodes plainly; atlas is the confidence-aware controller over the "
-                        "static and the adaptive speculator (default: %(default)s)")
+                        "static and the adaptive speculator; atlas-tree verifies one token tree per step merging "
+                        "every speculator's candidates (lean core; chains on the transformers runtime) "
+                        "(default: %(default)s)")
     p.add_argument("--lookahead", type=int, default=None,
                    help=f"most draft tokens per step, k (default: {DEFAULT_LOOKAHEAD}; {ATLAS_LOOKAHEAD} for atlas, "
                         "whose controller picks k per step)")
@@ -169,11 +176,24 @@ def load_config_target(cfg: EngineConfig, log: Callable[[str], None] | None = No
 
 
 def calibrated_cost_model(target: "TargetModel") -> "CostModel":
-    """The controller's cost model, seeded with verify times measured on ``target`` now (~3 s)."""
+    """The controller's cost model, seeded with verify times measured on ``target`` (~3 s, once per target).
+
+    The measured table is kept on the target, so every controller built for
+    it (e.g. chain and tree mode side by side in a benchmark) starts from the
+    same curve; each gets its own :class:`CostModel`, whose scale then
+    follows its own forwards.
+    """
     from adaspec.controller import CostModel
     from adaspec.step_cost import measure_step_cost
 
-    return CostModel(measure_step_cost(target, ks=CALIBRATION_TOKENS_FED, repeats=3, prompt_len=32))
+    table = getattr(target, "_adaspec_verify_ms_table", None)
+    if table is None:
+        table = measure_step_cost(target, ks=CALIBRATION_TOKENS_FED, repeats=3, prompt_len=32)
+        try:
+            target._adaspec_verify_ms_table = dict(table)
+        except AttributeError:  # a target that takes no attributes: measure again next time
+            pass
+    return CostModel(dict(table))
 
 
 def static_speculator_or_none(target: "TargetModel") -> Optional["Speculator"]:
@@ -202,12 +222,17 @@ def build_controller(cfg: EngineConfig, target: "TargetModel") -> "Controller":
     from adaspec.controller import ConfidenceAwareController, CostModel, FixedController
 
     name, k = cfg.speculator, cfg.effective_lookahead
-    if name == "atlas":
+    if name in ("atlas", "atlas-tree"):
+        from adaspec.speculators import NgramSpeculator
         from adaspec.speculators.suffix import SuffixSpeculator
 
         costs = calibrated_cost_model(target) if cfg.calibrate else CostModel()
+        if name == "atlas":
+            return ConfidenceAwareController(static=static_speculator_or_none(target), adaptive=SuffixSpeculator(),
+                                             cost_model=costs, max_lookahead=k)
         return ConfidenceAwareController(static=static_speculator_or_none(target), adaptive=SuffixSpeculator(),
-                                         cost_model=costs, max_lookahead=k)
+                                         cost_model=costs, max_lookahead=k, tree=True, lookup=NgramSpeculator(),
+                                         max_tree_nodes=k)
     if name == "none":
         return FixedController(None, 0)
     if name == "ngram":

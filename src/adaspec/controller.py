@@ -31,11 +31,13 @@ from adaspec.estimates import (  # noqa: F401  (re-exported: the controller's ma
     _Beta,
     choose_lookahead,
     expected_emitted,
+    size_tree,
 )
 from adaspec.speculators.base import Speculator
-from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext, common_prefix_len, is_greedy
+from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext, TokenTree, common_prefix_len, is_greedy
 
 NO_SPECULATOR = "none"  # the name stats use for a step without a draft
+ALT_SUFFIX = ":alt"  # tree mode: estimates of a speculator's alternatives (not its first choice) go under name + this
 ATLAS_MAX_LOOKAHEAD = 16  # the most draft tokens the confidence-aware controller may choose per step
 
 
@@ -176,6 +178,12 @@ class _PendingDraft:
     sampled_draft: bool = False  # drawn from draft_probs (judged only when verified)
 
 
+@dataclass
+class _PendingTree:
+    tree: TokenTree
+    mode: str
+
+
 class ConfidenceAwareController(Controller):
     """The confidence-aware controller (ATLAS mode): which speculator drafts, and how far ahead.
 
@@ -226,6 +234,31 @@ class ConfidenceAwareController(Controller):
             can recover in the next. 0 disables. Default 32 (one short draft
             every 32 steps: a small share of decode time, see BENCHMARKS.md).
         explore_tokens: length of an exploration draft. Default 4.
+        tree: tree mode (``--speculator atlas-tree``): every step merges the
+            speculators' candidates into one token tree (see
+            :meth:`_decide_tree`) instead of choosing one chain. Default False.
+        lookup: a prompt-lookup speculator whose matches join the tree (tree
+            mode only), or None.
+        tree_width: branches per expanded node and frontier width of the
+            static speculator's tree. Default 3.
+        max_tree_nodes: the most nodes of a tree (besides the engine's bound).
+            Default 16.
+
+    Tree mode, per step: the adaptive speculator's speculation tree (its most
+    frequent continuations), prompt lookup's matches, and, when its estimates
+    say it pays (as in chain mode), the static speculator's dynamic tree
+    (EAGLE-2) are merged (a shared prefix is one node). Each node's value is
+    the probability that it is accepted: the product along its path of the
+    calibrated acceptance estimate of each node (the best of its claims;
+    siblings exclude each other, so their estimates are scaled to sum to at
+    most 1). :func:`adaspec.estimates.size_tree` then
+    keeps the most valuable nodes up to the count that maximises expected
+    tokens per second under the measured cost curve by tokens fed; a chain is
+    the one-branch case and plain decoding the empty tree. Every candidate
+    node whose parent is on the committed path is judged (verified ones by
+    their verification, pruned ones in the shadow); a speculator's first
+    choice under a parent and its alternatives have separate estimates
+    (``name`` and ``name + ":alt"``), since alternatives are right less often.
     """
 
     name = "atlas"
@@ -240,12 +273,20 @@ class ConfidenceAwareController(Controller):
         decay: float = 0.98,
         explore_every: int = 32,
         explore_tokens: int = 4,
+        tree: bool = False,
+        lookup: Optional[Speculator] = None,
+        tree_width: int = 3,
+        max_tree_nodes: int = 16,
     ) -> None:
         if static is None and adaptive is None:
             raise ValueError("ConfidenceAwareController needs a static or an adaptive speculator")
         self.static, self.adaptive = static, adaptive
         self.children = [s for s in (static, adaptive) if s is not None]
-        self.speculators = self.children
+        self.lookup = lookup
+        self.speculators = self.children + ([lookup] if lookup is not None else [])
+        if tree_width < 1 or max_tree_nodes < 1:
+            raise ValueError("tree_width and max_tree_nodes must be >= 1")
+        self.tree, self.tree_width, self.max_tree_nodes = tree, tree_width, max_tree_nodes
         self.costs = cost_model or CostModel()
         self.static_prior = static_prior
         self.max_lookahead = max_lookahead
@@ -274,6 +315,8 @@ class ConfidenceAwareController(Controller):
 
     def _new_estimator(self, speculator: str, max_positions: Optional[int] = None) -> AcceptanceEstimator:
         prior = self.static_prior if self.static is not None and speculator == self.static.name else 0.3
+        if speculator.endswith(ALT_SUFFIX):  # a tree's alternatives start doubtful
+            prior = 0.1
         return AcceptanceEstimator(prior=prior, decay=self.decay, max_positions=max_positions or self.max_lookahead)
 
     # ---------------------------------------------------------------- lifecycle
@@ -306,8 +349,10 @@ class ConfidenceAwareController(Controller):
         """
         t0 = _time.perf_counter()
         self._child_s = 0.0
-        out = self._decide(ctx, max_lookahead)
+        out = self._decide_tree(ctx, max_lookahead) if self.tree else self._decide(ctx, max_lookahead)
         self.decision_time_s += _time.perf_counter() - t0 - self._child_s
+        if out.tree is not None:
+            return Decision("tree", out.tree.num_nodes, out) if out.tree.num_nodes else Decision(None, 0)
         if not out.num_draft_tokens:
             return Decision(None, 0)
         return Decision(out.speculator, out.num_draft_tokens, out)
@@ -385,6 +430,129 @@ class ConfidenceAwareController(Controller):
 
     _draft = staticmethod(draft_with)
 
+    # ---------------------------------------------------------------- tree mode
+    def _timed(self, name: str, levels, fn):
+        t0 = _time.perf_counter()
+        out = fn()
+        dt = _time.perf_counter() - t0
+        self._child_s += dt
+        self.costs.observe_draft(name, max(1, levels(out)), dt * 1000)
+        return out
+
+    def _decide_tree(self, ctx: ProposeContext, max_draft_tokens: int) -> DraftProposal:
+        """Tree mode: merge every speculator's candidates into one token tree and size it by cost (see the class doc)."""
+        mode = "greedy" if is_greedy(ctx.temperature) else "sampled"
+        self._pending.pop(ctx.request_id, None)
+        node_bound = min(max_draft_tokens, self.max_tree_nodes)
+        depth_cap = min(max_draft_tokens, self.max_lookahead)
+        verify_ms = self.costs.verify_ms
+        tree = TokenTree()
+        if node_bound <= 0:
+            return DraftProposal(speculator="tree", tree=tree)
+        for spec in (self.adaptive, self.lookup):
+            if spec is None:
+                continue
+            if hasattr(spec, "propose_tree"):
+                part = self._timed(spec.name, len, lambda: spec.propose_tree(ctx, max_nodes=node_bound,
+                                                                            max_depth=depth_cap,
+                                                                            branching=self.tree_width))
+            else:
+                part = TokenTree.from_chain(self._timed(spec.name, lambda d: d.num_draft_tokens,
+                                                        lambda: self._draft(spec, ctx, depth_cap)))
+            tree.merge(part)
+        if self.static is not None:
+            est = self.estimator(self.static.name, ctx.tenant, mode)
+            draft_ms = self.costs.draft_ms_per_token(self.static.name, default=2.0)
+            k, rate = choose_lookahead(est.position_probs(depth_cap), draft_ms, verify_ms, depth_cap)
+            _, rate_now = size_tree(self._tree_values(tree, ctx.tenant, mode), tree.parents, verify_ms, node_bound)
+            idle = self._static_idle.get(ctx.tenant, 0)
+            pays = k > 0 and rate > rate_now
+            explore = not pays and self.explore_every > 0 and idle >= self.explore_every
+            self._static_idle[ctx.tenant] = 0 if (pays or explore) else idle + 1
+            if pays or explore:
+                depth = k if pays else min(self.explore_tokens, depth_cap)
+                static = self.static
+                if hasattr(static, "propose_tree"):
+                    part = self._timed(static.name, lambda t: t.max_depth,
+                                       lambda: static.propose_tree(ctx, max_depth=depth, width=self.tree_width))
+                else:
+                    part = TokenTree.from_chain(self._timed(static.name, lambda d: d.num_draft_tokens,
+                                                            lambda: self._draft(static, ctx, depth)))
+                tree.merge(part)
+        values = self._tree_values(tree, ctx.tenant, mode)
+        keep, _ = size_tree(values, tree.parents, verify_ms, node_bound)
+        if not keep:
+            self.choices[NO_SPECULATOR] = self.choices.get(NO_SPECULATOR, 0) + 1
+            return DraftProposal(speculator="tree", tree=TokenTree())
+        for i in range(tree.num_nodes):
+            tree.value[i] = values[i]
+        sub = tree.subtree(keep, point_masses=True)  # chosen by value: sampled claims become point masses
+        # The whole candidate tree is judged, the pruned nodes in the shadow, so an
+        # estimate that priced a speculator's nodes out of the tree can recover.
+        self._pending[ctx.request_id] = [_PendingTree(tree, mode)]  # type: ignore[list-item]
+        self.choices["tree"] = self.choices.get("tree", 0) + 1
+        return DraftProposal(speculator="tree", tree=sub)
+
+    def _tree_values(self, tree: TokenTree, tenant: str, mode: str) -> list[float]:
+        """Per node: the estimated probability that it is accepted (product of per-node estimates along its path)."""
+        primary = _primary_children(tree)
+        p_node: list[float] = []
+        depths: list[int] = []
+        for i in range(tree.num_nodes):
+            par = tree.parents[i]
+            depth = depths[par] + 1 if par >= 0 else 0  # 0 = the root's child
+            depths.append(depth)
+            best = 0.0
+            for c in tree.claims[i]:
+                est = self.estimator(c.source if primary[(par, c.source)] == i else c.source + ALT_SUFFIX, tenant, mode)
+                p = est.calibrated([c.confidence])[0] if c.confidence is not None else est.position_probs(depth + 1)[depth]
+                best = max(best, p)
+            p_node.append(best)
+        # One token is emitted per position under every rule (argmax, coupled draw,
+        # rejection sampling): siblings exclude each other, so their probabilities sum to at most 1.
+        for parent in [-1] + list(range(tree.num_nodes)):
+            kids = tree.children(parent)
+            total = sum(p_node[k] for k in kids)
+            if total > 1.0:
+                for k in kids:
+                    p_node[k] /= total
+        values: list[float] = []
+        for i, par in enumerate(tree.parents):
+            values.append(p_node[i] * (values[par] if par >= 0 else 1.0))
+        return values
+
+    def _judge_tree(self, request_id: str, pend: _PendingTree, token_ids: Sequence[int], num_accepted: int) -> None:
+        """Judge every candidate node whose parent is on the committed path: right iff it is the committed token.
+
+        ``pend.tree`` is the whole candidate tree (verified and pruned nodes):
+        a verified node is thus judged by its verification (accepted iff on the
+        accepted path), a pruned one in the shadow, against what the target
+        committed (as chain mode judges an unchosen draft).
+        """
+        tenant = self._tenant_of.get(request_id, DEFAULT_TENANT)
+        tree = pend.tree
+        known = len(token_ids)  # tokens known at depths 1..known
+        depth_of: dict[int, int] = {-1: 0}  # reached nodes -> depth
+        node = -1
+        for t in token_ids[:known]:
+            nxt = tree.child(node, t)
+            if nxt is None:
+                break
+            depth_of[nxt] = depth_of[node] + 1
+            node = nxt
+        primary = _primary_children(tree)
+        for i, par in enumerate(tree.parents):
+            d = depth_of.get(par)
+            if d is None or d + 1 > known:
+                continue
+            ok = i in depth_of
+            for c in tree.claims[i]:
+                first = primary[(par, c.source)] == i
+                # A speculator's first choice and its alternatives are estimated apart: an
+                # alternative is right less often than a first choice of the same confidence.
+                name = c.source if first else c.source + ALT_SUFFIX
+                self.estimator(name, tenant, pend.mode).observe_node(d, c.confidence, ok)
+
     def observe(self, request_id: str, token_ids: Sequence[int], num_accepted: int, num_draft_tokens: int) -> None:
         """Judge this step's drafts: the chosen one by its verification, the others in the shadow."""
         t0 = _time.perf_counter()
@@ -394,6 +562,9 @@ class ConfidenceAwareController(Controller):
     def _judge(self, request_id: str, token_ids: Sequence[int], num_accepted: int, num_draft_tokens: int) -> None:
         tenant = self._tenant_of.get(request_id, DEFAULT_TENANT)
         for p in self._pending.pop(request_id, []):
+            if isinstance(p, _PendingTree):
+                self._judge_tree(request_id, p, token_ids, num_accepted)
+                continue
             est = self.estimator(p.speculator, tenant, p.mode)
             if p.chosen:
                 est.observe(num_draft_tokens, num_accepted, p.confidence)
@@ -462,6 +633,19 @@ class ConfidenceAwareController(Controller):
         for name, st in children.items():
             by_name[name].load_state_dict(st)
         self._estimators.update(restored)
+
+
+def _primary_children(tree: TokenTree) -> dict[tuple[int, str], int]:
+    """``(parent, source) -> node``: each speculator's first choice under each parent (its most confident child)."""
+    primary: dict[tuple[int, str], int] = {}
+    best: dict[tuple[int, str], float] = {}
+    for i, par in enumerate(tree.parents):
+        for c in tree.claims[i]:
+            key = (par, c.source)
+            conf = c.confidence if c.confidence is not None else 0.0
+            if key not in primary or conf > best[key]:
+                primary[key], best[key] = i, conf
+    return primary
 
 
 def _truncate(d: DraftProposal, k: int) -> DraftProposal:

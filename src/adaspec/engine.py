@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
@@ -41,10 +42,19 @@ from adaspec.types import (
     StepResult,
     StreamDelta,
     TokenLogprob,
+    TokenTree,
+    TreeVerifyResult,
     Usage,
     VerifyResult,
 )
-from adaspec.verify import verify_coupled, verify_greedy, verify_stochastic
+from adaspec.verify import (
+    verify_coupled,
+    verify_greedy,
+    verify_stochastic,
+    verify_tree_coupled,
+    verify_tree_greedy,
+    verify_tree_stochastic,
+)
 
 _request_counter = itertools.count()
 
@@ -116,6 +126,12 @@ class Engine:
                 raise ValueError(f"two speculators are named {s.name!r}")
         self.eos_token_ids = target.eos_token_ids
         self.tokenizer = target.tokenizer
+        if getattr(self.controller, "tree", False) and not getattr(target, "supports_trees", False):
+            # Token trees need a tree attention mask (the lean core's); elsewhere, chains.
+            warnings.warn(f"tree mode needs the lean core; the {getattr(target, 'runtime', 'transformers')} "
+                          "runtime verifies chains (the controller falls back to chain mode)", RuntimeWarning,
+                          stacklevel=2)
+            self.controller.tree = False
 
     # ----------------------------------------------------------- lifecycle
     def encode_prompt(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
@@ -260,6 +276,8 @@ class Engine:
         t0 = time.perf_counter()
         lookahead, proposal = self._propose(state)  # 1. propose
         draft_s = time.perf_counter() - t0
+        if proposal.tree is not None:  # tree mode: one tree-masked forward (see _step_tree)
+            return self._step_tree(state, proposal.tree, lookahead, draft_s)
         fed = [state.token_ids[-1]] + proposal.token_ids
         t1 = time.perf_counter()
         out = self.target.forward(state.kv, fed)  # 2. verify forward: logits [n+1, V]
@@ -318,7 +336,71 @@ class Engine:
         k = min(decision.lookahead, bound)
         if decision.speculator is None or k <= 0:
             return 0, DraftProposal()
+        if decision.proposal.tree is not None:
+            return self._tree_proposal(decision.proposal, bound)
         return k, _sanitize(decision.proposal, k, self.target.vocab_size)
+
+    # ----------------------------------------------------------- the tree step
+    def _tree_proposal(self, proposal: DraftProposal, bound: int) -> tuple[int, DraftProposal]:
+        """A tree proposal clipped to ``bound`` nodes and the vocabulary; a chain where trees cannot run.
+
+        The bound (token budget and context window, :meth:`_max_draft_tokens`)
+        caps the node count: the forward writes every node to the KV cache, and
+        a path is never longer than the tree. On a runtime without tree
+        attention (transformers) the tree's first branch is verified as a chain.
+        """
+        tree = _sanitize_tree(proposal.tree, bound, self.target.vocab_size)
+        if tree.num_nodes == 0:
+            return 0, DraftProposal()
+        if not getattr(self.target, "supports_trees", False):
+            chain = _first_branch(tree)
+            return len(chain.token_ids), chain
+        return tree.num_nodes, DraftProposal(speculator="tree", tree=tree)
+
+    def _step_tree(self, state: RequestState, tree: TokenTree, lookahead: int, draft_s: float) -> StepResult:
+        """One tree step: feed ``[last] + tree`` with the tree mask, verify, keep the accepted path's KV.
+
+        Commit and stop conditions are the chain step's (:meth:`_commit`); the
+        KV cache keeps the root and the committed path (``keep_path``), so the
+        invariant after the step is the chain step's.
+        """
+        fed = [state.token_ids[-1]] + tree.tokens
+        start = len(state.token_ids) - 1  # the slot the root is fed at
+        t1 = time.perf_counter()
+        out = self.target.forward_tree(state.kv, fed, [-1] + [p + 1 for p in tree.parents])  # logits [N+1, V]
+        forward_s = time.perf_counter() - t1
+        result = self._evaluate_tree(state, out.logits, tree)
+        rows = [0] + [i + 1 for i in result.path]  # fed rows along the accepted path
+        committed = self._commit(state, VerifyResult(result.token_ids, result.num_accepted, tree.num_nodes),
+                                 out.logits[rows])
+        if not state.finished:
+            self.target.keep_path(state.kv, start, rows[:len(committed)])
+            state.hidden_state = out.hidden[rows[len(committed) - 1]]
+        sources = [tree.source(i) for i in result.path[:min(result.num_accepted, len(committed))]]
+        step = StepResult(speculator="tree", lookahead=lookahead, num_draft_tokens=tree.num_nodes,
+                          num_accepted=result.num_accepted, token_ids=committed, forward_s=forward_s,
+                          draft_s=draft_s, finish_reason=state.finish_reason, tree_size=tree.num_nodes,
+                          accepted_sources=sources)
+        state.stats.draft_time_s += draft_s
+        state.stats.verify_time_s += forward_s
+        state.stats.record_tree(tree.num_nodes, tree.max_depth, sources, len(committed))
+        self.controller.on_verify(len(fed), forward_s)
+        self.controller.observe(state.request_id, committed, result.num_accepted, tree.num_nodes)
+        for spec in self.speculators.values():
+            spec.on_verify(len(fed), forward_s)
+            spec.observe(state.request_id, committed, result.num_accepted, tree.num_nodes)
+        if state.finished:
+            self._release(state)
+        return step
+
+    def _evaluate_tree(self, state: RequestState, logits: torch.Tensor, tree: TokenTree) -> TreeVerifyResult:
+        p = state.params
+        if p.greedy:
+            return verify_tree_greedy(logits, tree)
+        target_probs = process_logits(logits, p.temperature, p.top_k, p.top_p)  # [N+1, V]
+        if p.seed is not None:
+            return verify_tree_coupled(target_probs, tree, p.seed, len(state.output_ids))
+        return verify_tree_stochastic(target_probs, tree, state.generator)
 
     def _evaluate(self, state: RequestState, logits: torch.Tensor, proposal: DraftProposal) -> VerifyResult:
         p = state.params
@@ -488,6 +570,42 @@ def _sanitize(proposal: DraftProposal, lookahead: int, vocab_size: int) -> Draft
     conf = proposal.confidence[:n] if proposal.confidence is not None else None
     return DraftProposal(token_ids=[int(t) for t in ids], draft_probs=probs, confidence=conf,
                          speculator=proposal.speculator)
+
+
+def _sanitize_tree(tree: TokenTree, max_nodes: int, vocab_size: int) -> TokenTree:
+    """The first ``max_nodes`` nodes of ``tree`` whose tokens (and ancestors') are in the vocabulary."""
+    keep: list[int] = []
+    ok: set[int] = {-1}
+    for i, (t, par) in enumerate(zip(tree.tokens, tree.parents)):
+        if len(keep) >= max_nodes:
+            break
+        if par in ok and 0 <= int(t) < vocab_size:
+            ok.add(i)
+            keep.append(i)
+    # A cut tree keeps nodes by their place, which depends on the drafted tokens: point masses stay exact.
+    return tree if len(keep) == tree.num_nodes else tree.subtree(keep, point_masses=True)
+
+
+def _first_branch(tree: TokenTree) -> DraftProposal:
+    """The tree's first root-to-leaf branch as a chain (first child at every level)."""
+    ids, probs, conf, node = [], [], [], -1
+    while True:
+        kids = tree.children(node)
+        if not kids:
+            break
+        node = kids[0]
+        claim = tree.claims[node][0]
+        ids.append(tree.tokens[node])
+        probs.append(claim.draft_probs)
+        conf.append(claim.confidence if claim.confidence is not None else 0.0)
+    draft_probs = torch.stack(probs) if probs and all(q is not None for q in probs) else None
+    if probs and draft_probs is None and any(q is not None for q in probs):
+        # mixed deterministic and sampled claims cannot form one draft_probs matrix: cut at the first change
+        n = next(j for j, q in enumerate(probs) if (q is None) != (probs[0] is None))
+        ids, conf, probs = ids[:n], conf[:n], probs[:n]
+        draft_probs = torch.stack(probs) if probs[0] is not None else None
+    return DraftProposal(token_ids=ids, draft_probs=draft_probs, confidence=conf,
+                         speculator=tree.source(tree.children(-1)[0]) if ids else "")
 
 
 def _token_logprob(row: torch.Tensor, tok: int, top_n: int) -> TokenLogprob:

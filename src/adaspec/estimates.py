@@ -57,6 +57,50 @@ def choose_lookahead(
     return best_k, best_rate
 
 
+def size_tree(
+    values: Sequence[float],
+    parents: Sequence[int],
+    verify_ms: Callable[[int], float],
+    max_nodes: int,
+) -> tuple[list[int], float]:
+    """Pick the token-tree nodes that maximise expected tokens per second (EAGLE-2's reranking, sized by cost).
+
+    A node's value is the probability that it is accepted (the product of the
+    per-node acceptance estimates along its path), so a tree of nodes S emits
+    ``1 + sum_{i in S} value[i]`` tokens in expectation, for one forward over
+    ``|S| + 1`` fed tokens. Nodes are taken in decreasing value (a parent's
+    value is at least its child's, so every prefix of that order is a tree;
+    a node whose parent is not taken is skipped), and the prefix with the best
+    ``expected / verify_ms(|S| + 1)`` is kept. The empty tree is plain decoding.
+
+    Args:
+        values: per node, in [0, 1]; parents before children.
+        parents: per node, its parent index (-1: the root).
+        verify_ms: cost of one forward over n fed tokens, ms (the measured curve).
+        max_nodes: upper bound on |S| (token budget, context window, config).
+
+    Returns:
+        ``(kept node indices in increasing order, tokens_per_s)``; ``([], plain rate)`` when no tree pays.
+    """
+    order = sorted(range(len(values)), key=lambda i: (-values[i], i))
+    best_n, best_rate = 0, 1000.0 / max(verify_ms(1), 1e-6)
+    taken: list[int] = []
+    kept: set[int] = {-1}
+    emitted = 1.0
+    for i in order:
+        if len(taken) >= max_nodes:
+            break
+        if parents[i] not in kept or values[i] <= 0.0:
+            continue
+        kept.add(i)
+        taken.append(i)
+        emitted += values[i]
+        rate = 1000.0 * emitted / max(verify_ms(len(taken) + 1), 1e-6)
+        if rate > best_rate:
+            best_n, best_rate = len(taken), rate
+    return sorted(taken[:best_n]), best_rate
+
+
 class CostModel:
     """Measured costs: target forward time by tokens fed, draft time per token by speculator.
 
@@ -183,6 +227,19 @@ class AcceptanceEstimator:
 
     def calibrated(self, confidences: Sequence[float]) -> list[float]:
         return [self.calibration[self._bucket(c)].mean() for c in confidences]
+
+    def observe_node(self, position: int, confidence: Optional[float], accepted: bool, primary: bool = True) -> None:
+        """Record one judged token-tree node at depth ``position`` (0 = the root's child).
+
+        Every judged node updates the calibration of its confidence; only a
+        ``primary`` one (the speculator's most confident child of its parent)
+        updates the position estimate, which thus stays the acceptance of the
+        speculator's first choice, as for a chain.
+        """
+        if primary:
+            self.position[min(position, len(self.position) - 1)].update(accepted, self.decay)
+        if confidence is not None:
+            self.calibration[self._bucket(confidence)].update(accepted, self.decay)
 
     def observe(self, num_judged: int, num_accepted: int, confidences: Optional[Sequence[float]]) -> None:
         """Record a draft whose first ``num_judged`` positions were judged, ``num_accepted`` accepted.

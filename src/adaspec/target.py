@@ -113,6 +113,19 @@ class TargetModel:
         kv.length += T
         return ForwardOutput(logits=logits, hidden=hidden.float())
 
+    #: whether :meth:`forward_tree` exists (token trees need a tree attention mask;
+    #: this runtime has none, so the engine verifies chains here).
+    supports_trees = False
+
+    def forward_tree(self, kv: KVCache, token_ids: Sequence[int], parents: Sequence[int]) -> ForwardOutput:
+        """A token tree's forward (the lean runtime only: see :class:`adaspec.model.target.LeanTarget`).
+
+        Raises:
+            NotImplementedError: always, on this runtime.
+        """
+        raise NotImplementedError(f"the {getattr(self, 'runtime', 'transformers')} runtime has no tree attention; "
+                                  "token trees need the lean core (--runtime lean)")
+
     def truncate(self, kv: KVCache, length: int) -> None:
         """Roll the cache back to its first ``length`` positions."""
         if length < 0 or length > kv.length:

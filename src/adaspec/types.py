@@ -99,16 +99,229 @@ class DraftProposal:
             right, length ``num_draft_tokens``, each in [0, 1]; ``None`` if it
             has no opinion.
         speculator: name of the speculator that drafted.
+        tree: a token tree to verify instead of the chain (tree mode; then
+            ``token_ids`` is empty and ``speculator`` is "tree"); None for a chain.
     """
 
     token_ids: list[int] = field(default_factory=list)
     draft_probs: Optional[torch.Tensor] = None
     confidence: Optional[list[float]] = None
     speculator: str = ""
+    tree: Optional["TokenTree"] = None
 
     @property
     def num_draft_tokens(self) -> int:
         return len(self.token_ids)
+
+
+@dataclass
+class TreeClaim:
+    """One speculator's proposal of one tree node.
+
+    Attributes:
+        source: the speculator's name.
+        draft_probs: ``[V]`` float32, the distribution this speculator sampled
+            the node's token from (processed with the request's sampling
+            parameters); None for a deterministic proposal (a point mass).
+        confidence: the speculator's own probability that the token is right
+            given its parent, in [0, 1]; None if it has no opinion.
+    """
+
+    source: str
+    draft_probs: Optional[torch.Tensor] = None
+    confidence: Optional[float] = None
+
+
+class TokenTree:
+    """A token tree: several draft continuations of one request, verified in one forward.
+
+    Node i holds ``tokens[i]``; ``parents[i]`` is its parent's index, or -1
+    when its parent is the root (the request's last committed token, which
+    the step feeds first). Parents come before children. A token proposed by
+    several speculators at the same place is one node with several
+    :class:`TreeClaim` s (shared prefixes are merged, so it is verified once);
+    each claim stays a separate candidate for rejection sampling, which keeps
+    it exact when claims sample from different distributions.
+
+    Attributes:
+        tokens: node tokens.
+        parents: node parents (-1: the root).
+        claims: per node, who proposed it (the first is its ``source``).
+        value: per node, an estimate of the probability that the node is
+            accepted (the product of its path's per-node acceptance
+            estimates); set by whoever sizes the tree, 0.0 until then.
+    """
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.claims: list[list[TreeClaim]] = []
+        self.value: list[float] = []
+        self._children: dict[int, dict[int, int]] = {-1: {}}  # parent -> token -> node
+        self._log: list[tuple[int, TreeClaim]] = []  # (node, claim) in the order claims were added
+        self._cands: dict[int, list[tuple[int, TreeClaim]]] = {}  # parent -> its children's claims, in order
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.tokens)
+
+    def source(self, i: int) -> str:
+        """Name of the first speculator that proposed node ``i``."""
+        return self.claims[i][0].source
+
+    def child(self, parent: int, token: int) -> Optional[int]:
+        """The node under ``parent`` (-1: root) holding ``token``, or None."""
+        return self._children.get(parent, {}).get(int(token))
+
+    def children(self, parent: int) -> list[int]:
+        """Nodes under ``parent`` (-1: root), in insertion order."""
+        return list(self._children.get(parent, {}).values())
+
+    def candidates(self, parent: int) -> list[tuple[int, TreeClaim]]:
+        """``(child node, claim)`` for every claim on a child of ``parent``, in the order the claims were added.
+
+        Rejection sampling tries them in this order: the proposal order, never
+        regrouped by token (regrouping equal draws would make a later
+        candidate depend on the values of the others).
+        """
+        return list(self._cands.get(parent, []))
+
+    def add(self, parent: int, token: int, claim: TreeClaim, value: float = 0.0) -> int:
+        """Add ``token`` under ``parent`` (-1: root), or add ``claim`` to the node already there.
+
+        Returns:
+            the node's index.
+
+        Raises:
+            ValueError: ``parent`` is not -1 or an existing node.
+        """
+        if not -1 <= parent < len(self.tokens):
+            raise ValueError(f"parent {parent} is not a node of a {len(self.tokens)}-node tree")
+        token = int(token)
+        kids = self._children.setdefault(parent, {})
+        i = kids.get(token)
+        if i is not None:
+            self.claims[i].append(claim)
+            self.value[i] = max(self.value[i], value)
+        else:
+            i = len(self.tokens)
+            self.tokens.append(token)
+            self.parents.append(parent)
+            self.claims.append([claim])
+            self.value.append(value)
+            kids[token] = i
+        self._log.append((i, claim))
+        self._cands.setdefault(parent, []).append((i, claim))
+        return i
+
+    def add_path(self, token_ids: Sequence[int], source: str, parent: int = -1,
+                 draft_probs: Optional[torch.Tensor] = None,
+                 confidence: Optional[Sequence[float]] = None) -> list[int]:
+        """Add a chain under ``parent`` (shared prefixes merge); returns its node indices.
+
+        Args:
+            token_ids: the chain's tokens.
+            draft_probs: ``[len(token_ids), V]`` rows (see :class:`TreeClaim`), or None.
+            confidence: per token, or None.
+        """
+        out = []
+        for j, t in enumerate(token_ids):
+            claim = TreeClaim(source, draft_probs[j] if draft_probs is not None else None,
+                              float(confidence[j]) if confidence is not None and j < len(confidence) else None)
+            parent = self.add(parent, t, claim)
+            out.append(parent)
+        return out
+
+    def merge(self, other: "TokenTree") -> None:
+        """Add every claim of ``other`` (in its order, with its values), merging shared prefixes."""
+        where: dict[int, int] = {-1: -1}
+        for i, c in other._log:
+            where[i] = self.add(where[other.parents[i]], other.tokens[i], c, other.value[i])
+
+    def depth(self, i: int) -> int:
+        """Depth of node ``i`` (1 for a child of the root)."""
+        d = 0
+        while i >= 0:
+            d += 1
+            i = self.parents[i]
+        return d
+
+    @property
+    def max_depth(self) -> int:
+        depths: list[int] = []
+        for p in self.parents:
+            depths.append(1 + (depths[p] if p >= 0 else 0))
+        return max(depths, default=0)
+
+    def path(self, i: int) -> list[int]:
+        """Node indices from the root's child down to node ``i``."""
+        out = []
+        while i >= 0:
+            out.append(i)
+            i = self.parents[i]
+        return out[::-1]
+
+    def subtree(self, keep: Sequence[int], point_masses: bool = False) -> "TokenTree":
+        """The tree of nodes ``keep`` (each one's parent must be kept too), claims in their order.
+
+        Args:
+            keep: node indices to keep.
+            point_masses: drop every claim's ``draft_probs`` (each kept token
+                becomes a deterministic candidate). Required when ``keep`` was
+                chosen by looking at the drafted tokens (e.g. by their value):
+                a sampled token that survived a selection is no longer a draw
+                from its q, while a point mass stays exact for any token.
+
+        Raises:
+            ValueError: a node kept without its parent.
+        """
+        kept = set(int(i) for i in keep)
+        for i in kept:
+            p = self.parents[i]
+            if p >= 0 and p not in kept:
+                raise ValueError(f"node {i} kept without its parent {p}")
+        where: dict[int, int] = {-1: -1}
+        out = TokenTree()
+        for i, c in self._log:
+            if i in kept:
+                if point_masses and c.draft_probs is not None:
+                    c = TreeClaim(c.source, None, c.confidence)
+                where[i] = out.add(where[self.parents[i]], self.tokens[i], c, self.value[i])
+        return out
+
+    @classmethod
+    def from_chain(cls, proposal: "DraftProposal") -> "TokenTree":
+        """A one-branch tree holding a chain proposal."""
+        tree = cls()
+        tree.add_path(proposal.token_ids, proposal.speculator or "chain", draft_probs=proposal.draft_probs,
+                      confidence=proposal.confidence)
+        return tree
+
+    def __repr__(self) -> str:
+        return f"TokenTree(tokens={self.tokens}, parents={self.parents})"
+
+
+@dataclass
+class TreeVerifyResult:
+    """Outcome of verifying a token tree.
+
+    Attributes:
+        token_ids: tokens to emit: the accepted path's tokens, then one
+            recovered or bonus token; length ``num_accepted + 1``.
+        path: node indices of the accepted path (root's child first).
+        num_draft_tokens: nodes in the verified tree.
+    """
+
+    token_ids: list[int]
+    path: list[int]
+    num_draft_tokens: int
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.path)
 
 
 @dataclass
@@ -144,6 +357,10 @@ class StepResult:
             model learns from).
         draft_s: wall seconds the controller and speculators spent drafting.
         finish_reason: set when this step finished the request.
+        tree_size: nodes of the verified token tree (0: a chain or plain step;
+            then ``num_draft_tokens`` counts the chain).
+        accepted_sources: for a tree step, the speculator that first
+            proposed each accepted token, in order.
     """
 
     speculator: str = "none"
@@ -154,6 +371,8 @@ class StepResult:
     forward_s: float = 0.0
     draft_s: float = 0.0
     finish_reason: Optional[str] = None
+    tree_size: int = 0
+    accepted_sources: list[str] = field(default_factory=list)
 
     @property
     def num_emitted(self) -> int:
@@ -254,6 +473,42 @@ class SpeculationStats:
     lookahead_hist: dict[int, int] = field(default_factory=dict)
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
+    tree_steps: int = 0
+    tree_nodes: int = 0
+    tree_path_hist: dict[int, int] = field(default_factory=dict)
+    accepted_by_source: dict[str, int] = field(default_factory=dict)
+
+    def record_tree(self, tree_size: int, tree_depth: int, accepted_sources: Sequence[str], num_emitted: int) -> None:
+        """Count one target forward that verified a token tree of ``tree_size`` nodes.
+
+        ``accepted_sources`` names the speculator of each accepted token (the
+        accepted path, cut where a stop condition cut the step). The tree
+        counts as ``tree_size`` proposed tokens; by position, every depth up
+        to ``tree_depth`` counts as proposed once.
+        """
+        self.tree_steps += 1
+        self.tree_nodes += tree_size
+        n_acc = len(accepted_sources)
+        self.tree_path_hist[n_acc] = self.tree_path_hist.get(n_acc, 0) + 1
+        for s in accepted_sources:
+            self.accepted_by_source[s] = self.accepted_by_source.get(s, 0) + 1
+        self.target_forwards += 1
+        self.lookahead_hist[tree_size] = self.lookahead_hist.get(tree_size, 0) + 1
+        key = "tree" if tree_size > 0 else "none"
+        self.steps_by_speculator[key] = self.steps_by_speculator.get(key, 0) + 1
+        if tree_size == 0:
+            return
+        self.proposed += tree_size
+        self.accepted += n_acc
+        self.draft_steps += 1
+        self.emitted_on_draft_steps += num_emitted
+        while len(self.proposed_by_position) < tree_depth:
+            self.proposed_by_position.append(0)
+            self.accepted_by_position.append(0)
+        for i in range(tree_depth):
+            self.proposed_by_position[i] += 1
+        for i in range(n_acc):
+            self.accepted_by_position[i] += 1
 
     def record(self, speculator: str, num_draft_tokens: int, num_accepted: int, num_emitted: int) -> None:
         """Count one target forward that verified ``num_draft_tokens`` drafts."""
@@ -301,6 +556,11 @@ class SpeculationStats:
             "lookahead_hist": {str(k): v for k, v in sorted(self.lookahead_hist.items())},
             "draft_time_s": self.draft_time_s,
             "verify_time_s": self.verify_time_s,
+            "tree_steps": self.tree_steps,
+            "tree_nodes": self.tree_nodes,
+            "mean_tree_size": self.tree_nodes / self.tree_steps if self.tree_steps else 0.0,
+            "tree_path_hist": {str(k): v for k, v in sorted(self.tree_path_hist.items())},
+            "accepted_by_source": dict(self.accepted_by_source),
         }
 
 

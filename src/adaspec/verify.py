@@ -23,6 +23,12 @@ Pure torch; no model imports. Three rules:
   a draft token is accepted iff it equals that draw. The output is therefore a
   function of the seed and the target's distributions only, identical under
   every speculator and lookahead, and still an exact sample of the target.
+
+Each rule has a token-tree form (``verify_tree_*``, tree mode): greedy takes the
+longest path whose every token is the target's argmax at its parent; coupled
+walks the tree along the target's own seeded draw; unseeded sampling runs
+recursive rejection sampling over each node's candidates (SpecInfer, Miao et
+al. 2023). A one-branch tree gives exactly the chain rule's result.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from typing import Optional, Sequence
 import torch
 
 from adaspec.sampling import position_exponentials, race_argmax
-from adaspec.types import VerifyResult
+from adaspec.types import TokenTree, TreeVerifyResult, VerifyResult
 
 
 def verify_greedy(target_logits: torch.Tensor, draft_token_ids: Sequence[int]) -> VerifyResult:
@@ -157,3 +163,144 @@ def verify_coupled(
         if i == n or int(draft_token_ids[i]) != tok:
             return VerifyResult(token_ids=tokens, num_accepted=i, num_draft_tokens=n)
     raise AssertionError("unreachable")  # pragma: no cover - the loop returns at i == n
+
+
+# --------------------------------------------------------------------------- token trees
+#
+# A tree step feeds ``[last committed token] + tree.tokens`` with the tree mask;
+# row 0 of the target's output follows the root (the last committed token) and
+# row ``i + 1`` follows node i. Every rule walks down from the root, one
+# accepted node per level, and emits the accepted path plus one recovered or
+# bonus token, so a one-branch tree is exactly the chain rule above.
+
+
+def _tree_rows(tree: TokenTree, rows: int) -> None:
+    if rows != tree.num_nodes + 1:
+        raise ValueError(f"target rows: {rows}, expected {tree.num_nodes + 1} (root + {tree.num_nodes} nodes)")
+
+
+def verify_tree_greedy(target_logits: torch.Tensor, tree: TokenTree) -> TreeVerifyResult:
+    """Greedy verification of a token tree: the longest path whose every token is the target's argmax at its parent.
+
+    Exact: the emitted tokens are plain greedy decoding's (each accepted node is
+    the argmax given exactly its ancestors, which the tree mask shows it), then
+    the argmax after the path's last node (the recovered or bonus token).
+    As in Medusa's / SpecInfer's tree verification (Cai et al. 2024; Miao et al. 2023).
+
+    Args:
+        target_logits: ``[N + 1, V]``: row 0 follows the root, row i + 1 node i.
+        tree: the N-node tree that was fed.
+
+    Raises:
+        ValueError: on a row count that does not match the tree.
+    """
+    _tree_rows(tree, target_logits.shape[0])
+    target_ids = torch.argmax(target_logits, dim=-1).tolist()  # [N + 1]
+    path: list[int] = []
+    node = -1
+    while True:
+        tok = target_ids[node + 1]
+        nxt = tree.child(node, tok)
+        if nxt is None:
+            return TreeVerifyResult([tree.tokens[i] for i in path] + [tok], path, tree.num_nodes)
+        path.append(nxt)
+        node = nxt
+
+
+def verify_tree_coupled(target_probs: torch.Tensor, tree: TokenTree, seed: int,
+                        start_position: int) -> TreeVerifyResult:
+    """Drafter-invariant verification of a token tree for a seeded request (Daliri et al. 2024).
+
+    Walks the tree along the target's own sample: at depth d (output position
+    ``start_position + d``) the token is the Gumbel-max draw from the current
+    node's target distribution with the noise keyed by ``(seed, position)``
+    (as :func:`verify_coupled`); if a child holds it, the walk moves there,
+    else the draw is the recovered token (or the bonus token at a leaf). The
+    output is the one plain seeded sampling would give, whatever the tree.
+
+    Args:
+        target_probs: ``[N + 1, V]`` float32 processed target distributions (row 0: the root).
+        tree: the N-node tree that was fed.
+        seed: the request's seed.
+        start_position: absolute output position of the root's row.
+
+    Raises:
+        ValueError: on a row count that does not match the tree, or a negative start position.
+    """
+    _tree_rows(tree, target_probs.shape[0])
+    if start_position < 0:
+        raise ValueError(f"start_position must be >= 0, got {start_position}")
+    V = target_probs.shape[-1]
+    path: list[int] = []
+    node = -1
+    while True:
+        tok = race_argmax(target_probs[node + 1], position_exponentials(seed, start_position + len(path), V))
+        nxt = tree.child(node, tok)
+        if nxt is None:
+            return TreeVerifyResult([tree.tokens[i] for i in path] + [tok], path, tree.num_nodes)
+        path.append(nxt)
+        node = nxt
+
+
+def verify_tree_stochastic(target_probs: torch.Tensor, tree: TokenTree,
+                           generator: Optional[torch.Generator]) -> TreeVerifyResult:
+    """Recursive rejection sampling over a token tree (SpecInfer, Miao et al. 2023, Alg. 2 "multi-step speculative sampling"; SpecTr, Sun et al. 2023).
+
+    At each node the candidates are its children's claims in the order they
+    were proposed (:meth:`TokenTree.candidates`; a child proposed twice is two
+    candidates). With ``p`` the target's
+    distribution at the node, candidate x with draft distribution q is accepted
+    with probability ``min(1, p(x) / q(x))`` (a deterministic claim is a point
+    mass: ``p(x)``); on acceptance the walk moves to x's node, on rejection
+    ``p`` becomes ``norm(max(p - q, 0))`` (point mass: p with x removed) and the
+    next candidate is tried. When every candidate is rejected, the recovered
+    token is sampled from the last ``p``; at a leaf the bonus token from its
+    target distribution. Each stage is one exact single-draft rejection step
+    against the current ``p`` (Leviathan et al. 2023), so every emitted token
+    is distributed exactly as the target's, provided each sampled claim was
+    drawn from its q independently of the others and no candidate was kept
+    or dropped by looking at the drawn tokens (a tree pruned by value must
+    carry point masses: :meth:`TokenTree.subtree` with ``point_masses``; a
+    point mass is exact for any token fixed before verification); with deterministic
+    candidates the rule samples without replacement, accepting one of them
+    with probability ``sum p(x)``.
+
+    Args:
+        target_probs: ``[N + 1, V]`` float32 processed target distributions (row 0: the root).
+        tree: the N-node tree that was fed; claims carry ``draft_probs`` rows or None.
+        generator: the request's random generator.
+
+    Raises:
+        ValueError: on a row count that does not match the tree, or a sampled
+            claim whose own distribution gives its token zero probability.
+    """
+    _tree_rows(tree, target_probs.shape[0])
+    path: list[int] = []
+    node = -1
+    while True:
+        p = target_probs[node + 1]
+        accepted: Optional[int] = None
+        for child, claim in tree.candidates(node):
+            x = tree.tokens[child]
+            q = claim.draft_probs
+            q_x = 1.0 if q is None else float(q[x])
+            if q_x <= 0.0:
+                raise ValueError(f"tree node {child} (token {x}) has zero draft probability under its claim")
+            p_x = float(p[x])
+            r = float(torch.rand((), generator=generator))
+            if r * q_x < p_x:
+                accepted = child
+                break
+            if q is None:
+                residual = p.clone()
+                residual[x] = 0.0
+            else:
+                residual = torch.clamp(p - q, min=0.0)
+            total = float(residual.sum())
+            # total == 0 only when p is (up to rounding) covered by q: rejection had probability ~0.
+            p = residual / total if total > 0.0 else p
+        if accepted is None:
+            tok = int(torch.multinomial(p, 1, generator=generator).item())
+            return TreeVerifyResult([tree.tokens[i] for i in path] + [tok], path, tree.num_nodes)
+        path.append(accepted)
+        node = accepted

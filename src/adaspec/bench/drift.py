@@ -23,6 +23,9 @@ Systems are a registry of factories ``factory(target, options) -> BenchSystem``
   (``adaspec.controller.ConfidenceAwareController``) over the static and an
   empty suffix speculator, built by :func:`adaspec.config.build_controller`
   exactly as ``adaspec generate --speculator atlas`` builds it;
+- ``atlas-tree``: the same controller in tree mode (one token tree per
+  step; :func:`adaspec.config.build_controller` with ``atlas-tree``), not in
+  the default list;
 - ``nothing`` / ``random`` / ``atlas-random``: speed-floor systems that never
   pay (FAULT_CASES.md F15; see ``_floor_factory``), not in the default list;
 - ``vllm-plain`` / ``vllm-ngram`` / ``vllm-suffix``: vLLM's offline ``LLM`` on
@@ -167,13 +170,22 @@ class StreamRequest:
     prompt_ids: list[int]
 
 
-def build_stream(target: TargetModel, phases: Sequence[Phase]) -> list[StreamRequest]:
-    """Concatenate the phases; every prompt goes through the model's chat template."""
+def build_stream(target: TargetModel, phases: Sequence[Phase], samples: int = 1) -> list[StreamRequest]:
+    """Concatenate the phases; every prompt goes through the model's chat template.
+
+    With ``samples > 1`` each prompt is requested that many times in a row
+    (group sampling, as RL rollouts do); each sample is its own request (its
+    own index, hence its own seed when sampling).
+    """
+    if samples < 1:
+        raise ValueError(f"samples per prompt must be >= 1, got {samples}")
     templ = Engine(target)
     out: list[StreamRequest] = []
     for pi, ph in enumerate(phases):
         for j, p in enumerate(ph.prompts):
-            out.append(StreamRequest(len(out), pi, j, ph.name, p.prompt_id, templ.apply_chat_template(p.messages)))
+            ids = templ.apply_chat_template(p.messages)
+            for _ in range(samples):
+                out.append(StreamRequest(len(out), pi, j, ph.name, p.prompt_id, list(ids)))
     return out
 
 
@@ -337,6 +349,14 @@ def _atlas_factory(target: TargetModel, opts: SystemOptions) -> BenchSystem:
     return EngineSystem("atlas", Engine(target, controller=controller))
 
 
+def _atlas_tree_factory(target: TargetModel, opts: SystemOptions) -> BenchSystem:
+    # What `adaspec generate --speculator atlas-tree` runs: atlas in tree mode
+    # (suffix speculation trees, prompt lookup's matches, the draft head's dynamic tree).
+    controller = config.build_controller(
+        config.EngineConfig(model=target.name, speculator="atlas-tree", lookahead=opts.atlas_lookahead), target)
+    return EngineSystem("atlas-tree", Engine(target, controller=controller))
+
+
 def _floor_factory(name: str) -> SystemFactory:
     """Speed-floor systems (FAULT_CASES.md F15): speculators that never pay.
 
@@ -364,7 +384,7 @@ def _floor_factory(name: str) -> SystemFactory:
 
 
 SYSTEMS.update({name: _floor_factory(name) for name in ("nothing", "random", "atlas-random")})
-SYSTEMS.update({"static": _static_factory, "atlas": _atlas_factory})
+SYSTEMS.update({"static": _static_factory, "atlas": _atlas_factory, "atlas-tree": _atlas_tree_factory})
 
 
 def _vllm_factory(name: str, method: Optional[str]) -> SystemFactory:
@@ -468,6 +488,9 @@ def make_record(req: StreamRequest, system: str, out: SystemOutput) -> RequestRe
         rec.lookahead_hist = {str(k): v for k, v in sorted(s.lookahead_hist.items())}
         rec.draft_seconds = s.draft_time_s
         rec.verify_seconds = s.verify_time_s
+        if s.tree_steps:
+            rec.tree_steps, rec.tree_nodes = s.tree_steps, s.tree_nodes
+            rec.accepted_by_source = dict(s.accepted_by_source)
     rec.controller_seconds = out.controller_seconds
     return rec
 
@@ -498,6 +521,7 @@ def run_drift(
     options: Optional[SystemOptions] = None,
     built: Optional[Sequence[BenchSystem]] = None,
     warm_up: bool = True,
+    samples: int = 1,
 ) -> list[RequestRecord]:
     """Run the stream through every system, interleaved; returns one record per (system, request).
 
@@ -523,6 +547,7 @@ def run_drift(
         options: lookahead etc. for the factories.
         built: already built systems (tests inject these); overrides ``systems``.
         warm_up: run a few throwaway tokens first. Default True.
+        samples: requests per prompt, one after another (group sampling). Default 1.
 
     Raises:
         ValueError: unknown system names, or no system left to run.
@@ -534,7 +559,7 @@ def run_drift(
         raise ValueError("no system to run")
     names = [s.name for s in runners]
     by_name = {s.name: s for s in runners}
-    stream = build_stream(target, phases)
+    stream = build_stream(target, phases, samples)
     if warm_up:
         _warm_up(target, names)
     jsonl = None
@@ -614,6 +639,9 @@ def add_drift_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from-jsonl", default=None, metavar="PATH",
                         help="only rebuild summary.md and drift.png from an earlier run's drift.jsonl")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--samples-per-prompt", type=int, default=1,
+                        help="requests per prompt, one after another, each with its own seed (group sampling, "
+                             "as RL rollouts) (default: %(default)s)")
 
 
 def _header(args: argparse.Namespace, info: dict) -> list[str]:
@@ -663,13 +691,14 @@ def drift_from_args(args: argparse.Namespace) -> int:
         "argv": sys.argv, "model": args.model, "dtype": args.dtype, "phases": [p.name for p in phases],
         "phase_length": args.phase_length, "systems": [s.name for s in built], "requested_systems": systems,
         "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
-        "options": asdict(options), "machine": machine_info(),
+        "samples_per_prompt": getattr(args, "samples_per_prompt", 1), "options": asdict(options), "machine": machine_info(),
     }
     print(f"bench drift: {len(phases)} phases x {args.phase_length} requests, systems {', '.join(info['systems'])}",
           flush=True)
     t0 = time.time()
     records = run_drift(target, phases, systems, max_tokens=args.max_tokens, temperature=args.temperature,
-                        seed=args.seed, progress=not args.no_progress, out_dir=out, options=options, built=built)
+                        seed=args.seed, progress=not args.no_progress, out_dir=out, options=options, built=built,
+                        samples=getattr(args, "samples_per_prompt", 1))
     info["wall_s"] = time.time() - t0
     info["header"] = _header(args, info)
     out.mkdir(parents=True, exist_ok=True)

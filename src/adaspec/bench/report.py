@@ -80,6 +80,9 @@ class RequestRecord:
             not checked (the plain system itself, sampling, or no plain run).
         first_mismatch: index of the first differing token when
             ``matches_plain`` is False.
+        tree_steps / tree_nodes: tree-mode steps and nodes verified over them
+            (None for systems without trees).
+        accepted_by_source: tree mode: accepted tokens by the speculator that proposed them.
     """
 
     system: str
@@ -107,6 +110,9 @@ class RequestRecord:
     controller_seconds: Optional[float] = None
     matches_plain: Optional[bool] = None
     first_mismatch: Optional[int] = None
+    tree_steps: Optional[int] = None
+    tree_nodes: Optional[int] = None
+    accepted_by_source: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -51,6 +51,32 @@ class LeanTarget(TargetModel):
                                  f"{self.max_model_len}")
         return [ForwardOutput(logits=lg, hidden=h) for lg, h in self.decoder.forward_batch(requests)]
 
+    supports_trees = True
+
+    def forward_tree(self, kv: LeanKVCache, token_ids: Sequence[int], parents: Sequence[int]) -> ForwardOutput:
+        """Feed a token tree: fed token i sees the cache and its ancestors only (tree attention mask).
+
+        Args:
+            kv: the request's cache; grows by ``len(token_ids)`` (keep the
+                accepted path with :meth:`keep_path`).
+            token_ids: T >= 1 fed tokens, parents before children.
+            parents: ``parents[i]``: fed index of token i's parent, -1 for the last cached token.
+
+        Returns:
+            ForwardOutput with ``[T, V]`` float32 logits and ``[T, H]`` hidden states.
+
+        Raises:
+            ValueError: an empty or malformed tree, or positions past the context window.
+        """
+        if len(token_ids) == 0:
+            raise ValueError("forward needs at least one token")
+        return self.forward_batch([BatchRequest(kv, token_ids, parents=parents)])[0]
+
+    def keep_path(self, kv: LeanKVCache, start: int, fed_indices: Sequence[int]) -> None:
+        """After :meth:`forward_tree` fed at slot ``start``: keep fed tokens ``fed_indices``
+        (a root-to-leaf path) at slots ``start, start + 1, ...`` and drop the rest."""
+        self.decoder.keep_path(kv, start, fed_indices)
+
     def truncate(self, kv: LeanKVCache, length: int) -> None:
         """Roll the cache back to its first ``length`` positions (a length change)."""
         kv.truncate(length)

@@ -64,8 +64,9 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from adaspec.speculators.base import Speculator, draft_probs_matrix, draft_sampler, draft_token
-from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext
+from adaspec.sampling import process_logits
+from adaspec.speculators.base import Speculator, coupled_draft, draft_probs_matrix, draft_sampler, draft_token
+from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext, TokenTree, TreeClaim
 
 CHECKPOINT_FORMAT = "adaspec.draft_head"
 CHECKPOINT_VERSION = 1
@@ -557,6 +558,79 @@ class DraftHeadSpeculator(Speculator):
             seq.append(token)
         draft_probs = draft_probs_matrix(rows, self.vocab_size, self.net.draft_to_target)
         return DraftProposal(token_ids=ids, draft_probs=draft_probs, confidence=conf, speculator=self.name)
+
+
+    @torch.inference_mode()
+    def propose_tree(self, ctx: ProposeContext, max_depth: int, width: int = 3) -> TokenTree:
+        """A dynamic draft tree (EAGLE-2, Li et al. 2024, arXiv 2406.16858): expand by cumulative probability.
+
+        Depth by depth: the ``width`` frontier nodes with the highest cumulative
+        draft probability (the product of the head's probabilities along the
+        path) are expanded in one batched head forward, each with its ``width``
+        most probable tokens; the ``width`` best of those form the next
+        frontier. Every expanded candidate is a node (the controller reranks
+        and prunes them by value, EAGLE-2's second phase).
+
+        Candidates are deterministic (a point mass each, no ``draft_probs``):
+        the top tokens of the head's distribution, processed with the request's
+        sampling parameters when it samples. For a seeded sampled request the
+        first candidate of each expanded node is the coupled draw
+        (:func:`~adaspec.speculators.base.coupled_draft`), which the coupled
+        verifier accepts most often.
+
+        Returns:
+            a :class:`TokenTree` (claims ``source="draft_head"``, ``confidence``
+            = the head's probability of the token given its parent; ``value`` =
+            cumulative probability); empty when ``ctx.hidden_state`` is None.
+        """
+        tree = TokenTree()
+        if ctx.hidden_state is None or max_depth <= 0 or width <= 0 or not ctx.token_ids:
+            return tree
+        st = self._sync(ctx)
+        cfg = self.net.config
+        # frontier entries: (cumulative prob, node, sequence, overlay, feature [H])
+        frontier = [(1.0, -1, list(st.tokens), ContextIndex(cfg.context_ngram), ctx.hidden_state.float())]
+        for depth in range(max_depth):
+            feats, toks, succs, matches = [], [], [], []
+            for _, _, seq, overlay, feat in frontier:
+                t = len(seq) - 1
+                succ, n = st.index.successor(seq, t, overlay)
+                feats.append(feat.reshape(-1))
+                toks.append(seq[t])
+                succs.append(succ if n else -1)
+                matches.append(n)
+            match_t = torch.tensor(matches, dtype=torch.long)
+            succ_emb = successor_inputs(self.embed, torch.tensor(succs, dtype=torch.long), match_t)  # [F, H]
+            out = self.net(torch.stack(feats), self.embed[torch.tensor(toks)], succ_emb, match_t)  # [F, H]
+            logits = self.net.logits(out)  # [F, Vd]
+            if ctx.greedy:
+                probs = torch.softmax(logits.float(), dim=-1)
+            else:
+                probs = process_logits(logits.float(), ctx.temperature, ctx.top_k, ctx.top_p)
+            top_p, top_j = torch.topk(probs, min(width, probs.shape[-1]), dim=-1)  # [F, w]
+            candidates = []
+            for f, (cum, node, seq, overlay, _) in enumerate(frontier):
+                picks = list(zip(top_j[f].tolist(), top_p[f].tolist()))
+                if ctx.seed is not None and not ctx.greedy and self.couple_seeded:
+                    j = coupled_draft(probs[f], ctx, depth, self.vocab_size, self.net.draft_to_target)
+                    picks = [(j, float(probs[f, j]))] + [pj for pj in picks if pj[0] != j][: width - 1]
+                for j, pr in picks:
+                    if pr <= 0.0:
+                        continue
+                    token = self._draft_to_target[j]
+                    c = cum * pr
+                    child = tree.add(node, token, TreeClaim(self.name, None, float(pr)), c)
+                    candidates.append((c, child, seq, overlay, out[f], token))
+            candidates.sort(key=lambda x: -x[0])
+            frontier = []
+            for c, child, seq, overlay, feat, token in candidates[:width]:
+                ov = ContextIndex(cfg.context_ngram)
+                ov.last = [dict(d) for d in overlay.last]
+                ov.add(seq, len(seq) - 1)
+                frontier.append((c, child, seq + [token], ov, feat))
+            if not frontier:
+                break
+        return tree
 
 
 def check_matches_target(net: DraftHeadNet, target: Any) -> None:

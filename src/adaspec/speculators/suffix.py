@@ -64,7 +64,7 @@ from typing import Any, Optional, Sequence
 
 from adaspec.speculators.base import Speculator
 from adaspec.speculators.suffix_tree import MAX_TOKEN_ID, Match, StoredSequence, SuffixTrie
-from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext
+from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext, TokenTree, TreeClaim
 
 __all__ = ["SuffixSpeculator", "SuffixTrie", "Match", "StoredSequence", "MAX_TOKEN_ID", "STATE_FORMAT",
            "STATE_VERSION"]
@@ -412,6 +412,75 @@ class SuffixSpeculator(Speculator):
         if best is None:
             return DraftProposal(token_ids=[], confidence=[], speculator=self.name)
         return DraftProposal(token_ids=best.token_ids, confidence=best.confidence, speculator=self.name)
+
+    def propose_tree(self, ctx: ProposeContext, max_nodes: int, max_depth: int, branching: int = 3) -> TokenTree:
+        """A speculation tree of the most frequent continuations (SuffixDecoding's speculation trees).
+
+        From each structure :meth:`propose` would use, best-first expansion by
+        cumulative confidence (the product of per-token conditional frequencies
+        along the path): the most probable unexpanded node is expanded next with
+        its ``branching`` most frequent continuations, until ``max_nodes`` nodes,
+        or no candidate above ``min_confidence``. Depth is capped by
+        ``max_depth`` and by MAX_SPEC = ``spec_factor`` * match length. The trees
+        of the structures are merged (shared prefixes once).
+
+        Returns:
+            a :class:`TokenTree` whose claims carry ``source="suffix"``, no
+            ``draft_probs`` and ``confidence`` = the per-token conditional
+            frequency; ``value`` = cumulative confidence.
+        """
+        import heapq
+
+        tree = TokenTree()
+        if max_nodes <= 0 or max_depth <= 0:
+            return tree
+        context = _after_invalid(_tail_ints(ctx.token_ids, self.max_match_len))
+        tenant = ctx.tenant or DEFAULT_TENANT
+        with self._lock:
+            req = self._requests.get(ctx.request_id)
+            tries: list[tuple[SuffixTrie, Optional[StoredSequence]]] = []
+            if req is not None:
+                tries.append((req.local, req.local_seq))
+            corpus = self._tenant(tenant, create=False) if req is None or req.tenant == tenant else None
+            if corpus is not None:
+                own = req.tenant_seq if req is not None and req.corpus is corpus else None
+                tries.append((corpus.trie, own))
+            if self.enable_shared and self._shared.seqs:
+                own = req.shared_seq if req is not None and req.shared is self._shared else None
+                tries.append((self._shared.trie, own))
+            for trie, seq in tries:
+                usable, m = trie.live_match(seq, context, self.max_match_len) if seq is not None else (False, None)
+                if not usable:
+                    m = trie.longest_match(context, self.max_match_len)
+                if m is None:
+                    continue
+                depth_cap = min(max_depth, max(1, int(self.spec_factor * m.length + 1e-9)))
+                part = TokenTree()
+                # heap of (-cumulative, order, parent node, depth, token, conf, cursor, path tokens)
+                heap: list = []
+                order = 0
+
+                def push(parent: int, depth: int, cum: float, cursor: Match, path: list[int]) -> None:
+                    nonlocal order
+                    options = trie.continuations(cursor, branching)
+                    if not options and cursor.length >= self.max_depth:
+                        # the depth limit, not the data, ended it: re-match on context + path
+                        m2 = trie.longest_match((context + path)[-self.max_match_len:], self.max_match_len)
+                        if m2 is not None and m2.length < self.max_depth:
+                            options = trie.continuations(m2, branching)
+                    for tok, conf, nm in options:
+                        c = cum * conf
+                        if c >= self.min_confidence and depth + 1 <= depth_cap:
+                            heapq.heappush(heap, (-c, order, parent, depth + 1, tok, conf, nm, path))
+                            order += 1
+
+                push(-1, 0, 1.0, m, [])
+                while heap and part.num_nodes < max_nodes:
+                    negc, _, parent, depth, tok, conf, nm, path = heapq.heappop(heap)
+                    node = part.add(parent, tok, TreeClaim(self.name, None, conf), -negc)
+                    push(node, depth, -negc, nm, path + [tok])
+                tree.merge(part)
+        return tree
 
     def _draft(
         self, trie: SuffixTrie, seq: Optional[StoredSequence], context: list[int], max_draft_tokens: int

@@ -473,6 +473,37 @@ class SuffixTrie:
         m.length += 1
         return b, min(1.0, conf)
 
+    def continuations(self, m: Match, limit: int) -> list[tuple[int, float, Match]]:
+        """The ``limit`` most frequent continuations after ``m`` (``m`` is not moved).
+
+        Returns:
+            ``(token, count(child) / cont(node), cursor after token)``, most
+            frequent first (ties: smallest token id); one entry inside a tail;
+            empty when nothing continues.
+        """
+        if limit <= 0:
+            return []
+        if m.tail >= 0:
+            t = m.tail
+            if m.pos >= self._tail_end(t):
+                return []
+            tok = self._tseq[t].tokens[m.pos]  # type: ignore[union-attr]
+            return [(int(tok), 1.0, Match(-1, t, m.pos + 1, m.length + 1))]
+        total = self._cont[m.node]
+        if total <= 0:
+            return []
+        items = sorted(self._items(m.node), key=lambda kv: (-self._ref_count(kv[1]), kv[0]))[:limit]
+        out = []
+        for tok, ref in items:
+            if ref < 0:
+                nm = Match(-1, ~ref, self._tstart[~ref] + self._tdepth[~ref] + 1, m.length + 1)
+                conf = 1.0 / total
+            else:
+                nm = Match(ref, -1, 0, m.length + 1)
+                conf = self._count[ref] / total
+            out.append((int(tok), min(1.0, conf), nm))
+        return out
+
     # -- integrity ----------------------------------------------------------
 
     def check_integrity(self, sequences: Sequence[StoredSequence]) -> None:
