@@ -173,7 +173,8 @@ def test_render_and_parse_round_trip():
                             {"role": "tool", "content": "12:00", "tool_call_id": "call_1"}], [TIME])
     assert msgs[0]["role"] == "system" and msgs[0]["content"].startswith("Be brief.") and "<tools>" in msgs[0]["content"]
     assert msgs[2]["content"] == '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>'
-    assert msgs[3] == {"role": "user", "content": "<tool_response>\n12:00\n</tool_response>"}
+    assert msgs[3] == {"role": "user", "content": "<tool_response>\n12:00\n</tool_response>\n"
+                                                  "Answer with these results."}
     text = 'Sure.\n<tool_call>\n{"name": "get_time", "arguments": {"tz": "CET"}}\n</tool_call>\n' \
            '<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>'
     content, calls = parse_tool_calls(text, ["get_time"])

@@ -76,7 +76,7 @@ from adaspec.server.schemas import (
     NamedToolChoice,
     validation_error_to_api,
 )
-from adaspec.server.tools import ToolStreamParser, parse_tool_calls, render_messages
+from adaspec.server.tools import ToolStreamParser, parse_tool_calls, render_messages, tools_listed
 from adaspec import constraints
 from adaspec.types import DEFAULT_TENANT, SamplingParams, is_greedy
 from adaspec.server.snapshots import (
@@ -293,7 +293,8 @@ def _install_routes(app: FastAPI, ctx: ServerState) -> None:
         max_tokens = req.max_completion_tokens or req.max_tokens or ctx.max_model_len
         params = _sampling_params(req, ctx, max_tokens, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         tool_names = await anyio.to_thread.run_sync(_apply_tools_and_format, req, ctx, params)
-        if tool_names is not None:
+        forced = req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)
+        if tool_names is not None and tools_listed(messages, forced):
             tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
             messages = render_messages(messages, tools)
         elif any(m["role"] == "tool" or m.get("tool_calls") for m in messages):

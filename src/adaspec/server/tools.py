@@ -9,8 +9,14 @@ such as SmolLM2's):
   (one block per call); an existing system message comes first;
 - an assistant message's ``tool_calls`` are rendered in that same form after
   its content;
-- a ``tool`` message becomes a ``user`` message
-  ``<tool_response>\\n{content}\\n</tool_response>`` (as Qwen2.5's template does).
+- consecutive ``tool`` messages become one ``user`` message of
+  ``<tool_response>\\n{content}\\n</tool_response>`` blocks (as Qwen2.5's
+  template renders them) followed by the line ``Answer with these results.``;
+- with ``tool_choice`` ``auto``, the tools are listed only while no tool
+  result follows the last user message (:func:`tools_listed`): SmolLM2-135M,
+  shown the tool list again after a result, repeats the call instead of
+  answering (tried by hand: README, "Tool calls"). ``required`` or a named
+  function always lists them.
 
 The model's output is parsed back: every complete ``<tool_call>`` block whose
 JSON names a listed function becomes an OpenAI ``tool_calls`` entry (arguments
@@ -39,6 +45,21 @@ TOOLS_SYSTEM_PROMPT = (
 )
 
 
+TOOL_RESULTS_INSTRUCTION = "Answer with these results."
+
+
+def tools_listed(messages: list[dict[str, Any]], forced: bool) -> bool:
+    """Whether the prompt lists the tools: always when a call is forced, else until a tool result answers."""
+    if forced:
+        return True
+    for m in reversed(messages):
+        if m["role"] == "tool":
+            return False
+        if m["role"] == "user":
+            return True
+    return True
+
+
 def render_messages(messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]]) -> list[dict[str, str]]:
     """Messages with tools, tool calls and tool results as plain ``{"role", "content"}`` messages.
 
@@ -56,10 +77,14 @@ def render_messages(messages: list[dict[str, Any]], tools: Optional[list[dict[st
             messages = messages[1:]
         else:
             out.append({"role": "system", "content": block})
-    for m in messages:
+    results: list[str] = []
+    for i, m in enumerate(messages):
         role, content = m["role"], m.get("content") or ""
         if role == "tool":
-            out.append({"role": "user", "content": f"<tool_response>\n{content}\n</tool_response>"})
+            results.append(f"<tool_response>\n{content}\n</tool_response>")
+            if i + 1 == len(messages) or messages[i + 1]["role"] != "tool":
+                out.append({"role": "user", "content": "\n".join(results) + f"\n{TOOL_RESULTS_INSTRUCTION}"})
+                results = []
             continue
         if role == "assistant" and m.get("tool_calls"):
             parts = [content] if content else []
