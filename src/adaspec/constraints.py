@@ -286,10 +286,11 @@ class RequestConstraint:
                 raise ValueError(f"draft token {draft_token_ids[i]} at position {i} is not legal under the grammar")
             consumed += 1
         self.matcher.rollback(consumed)
-        allowed = _unpack(bitmask, self.vocab_size)  # [n+1, V] bool
-        if self.eos_token_ids:  # every EOS the engine stops on is as legal as the grammar's own
-            allowed[:, self.eos_token_ids] |= allowed[:, self.grammar_eos : self.grammar_eos + 1]
-        z.masked_fill_(~allowed, float("-inf"))
+        eos_before = z[:, self.eos_token_ids].clone() if self.eos_token_ids else None
+        self._llt.apply_token_bitmask_inplace(z, bitmask)  # -inf where the grammar forbids
+        if eos_before is not None:  # every EOS the engine stops on is as legal as the grammar's own
+            ok = torch.isfinite(z[:, self.grammar_eos]).unsqueeze(1)  # [n+1, 1]
+            z[:, self.eos_token_ids] = torch.where(ok, eos_before, torch.full_like(eos_before, float("-inf")))
         self.mask_s += time.perf_counter() - t0
         self.masks += n + 1
 
@@ -311,14 +312,3 @@ class RequestConstraint:
                 if not self.matcher.consume_token(t):
                     raise ValueError(f"committed token {t} is not legal under the grammar: "
                                      f"{self.matcher.get_error()}")
-
-
-_BITS = torch.tensor([1 << b for b in range(32)], dtype=torch.int64)
-
-
-def _unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """``[N, ceil(V/32)]`` int32 bitmask -> ``[N, V]`` bool (bit b of word w is token 32 w + b)."""
-    words = bitmask.to(torch.int64) & 0xFFFFFFFF  # [N, W]
-    bits = (words.unsqueeze(-1) & _BITS) != 0  # [N, W, 32]
-    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size]
-
