@@ -142,6 +142,9 @@ def check_grammar(grammar: str, tokenizer: Any, vocab_size: int) -> None:
         raise ValueError(m.get_error())
 
 
+_NEG_INF = torch.tensor(float("-inf"))
+
+
 @dataclass
 class _Split:
     """How the engine's last proposal was built (for the controller and exact sampling)."""
@@ -174,9 +177,6 @@ class RequestConstraint:
         self.matcher = None
         if grammar is not None:
             self._llg = _llg()
-            import llguidance.torch as llt  # noqa: PLC0415
-
-            self._llt = llt
             self.matcher = self._llg.LLMatcher(grammar_tokenizer(tokenizer, vocab_size), grammar)
             if self.matcher.is_error():
                 raise ValueError(self.matcher.get_error())
@@ -264,35 +264,38 @@ class RequestConstraint:
                 counts[i + 1 :, int(t)] += 1.0
             z -= self.frequency * counts + self.presence * (counts > 0).float()
         if self.matcher is not None:
-            self._mask(z, draft_token_ids)
+            z = self._mask(z, draft_token_ids)
         return z
 
-    def _mask(self, z: torch.Tensor, draft_token_ids: Sequence[int]) -> None:
+    def _mask(self, z: torch.Tensor, draft_token_ids: Sequence[int]) -> torch.Tensor:
+        # llguidance's one-byte-per-token mask (0 or 200), not its bitmask: the torch kernel that
+        # applies a bitmask is torch.compile'd, which recompiles for every new row count.
         t0 = time.perf_counter()
         n = len(draft_token_ids)
         ids = self._grammar_ids(draft_token_ids)
-        bitmask = self._llt.allocate_token_bitmask(n + 1, self.vocab_size)
+        rows: list[bytes] = []
         consumed = 0
         for i in range(n + 1):
-            self._llt.fill_next_token_bitmask(self.matcher, bitmask, i)
+            rows.append(self.matcher.compute_logit_bias())  # V bytes
             if i == n:
                 break
             if ids[i] == self.grammar_eos:
                 # The request ends at an accepted EOS, so later rows are never used;
                 # an EOS is not consumed (llguidance's rollback does not count it).
-                bitmask[i + 1 :] = bitmask[i]
+                rows.extend([rows[-1]] * (n - i))
                 break
             if not self.matcher.consume_token(ids[i]):
                 raise ValueError(f"draft token {draft_token_ids[i]} at position {i} is not legal under the grammar")
             consumed += 1
         self.matcher.rollback(consumed)
-        eos_before = z[:, self.eos_token_ids].clone() if self.eos_token_ids else None
-        self._llt.apply_token_bitmask_inplace(z, bitmask)  # -inf where the grammar forbids
-        if eos_before is not None:  # every EOS the engine stops on is as legal as the grammar's own
-            ok = torch.isfinite(z[:, self.grammar_eos]).unsqueeze(1)  # [n+1, 1]
-            z[:, self.eos_token_ids] = torch.where(ok, eos_before, torch.full_like(eos_before, float("-inf")))
+        # (measured: uint8 -> bool and torch.where are several times faster here than == 0 and masked_fill_)
+        allowed = torch.stack([torch.frombuffer(bytearray(r), dtype=torch.uint8) for r in rows]).bool()  # [n+1, V]
+        if self.eos_token_ids:  # every EOS the engine stops on is as legal as the grammar's own
+            allowed[:, self.eos_token_ids] = allowed[:, self.grammar_eos : self.grammar_eos + 1].clone()
+        out = torch.where(allowed[:, : z.shape[1]], z, _NEG_INF)
         self.mask_s += time.perf_counter() - t0
         self.masks += n + 1
+        return out
 
     # ------------------------------------------------------------ commit
     def commit(self, token_ids: Sequence[int]) -> None:
