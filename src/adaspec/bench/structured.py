@@ -10,10 +10,12 @@ Schema by :func:`bfcl_parameters_schema`). With ``--form json_schema`` the
 output is instead one JSON object ``{"name", "arguments"}`` through
 ``response_format: json_schema`` (an ``anyOf`` over the functions).
 
-Systems, interleaved request by request in one process: ``plain`` (constrained
-plain decoding: one token per forward, the grammar mask at each) and ``atlas``
-(the confidence-aware controller, grammar-forced tokens as free drafts,
-drafts cut at their first illegal token). Greedy outputs must be identical;
+Systems, interleaved request by request in one process (who runs first
+rotates): ``plain`` (constrained plain decoding: one token per forward, the
+grammar mask at each), ``atlas`` (the confidence-aware controller,
+grammar-forced tokens as free drafts, drafts cut at their first illegal
+token) and, with ``--ablation``, ``atlas-no-forced`` (the same without the
+forced drafts). Greedy outputs must be identical;
 the run reports any mismatch. Reported: output tok/s of each system
 (total output tokens / total generation seconds), the speed-up, and the
 grammar engine's cost per output token and per mask.
@@ -46,7 +48,8 @@ def bfcl_parameters_schema(node: Any) -> Any:
     """BFCL's parameter schema -> JSON Schema (``dict`` -> object, ``float`` -> number, ``any`` -> any, ...).
 
     ``optional`` and ``default`` are dropped (they do not constrain a value);
-    unknown type names become unconstrained.
+    unknown type names become unconstrained; an ``enum`` on an array moves to
+    its items (BFCL's meaning).
     """
     if isinstance(node, list):
         return [bfcl_parameters_schema(x) for x in node]
@@ -68,6 +71,8 @@ def bfcl_parameters_schema(node: Any) -> Any:
             out[k] = bfcl_parameters_schema(v)
     if out.get("type") == "array" and isinstance(out.get("items"), dict) and not out["items"]:
         out.pop("items")
+    if out.get("type") == "array" and "enum" in out:  # BFCL's enum on an array lists the items' values
+        out["items"] = {**(out.get("items") or {}), "enum": out.pop("enum")}
     if out.get("type") == "object" and "properties" in out:
         out.setdefault("additionalProperties", False)
     return out
@@ -141,36 +146,44 @@ def _run_one(engine: Engine, req: StructuredRequest, max_tokens: int) -> dict[st
 def run_structured(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark; writes ``records.jsonl`` and ``summary.json`` under ``args.out``."""
     target = config.load_config_target(config.config_from_args(args), log=print)
-    plain = Engine(target)
-    controller = config.build_controller(
-        config.EngineConfig(model=target.name, speculator="atlas", lookahead=args.lookahead), target)
-    atlas = Engine(target, controller=controller)
+    engines = {"plain": Engine(target)}
+
+    def atlas() -> Engine:
+        return Engine(target, controller=config.build_controller(
+            config.EngineConfig(model=target.name, speculator="atlas", lookahead=args.lookahead), target))
+
+    engines["atlas"] = atlas()
+    if args.ablation:  # the same controller, without the grammar's forced drafts
+        engines["atlas-no-forced"] = atlas()
+        engines["atlas-no-forced"].grammar_drafts = False
+    plain = engines["plain"]
     reqs = build_requests(plain, args.requests, args.seed, args.form, args.max_tokens)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _run_one(plain, reqs[0], 8)  # warm-up (kernels, grammar tokenizer)
-    _run_one(atlas, reqs[0], 8)
-    totals = {s: {"tokens": 0, "seconds": 0.0, "grammar_s": 0.0, "masks": 0} for s in ("plain", "atlas")}
+    for e in engines.values():  # warm-up (kernels, grammar tokenizer)
+        _run_one(e, reqs[0], 8)
+    names = list(engines)
+    totals = {s: {"tokens": 0, "seconds": 0.0, "grammar_s": 0.0, "masks": 0} for s in names}
     mismatches, valid = [], 0
     with (out / "records.jsonl").open("w") as f:
         for i, req in enumerate(reqs):
             rec: dict[str, Any] = {"prompt_id": req.prompt_id, "prompt_tokens": len(req.prompt_ids)}
-            order = ("plain", "atlas") if i % 2 == 0 else ("atlas", "plain")
+            order = names[i % len(names):] + names[: i % len(names)]  # rotate who runs first
             for name in order:
-                r = _run_one(plain if name == "plain" else atlas, req, args.max_tokens)
+                r = _run_one(engines[name], req, args.max_tokens)
                 rec[name] = r
                 t = totals[name]
                 t["tokens"] += len(r["tokens"])
                 t["seconds"] += r["elapsed_s"]
                 t["grammar_s"] += r["grammar_s"]
                 t["masks"] += r["masks"]
-            if rec["plain"]["tokens"] != rec["atlas"]["tokens"]:
+            if any(rec[n]["tokens"] != rec["plain"]["tokens"] for n in names):
                 mismatches.append(req.prompt_id)
             valid += _parses(rec["plain"]["text"], args.form, req.names)
-            f.write(json.dumps({**rec, "plain": {k: v for k, v in rec["plain"].items() if k != "tokens"},
-                                "atlas": {k: v for k, v in rec["atlas"].items() if k != "tokens"}}) + "\n")
-            print(f"[{i + 1}/{len(reqs)}] {req.prompt_id}: plain {len(rec['plain']['tokens']) / rec['plain']['elapsed_s']:.1f} "
-                  f"atlas {len(rec['atlas']['tokens']) / rec['atlas']['elapsed_s']:.1f} tok/s", flush=True)
+            f.write(json.dumps({**rec, **{n: {k: v for k, v in rec[n].items() if k != "tokens"} for n in names}})
+                    + "\n")
+            print(f"[{i + 1}/{len(reqs)}] {req.prompt_id}: " + " ".join(
+                f"{n} {len(rec[n]['tokens']) / rec[n]['elapsed_s']:.1f}" for n in names) + " tok/s", flush=True)
     summary = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "requests": len(reqs),
                "mismatches": mismatches, "outputs_parsed": valid}
     for name, t in totals.items():
@@ -179,6 +192,8 @@ def run_structured(args: argparse.Namespace) -> dict[str, Any]:
                          "grammar_us_per_mask": 1e6 * t["grammar_s"] / max(1, t["masks"]),
                          "grammar_share": t["grammar_s"] / t["seconds"]}
     summary["speedup"] = summary["atlas"]["tok_per_s"] / summary["plain"]["tok_per_s"]
+    if args.ablation:
+        summary["speedup_no_forced"] = summary["atlas-no-forced"]["tok_per_s"] / summary["plain"]["tok_per_s"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -207,11 +222,12 @@ def add_structured_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lookahead", type=int, default=config.ATLAS_LOOKAHEAD,
                         help="atlas's largest lookahead (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="prompt sampling seed (default: %(default)s)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also run atlas without the grammar's forced drafts (atlas-no-forced)")
     parser.add_argument("--out", default="bench_out/structured", help="output folder (default: %(default)s)")
 
 
 def structured_from_args(args: argparse.Namespace) -> int:
     s = run_structured(args)
-    print(json.dumps({k: s[k] for k in ("requests", "mismatches", "outputs_parsed", "speedup", "plain", "atlas")},
-                     indent=2))
+    print(json.dumps({k: v for k, v in s.items() if k != "args"}, indent=2))
     return 0
