@@ -172,13 +172,13 @@ def _letters(tok):
     return [tok.convert_tokens_to_ids(c) for c in REGEX_GRAMMAR_LETTERS]
 
 
-def _exact_outputs(t, grammar, prompt, temp, min_p):
+def _exact_outputs(t, grammar, prompt, temp, min_p, **penalties):
     """The exact distribution of whole outputs (up to EOS) under the grammar: {token tuple: probability}."""
     eos = sorted(t.eos_token_ids)
     out = {}
 
     def walk(prefix, p):
-        c = RequestConstraint(grammar, t.tokenizer, t.vocab_size, eos)
+        c = RequestConstraint(grammar, t.tokenizer, t.vocab_size, eos, **penalties)
         c.commit(prefix)
         z = c.adjust_logits(t.forward(t.new_cache(), prompt + prefix).logits[-1:], [])
         probs = process_logits(z, temp, min_p=min_p)[0]
@@ -214,10 +214,12 @@ def test_sampling_distribution_under_grammar(tiny_target, drafter, rule, grammar
     grammar = llguidance.LLMatcher.grammar_from_regex(GRAMMARS[grammar_name])
     prompt = _prompt(t)
     temp = 3.0  # soften the tiny model's peaky logits so several letters have mass
-    params = dict(max_tokens=6, temperature=temp, grammar=grammar, min_p=0.02)
-    exact = {k: v * RUNS for k, v in _exact_outputs(t, grammar, prompt, temp, 0.02).items()}
-    assert len(exact) >= 4 and abs(sum(exact.values()) - RUNS) < 1e-3 * RUNS
     letters = _letters(t.tokenizer)
+    # Penalties and a bias too (F18): the letter drawn first is less likely second.
+    penalties = dict(logit_bias={letters[1]: 1.5}, presence_penalty=0.8, frequency_penalty=0.4)
+    params = dict(max_tokens=6, temperature=temp, grammar=grammar, min_p=0.02, **penalties)
+    exact = {k: v * RUNS for k, v in _exact_outputs(t, grammar, prompt, temp, 0.02, **penalties).items()}
+    assert len(exact) >= 4 and abs(sum(exact.values()) - RUNS) < 1e-3 * RUNS
     if drafter == "sampled":  # half its mass on letters, half on tokens the grammar forbids
         row = torch.zeros(t.vocab_size)
         row[letters] = 0.5 / len(letters)
