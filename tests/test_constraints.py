@@ -246,3 +246,24 @@ def test_sampling_distribution_under_grammar(tiny_target, drafter, rule, grammar
             assert p.token_ids == r.token_ids  # seeded: identical to plain whatever the drafts
     assert set(hist) <= {k for k, w in exact.items() if w > 0}
     assert tv(hist, Counter(exact)) < 0.08
+
+
+def test_grammar_engine_failure_ends_the_request_instead_of_nan(tiny_target, monkeypatch):
+    """A row where the grammar engine allows nothing (an internal limit) becomes EOS-only, never NaN."""
+    c = RequestConstraint(json_schema_grammar(SCHEMA), tiny_target.tokenizer, tiny_target.vocab_size,
+                          sorted(tiny_target.eos_token_ids))
+
+    class Dead:
+        def __init__(self, m):
+            self.m = m
+
+        def __getattr__(self, name):
+            return getattr(self.m, name)
+
+        def compute_logit_bias(self):
+            return bytes(tiny_target.vocab_size)
+
+    c.matcher = Dead(c.matcher)
+    z = c.adjust_logits(torch.randn(1, tiny_target.vocab_size), [])
+    assert int(torch.argmax(z)) in tiny_target.eos_token_ids and torch.isfinite(z).sum() >= 1
+    assert c.engine_errors == 1

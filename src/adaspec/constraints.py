@@ -195,6 +195,7 @@ class RequestConstraint:
         self.split = _Split()
         self.mask_s = 0.0  # grammar time (masks, checks, forced tokens), seconds
         self.masks = 0  # masks computed
+        self.engine_errors = 0  # rows where the grammar engine allowed no token (then only EOS is allowed)
 
     @property
     def has_grammar(self) -> bool:
@@ -290,6 +291,11 @@ class RequestConstraint:
         self.matcher.rollback(consumed)
         # (measured: uint8 -> bool and torch.where are several times faster here than == 0 and masked_fill_)
         allowed = torch.stack([torch.frombuffer(bytearray(r), dtype=torch.uint8) for r in rows]).bool()  # [n+1, V]
+        dead = ~allowed.any(dim=1)  # [n+1]: the grammar engine allows nothing (it hit an internal limit)
+        if bool(dead.any()):
+            # End the request rather than sample from an all -inf row (NaN); the output is cut short.
+            allowed[dead, self.grammar_eos] = True
+            self.engine_errors += 1
         if self.eos_token_ids:  # every EOS the engine stops on is as legal as the grammar's own
             allowed[:, self.eos_token_ids] = allowed[:, self.grammar_eos : self.grammar_eos + 1].clone()
         out = torch.where(allowed[:, : z.shape[1]], z, _NEG_INF)
