@@ -27,9 +27,9 @@ import argparse
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from adaspec import config
 from adaspec.constraints import check_grammar, json_schema_grammar, tool_call_schema, tool_calls_grammar
