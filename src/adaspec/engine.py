@@ -51,6 +51,9 @@ _request_counter = itertools.count()
 
 # Name a step's drafts go by when only the grammar drafted (its forced tokens).
 GRAMMAR_DRAFTER = "grammar"
+# Most grammar-forced tokens proposed in one step (before and after the speculator's draft,
+# each): keeps one verify forward bounded when a grammar forces a long constant.
+MAX_FORCED_DRAFT = 32
 
 
 @dataclass
@@ -359,7 +362,7 @@ class Engine:
                 return 0, DraftProposal()
             spec = _sanitize(decision.proposal, k, self.target.vocab_size)
             return k, self._cut(c, spec, 0)
-        forced = c.forced_tokens(bound)
+        forced = c.forced_tokens(min(bound, MAX_FORCED_DRAFT))
         spec = DraftProposal()
         k = 0
         if bound - len(forced) > 0:
@@ -375,7 +378,7 @@ class Engine:
         prop = self._cut(c, spec, len(forced), prefix=forced)
         room = bound - prop.num_draft_tokens
         if room > 0 and c.split.cut_probs is None:
-            tail = c.forced_after(prop.token_ids, room)
+            tail = c.forced_after(prop.token_ids, min(room, MAX_FORCED_DRAFT))
             if tail:
                 prop = _join(prop, tail, self.target.vocab_size)
         return len(forced) + k, prop
