@@ -235,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_restart_arguments(rs)
     rs.set_defaults(func=restart_from_args)
 
+    bs = bsub.add_parser("structured", help="agent traffic: BFCL tool calls forced by grammar, atlas vs constrained plain")
+    from adaspec.bench.structured import add_structured_arguments, structured_from_args
+
+    add_structured_arguments(bs)
+    bs.set_defaults(func=structured_from_args)
+
     bt = bsub.add_parser("threads", help="--threads settings on a quiet machine and beside a busy core")
     from adaspec.bench.threads import add_threads_bench_arguments, threads_from_args
 

@@ -28,6 +28,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from adaspec.constraints import RequestConstraint
 from adaspec.controller import NO_SPECULATOR, Controller, FixedController
 from adaspec.sampling import process_logits
 from adaspec.speculators.base import Speculator
@@ -58,6 +59,12 @@ from adaspec.verify import (
 
 _request_counter = itertools.count()
 
+# Name a step's drafts go by when only the grammar drafted (its forced tokens).
+GRAMMAR_DRAFTER = "grammar"
+# Most grammar-forced tokens proposed in one step (before and after the speculator's draft,
+# each): keeps one verify forward bounded when a grammar forces a long constant.
+MAX_FORCED_DRAFT = 32
+
 
 @dataclass
 class RequestState:
@@ -81,6 +88,8 @@ class RequestState:
     streamed_tokens: int = 0
     started_s: float = field(default_factory=time.perf_counter)
     first_token_s: Optional[float] = None
+    # Grammar / logit bias / penalties (adaspec.constraints); None when the request has none.
+    constraint: Optional[RequestConstraint] = None
 
     @property
     def finished(self) -> bool:
@@ -132,6 +141,9 @@ class Engine:
                           "runtime verifies chains (the controller falls back to chain mode)", RuntimeWarning,
                           stacklevel=2)
             self.controller.tree = False
+        # Grammar-forced tokens are proposed as drafts whenever the engine speculates
+        # (plain decoding, with no speculator, stays one token per forward).
+        self.grammar_drafts = bool(self.speculators)
 
     # ----------------------------------------------------------- lifecycle
     def encode_prompt(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
@@ -187,6 +199,11 @@ class Engine:
                 f"prompt has {len(ids)} tokens; the context window is {self.target.max_model_len} "
                 "(at least one token must fit after the prompt)"
             )
+        constraint = None
+        if params.constrained:
+            constraint = RequestConstraint(params.grammar, self.tokenizer, self.target.vocab_size,
+                                           sorted(self.eos_token_ids), params.logit_bias,
+                                           params.presence_penalty, params.frequency_penalty)
         request_id = request_id or f"req-{os.getpid()}-{next(_request_counter)}"
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         state = RequestState(
@@ -198,6 +215,7 @@ class Engine:
             generator=torch.Generator().manual_seed(seed),
             token_ids=list(ids),
             logprobs=[] if params.logprobs is not None else None,
+            constraint=constraint,
         )
         if len(ids) > 1:
             out = self.target.forward(state.kv, ids[:-1], last_only=True)
@@ -282,8 +300,13 @@ class Engine:
         t1 = time.perf_counter()
         out = self.target.forward(state.kv, fed)  # 2. verify forward: logits [n+1, V]
         forward_s = time.perf_counter() - t1
-        result = self._evaluate(state, out.logits, proposal)  # 3. accept / reject
+        logits = out.logits
+        if state.constraint is not None:  # grammar mask, bias, penalties at every verified row
+            logits = state.constraint.adjust_logits(out.logits, proposal.token_ids)
+        result = self._evaluate(state, logits, proposal)  # 3. accept / reject
         committed = self._commit(state, result, out.logits)  # 4. update
+        if state.constraint is not None:
+            state.constraint.commit(committed)
         if not state.finished:
             # Cache had len(token_ids_before) - 1 + len(fed); keep all committed but the newest.
             self.target.truncate(state.kv, len(state.token_ids) - 1)
@@ -298,7 +321,8 @@ class Engine:
         state.stats.record(step.speculator, step.num_draft_tokens, min(step.num_accepted, step.num_emitted),
                            step.num_emitted)
         self.controller.on_verify(len(fed), forward_s)
-        self.controller.observe(state.request_id, committed, result.num_accepted, proposal.num_draft_tokens)
+        self.controller.observe(state.request_id, *self._controller_view(state, committed, result.num_accepted,
+                                                                         proposal.num_draft_tokens))
         for spec in self.speculators.values():
             spec.on_verify(len(fed), forward_s)
             spec.observe(state.request_id, committed, result.num_accepted, proposal.num_draft_tokens)
@@ -332,16 +356,21 @@ class Engine:
             top_p=state.params.top_p,
             seed=state.params.seed,
         )
+        if state.constraint is not None and state.constraint.has_grammar:
+            return self._propose_constrained(state, ctx, bound)
         decision = self.controller.propose(ctx, bound, self.speculators)
         k = min(decision.lookahead, bound)
         if decision.speculator is None or k <= 0:
             return 0, DraftProposal()
         if decision.proposal.tree is not None:
-            return self._tree_proposal(decision.proposal, bound)
+            # Logits processors (bias, penalties, min_p) run on chain rows only: such requests verify a chain.
+            chains_only = state.constraint is not None or state.params.min_p > 0
+            return self._tree_proposal(decision.proposal, bound, chains_only=chains_only)
         return k, _sanitize(decision.proposal, k, self.target.vocab_size)
 
     # ----------------------------------------------------------- the tree step
-    def _tree_proposal(self, proposal: DraftProposal, bound: int) -> tuple[int, DraftProposal]:
+    def _tree_proposal(self, proposal: DraftProposal, bound: int,
+                       chains_only: bool = False) -> tuple[int, DraftProposal]:
         """A tree proposal clipped to ``bound`` nodes and the vocabulary; a chain where trees cannot run.
 
         The bound (token budget and context window, :meth:`_max_draft_tokens`)
@@ -352,7 +381,7 @@ class Engine:
         tree = _sanitize_tree(proposal.tree, bound, self.target.vocab_size)
         if tree.num_nodes == 0:
             return 0, DraftProposal()
-        if not getattr(self.target, "supports_trees", False):
+        if chains_only or not getattr(self.target, "supports_trees", False):
             chain = _first_branch(tree)
             return len(chain.token_ids), chain
         return tree.num_nodes, DraftProposal(speculator="tree", tree=tree)
@@ -397,20 +426,91 @@ class Engine:
         p = state.params
         if p.greedy:
             return verify_tree_greedy(logits, tree)
-        target_probs = process_logits(logits, p.temperature, p.top_k, p.top_p)  # [N+1, V]
+        target_probs = process_logits(logits, p.temperature, p.top_k, p.top_p, p.min_p)  # [N+1, V]
         if p.seed is not None:
             return verify_tree_coupled(target_probs, tree, p.seed, len(state.output_ids))
         return verify_tree_stochastic(target_probs, tree, state.generator)
+
+    def _propose_constrained(self, state: RequestState, ctx: ProposeContext, bound: int) -> tuple[int, DraftProposal]:
+        """Draft under a grammar: forced tokens, the speculator's draft cut at its first illegal token, forced tokens.
+
+        The forced tokens cost no drafting; the controller drafts the rest of the
+        bound from the context extended by the forced prefix (without a hidden
+        state there, which belongs to the last committed token).
+        """
+        c = state.constraint
+        c.split = type(c.split)()
+        if not self.grammar_drafts:
+            decision = self.controller.propose(ctx, bound, self.speculators)
+            k = min(decision.lookahead, bound)
+            if decision.speculator is None or k <= 0:
+                return 0, DraftProposal()
+            spec = _sanitize(decision.proposal, k, self.target.vocab_size)
+            return k, self._cut(c, spec, 0)
+        forced = c.forced_tokens(min(bound, MAX_FORCED_DRAFT))
+        spec = DraftProposal()
+        k = 0
+        if bound - len(forced) > 0:
+            if forced:
+                ctx.token_ids = list(state.token_ids) + forced
+                ctx.hidden_state = None
+            decision = self.controller.propose(ctx, bound - len(forced), self.speculators)
+            k = min(decision.lookahead, bound - len(forced))
+            if decision.speculator is not None and k > 0:
+                spec = _sanitize(decision.proposal, k, self.target.vocab_size)
+        if not forced and not spec.token_ids:
+            return k, DraftProposal()
+        prop = self._cut(c, spec, len(forced), prefix=forced)
+        room = bound - prop.num_draft_tokens
+        if room > 0 and c.split.cut_probs is None:
+            tail = c.forced_after(prop.token_ids, min(room, MAX_FORCED_DRAFT))
+            if tail:
+                prop = _join(prop, tail, self.target.vocab_size)
+        return len(forced) + k, prop
+
+    def _cut(self, c: RequestConstraint, spec: DraftProposal, num_forced: int,
+             prefix: Sequence[int] = ()) -> DraftProposal:
+        """``prefix`` (forced) + ``spec`` cut at the first token the grammar forbids; remembers the split."""
+        prefix = list(prefix)
+        legal = c.legal_prefix(prefix + spec.token_ids) - len(prefix)
+        kept = max(0, legal)
+        c.split.num_forced_before = num_forced
+        c.split.num_speculated = kept
+        if kept < spec.num_draft_tokens and spec.draft_probs is not None:
+            # A sampled draft token the grammar forbids has target probability 0: rejection
+            # sampling would reject it for sure and draw from the residual at its row.
+            c.split.cut_probs = spec.draft_probs[kept]
+        cut = DraftProposal(token_ids=spec.token_ids[:kept],
+                            draft_probs=spec.draft_probs[:kept] if spec.draft_probs is not None else None,
+                            confidence=spec.confidence[:kept] if spec.confidence is not None else None,
+                            speculator=spec.speculator)
+        if not prefix:
+            return cut
+        return _join(DraftProposal(token_ids=prefix, confidence=[1.0] * len(prefix), speculator=GRAMMAR_DRAFTER),
+                     cut.token_ids, self.target.vocab_size, tail_proposal=cut)
+
+    def _controller_view(self, state: RequestState, committed: list[int], num_accepted: int,
+                         num_draft_tokens: int) -> tuple[list[int], int, int]:
+        """What the controller judges: its speculator's drafts only, never the grammar's forced ones."""
+        c = state.constraint
+        if c is None or not c.has_grammar:
+            return committed, num_accepted, num_draft_tokens
+        f, n = c.split.num_forced_before, c.split.num_speculated
+        if num_accepted < f:  # a forced token was not the target's choice: the draft after it is not judged
+            return committed[f:], 0, 0
+        return committed[f:], min(num_accepted - f, n), n
 
     def _evaluate(self, state: RequestState, logits: torch.Tensor, proposal: DraftProposal) -> VerifyResult:
         p = state.params
         if p.greedy:
             return verify_greedy(logits, proposal.token_ids)
-        target_probs = process_logits(logits, p.temperature, p.top_k, p.top_p)  # [n+1, V]
+        target_probs = process_logits(logits, p.temperature, p.top_k, p.top_p, p.min_p)  # [n+1, V]
         if p.seed is not None:
             # A seed fixes the draw at each output position, whatever the drafts (drafter-invariant).
             return verify_coupled(target_probs, proposal.token_ids, p.seed, len(state.output_ids))
-        return verify_stochastic(target_probs, proposal.token_ids, proposal.draft_probs, state.generator)
+        cut = state.constraint.split.cut_probs if state.constraint is not None else None
+        return verify_stochastic(target_probs, proposal.token_ids, proposal.draft_probs, state.generator,
+                                 cut_probs=cut)
 
     def _commit(self, state: RequestState, result: VerifyResult, logits: torch.Tensor) -> list[int]:
         """Append emitted tokens one at a time, stopping at the first stop condition."""
@@ -606,6 +706,25 @@ def _first_branch(tree: TokenTree) -> DraftProposal:
         draft_probs = torch.stack(probs) if probs[0] is not None else None
     return DraftProposal(token_ids=ids, draft_probs=draft_probs, confidence=conf,
                          speculator=tree.source(tree.children(-1)[0]) if ids else "")
+
+def _join(head: DraftProposal, tail_ids: Sequence[int], vocab_size: int,
+          tail_proposal: Optional[DraftProposal] = None) -> DraftProposal:
+    """``head`` then ``tail_ids``: grammar-forced tokens (confidence 1, point-mass rows) or ``tail_proposal``'s."""
+    tail = tail_proposal or DraftProposal(token_ids=list(tail_ids), confidence=[1.0] * len(tail_ids))
+    ids = head.token_ids + tail.token_ids
+    probs = None
+    if head.draft_probs is not None or tail.draft_probs is not None:
+        def rows(p: DraftProposal) -> torch.Tensor:
+            if p.draft_probs is not None:
+                return p.draft_probs.float()
+            return torch.nn.functional.one_hot(torch.tensor(p.token_ids, dtype=torch.long),
+                                               vocab_size).float().reshape(len(p.token_ids), vocab_size)
+        probs = torch.cat([rows(head), rows(tail)], dim=0)  # [n, V]
+    conf = None
+    if head.confidence is not None or tail.confidence is not None:
+        conf = (head.confidence or [0.0] * head.num_draft_tokens) + (tail.confidence or [0.0] * tail.num_draft_tokens)
+    name = head.speculator if head.speculator != GRAMMAR_DRAFTER or not tail.token_ids else tail.speculator
+    return DraftProposal(token_ids=ids, draft_probs=probs, confidence=conf, speculator=name or GRAMMAR_DRAFTER)
 
 
 def _token_logprob(row: torch.Tensor, tok: int, top_n: int) -> TokenLogprob:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 
 # Order follows vLLM and transformers' logits processors: temperature, then
-# top-k, then top-p on the tempered distribution.
+# min-p, then top-k, then top-p on the tempered distribution.
 
 
-def process_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                   min_p: float = 0.0) -> torch.Tensor:
     """Turn raw logits into the sampling distribution.
 
     Args:
@@ -23,6 +24,9 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top
         top_k: keep the ``top_k`` largest logits per row; 0 disables.
         top_p: keep the smallest set of most likely tokens whose mass reaches
             ``top_p`` (always at least one token); 1.0 disables.
+        min_p: min-p sampling (Nguyen et al. 2024, "Turning Up the Heat"):
+            drop tokens whose tempered probability is below ``min_p`` times the
+            row's largest, before top-k and top-p (vLLM's order); 0 disables.
 
     Returns:
         ``[N, V]`` float32 probabilities; each row sums to 1 and is zero outside
@@ -30,14 +34,19 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top
 
     Raises:
         ValueError: if ``temperature <= 0`` (greedy is handled by argmax) or
-            ``top_p`` is outside (0, 1].
+            ``top_p`` is outside (0, 1], or ``min_p`` outside [0, 1].
     """
     if temperature <= 0:
         raise ValueError(f"process_logits needs temperature > 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
     x = logits.float() / temperature  # [N, V]
     V = x.shape[-1]
+    if min_p > 0.0:
+        p0 = torch.softmax(x, dim=-1)
+        x = x.masked_fill(p0 < min_p * p0.max(dim=-1, keepdim=True).values, float("-inf"))
     if 0 < top_k < V:
         kth = torch.topk(x, top_k, dim=-1).values[..., -1:]  # [N, 1]
         x = x.masked_fill(x < kth, float("-inf"))

@@ -402,6 +402,12 @@ class SamplingParams:
         learn: False keeps the request out of learned state: speculators
             start it with ``start_request_private`` and store none of its
             prompt or output. Default True.
+        grammar: an llguidance grammar the output must follow (built by
+            ``adaspec.constraints``: JSON schema, tool calls); None for free text.
+        logit_bias: ``{token_id: bias}`` added to the target's raw logits.
+        presence_penalty / frequency_penalty: OpenAI's penalties in [-2, 2],
+            over the output tokens before each position.
+        min_p: min-p sampling threshold in [0, 1]; 0 is off.
     """
 
     max_tokens: int = 64
@@ -414,6 +420,16 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: Optional[int] = None
     learn: bool = True
+    grammar: Optional[str] = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0
+
+    @property
+    def constrained(self) -> bool:
+        """True when the target's logits are changed before sampling (grammar, bias, penalties)."""
+        return bool(self.grammar is not None or self.logit_bias or self.presence_penalty or self.frequency_penalty)
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
@@ -429,6 +445,17 @@ class SamplingParams:
             raise ValueError(f"logprobs must be in 0..20, got {self.logprobs!r}")
         if any((not isinstance(s, str)) or s == "" for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (-2.0 <= v <= 2.0):
+                raise ValueError(f"{name} must be in [-2, 2], got {v!r}")
+        if not (0.0 <= self.min_p <= 1.0):
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        for tok, b in self.logit_bias.items():
+            if not isinstance(tok, int) or not (-100.0 <= b <= 100.0):
+                raise ValueError(f"logit_bias must map token ids to biases in [-100, 100], got {tok!r}: {b!r}")
+        if self.grammar is not None and self.ignore_eos:
+            raise ValueError("ignore_eos cannot be combined with a grammar (the grammar ends with EOS)")
 
     @property
     def greedy(self) -> bool:

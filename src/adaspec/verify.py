@@ -68,6 +68,7 @@ def verify_stochastic(
     draft_token_ids: Sequence[int],
     draft_probs: Optional[torch.Tensor],
     generator: Optional[torch.Generator],
+    cut_probs: Optional[torch.Tensor] = None,
 ) -> VerifyResult:
     """Speculative rejection sampling (Leviathan et al. 2023, Alg. 1).
 
@@ -78,6 +79,13 @@ def verify_stochastic(
             from, processed with the same sampling parameters; ``None`` for a
             deterministic draft (point mass on each draft token).
         generator: the request's random generator.
+        cut_probs: ``[V]`` float32, the draft distribution of draft token n,
+            which was cut before verification because the target gives it
+            probability 0 (a grammar forbids it). Verifying it would reject it
+            for sure and draw the recovered token from
+            ``norm(max(target_probs_n - cut_probs, 0))``, so with every draft
+            accepted that residual replaces the bonus distribution: the output
+            stays exact. ``None``: no such token.
 
     Returns:
         VerifyResult with the accepted drafts then the recovered or bonus token.
@@ -112,7 +120,12 @@ def verify_stochastic(
         dist = residual / total if total > 0.0 else target_probs[i]
         tokens.append(int(torch.multinomial(dist, 1, generator=generator).item()))
         return VerifyResult(token_ids=tokens, num_accepted=i, num_draft_tokens=n)
-    bonus = int(torch.multinomial(target_probs[n], 1, generator=generator).item())
+    last = target_probs[n]
+    if cut_probs is not None:
+        residual = torch.clamp(last - cut_probs.to(last.dtype), min=0.0)
+        total = float(residual.sum())
+        last = residual / total if total > 0.0 else last
+    bonus = int(torch.multinomial(last, 1, generator=generator).item())
     tokens.append(bonus)
     return VerifyResult(token_ids=tokens, num_accepted=n, num_draft_tokens=n)
 

@@ -73,8 +73,11 @@ from adaspec.server.schemas import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    NamedToolChoice,
     validation_error_to_api,
 )
+from adaspec.server.tools import ToolStreamParser, parse_tool_calls, render_messages, tools_listed
+from adaspec import constraints
 from adaspec.types import DEFAULT_TENANT, SamplingParams, is_greedy
 from adaspec.server.snapshots import (
     DEFAULT_SNAPSHOT_INTERVAL_S,
@@ -274,15 +277,31 @@ def _install_routes(app: FastAPI, ctx: ServerState) -> None:
         for i, m in enumerate(req.messages):
             text = m.text()
             _check_text(text, f"messages[{i}].content")
+            if m.tool_calls and m.role != "assistant":
+                raise ApiError(400, "only assistant messages may carry tool_calls", param=f"messages[{i}].tool_calls")
+            if m.role == "tool" and not m.tool_call_id:
+                raise ApiError(400, "a tool message needs the tool_call_id it answers",
+                               param=f"messages[{i}].tool_call_id")
+            if m.tool_call_id is not None and m.role != "tool":
+                raise ApiError(400, "only tool messages carry a tool_call_id", param=f"messages[{i}].tool_call_id")
             msg = {"role": "system" if m.role == "developer" else m.role, "content": text}
+            if m.tool_calls:
+                msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
             if m.name is not None:
                 msg["name"] = m.name
             messages.append(msg)
         max_tokens = req.max_completion_tokens or req.max_tokens or ctx.max_model_len
         params = _sampling_params(req, ctx, max_tokens, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        tool_names = await anyio.to_thread.run_sync(_apply_tools_and_format, req, ctx, params)
+        forced = req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)
+        if tool_names is not None and tools_listed(messages, forced):
+            tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+            messages = render_messages(messages, tools)
+        elif any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            messages = render_messages(messages, None)
         job = Job(request_id=f"chatcmpl-{uuid.uuid4().hex}", params=params, messages=messages, tenant=tenant,
                   stream=req.stream, timeout_s=ctx.request_timeout_s, endpoint="chat")
-        return await _run(request, ctx, job, req, _ChatFormat(ctx, job, req))
+        return await _run(request, ctx, job, req, _ChatFormat(ctx, job, req, tool_names))
 
     @app.delete("/admin/tenants/{tenant}/state")
     async def delete_tenant_state(tenant: str, request: Request) -> dict[str, Any]:
@@ -499,8 +518,19 @@ class _CompletionFormat(_Format):
 
 
 class _ChatFormat(_Format):
+    """Chat bodies and chunks; with ``tool_names`` the output is parsed into ``tool_calls`` (adaspec.server.tools)."""
+
     object_full = "chat.completion"
     object_chunk = "chat.completion.chunk"
+
+    def __init__(self, ctx: ServerState, job: Job, req: Any, tool_names: Optional[list[str]] = None) -> None:
+        super().__init__(ctx, job, req)
+        self.tool_names = tool_names
+        self.parser = ToolStreamParser(tool_names) if tool_names is not None else None
+
+    @staticmethod
+    def _finish(reason: Optional[str], calls: list) -> Optional[str]:
+        return "tool_calls" if calls and reason == "stop" else reason
 
     @staticmethod
     def _logprobs(entries: Optional[list[LogprobEntry]]) -> Optional[dict[str, Any]]:
@@ -512,8 +542,15 @@ class _ChatFormat(_Format):
             for e in entries], "refusal": None}
 
     def full(self, final: Chunk, prompt_tokens: int) -> dict[str, Any]:
-        choice = {"index": 0, "message": {"role": "assistant", "content": final.text},
-                  "logprobs": self._logprobs(final.logprobs), "finish_reason": final.finish_reason}
+        message: dict[str, Any] = {"role": "assistant", "content": final.text}
+        finish = final.finish_reason
+        if self.tool_names is not None:
+            content, calls = parse_tool_calls(final.text, self.tool_names)
+            message["content"] = content
+            if calls:
+                message["tool_calls"] = calls
+            finish = self._finish(finish, calls)
+        choice = {"index": 0, "message": message, "logprobs": self._logprobs(final.logprobs), "finish_reason": finish}
         return {**self._head(self.object_full), "choices": [choice], "usage": self._usage(final, prompt_tokens),
                 "adaspec": self.adaspec(final)}
 
@@ -524,12 +561,27 @@ class _ChatFormat(_Format):
 
     def stream_chunk(self, chunk: Chunk, prompt_tokens: int) -> list[dict[str, Any]]:
         out = []
-        if chunk.text or chunk.logprobs:
-            choice = {"index": 0, "delta": {"content": chunk.text}, "logprobs": self._logprobs(chunk.logprobs),
+        text, calls = chunk.text, []
+        if self.parser is not None:
+            text, calls = self.parser.feed(chunk.text, final=chunk.finish_reason is not None)
+        if text or chunk.logprobs:
+            choice = {"index": 0, "delta": {"content": text}, "logprobs": self._logprobs(chunk.logprobs),
                       "finish_reason": None}
             out.append(self._with_usage_field({**self._head(self.object_chunk), "choices": [choice]}))
+        first = len(self.parser.calls) - len(calls) if self.parser is not None else 0
+        for j, call in enumerate(calls):  # OpenAI's delta form: id, type and name first, then the arguments
+            fn = call["function"]
+            head = {"index": first + j, "id": call["id"], "type": "function",
+                    "function": {"name": fn["name"], "arguments": ""}}
+            for delta in ({"tool_calls": [head]},
+                          {"tool_calls": [{"index": first + j, "function": {"arguments": fn["arguments"]}}]}):
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+                out.append(self._with_usage_field({**self._head(self.object_chunk), "choices": [choice]}))
         if chunk.finish_reason is not None:
-            finish = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": chunk.finish_reason}
+            reason = chunk.finish_reason
+            if self.parser is not None:
+                reason = self._finish(reason, self.parser.calls)
+            finish = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}
             out.extend(self._tail(chunk, prompt_tokens, finish))
         return out
 
@@ -616,6 +668,81 @@ def _single_prompt(prompt: Any) -> Any:
     return list(prompt)
 
 
+def _logit_bias(req: Any, ctx: ServerState) -> dict[int, float]:
+    """``logit_bias`` with token-id keys; a key that is not a token id is a 400."""
+    out = {}
+    vocab = ctx.engine.target.vocab_size
+    for key, bias in (req.logit_bias or {}).items():
+        if not re.fullmatch(r"\d{1,9}", key) or int(key) >= vocab:
+            raise ApiError(400, f"logit_bias key {key!r} is not a token id (0..{vocab - 1})", param="logit_bias",
+                           code="invalid_value")
+        out[int(key)] = float(bias)
+    return out
+
+
+def _apply_tools_and_format(req: ChatCompletionRequest, ctx: ServerState, params: SamplingParams
+                            ) -> Optional[list[str]]:
+    """Check ``tools`` / ``tool_choice`` / ``response_format``; set the grammar they need on ``params``.
+
+    Returns:
+        the callable function names when the output is to be parsed for tool
+        calls (``tool_choice`` other than ``none``), else None.
+
+    Raises:
+        ApiError: 400 naming the parameter: duplicate function names, a
+            ``tool_choice`` without tools or naming an unknown function, a
+            malformed parameters or response schema.
+    """
+    tools = req.tools or []
+    names = [t.function.name for t in tools]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ApiError(400, f"tools[{i}]: function name {name!r} is used twice", param=f"tools[{i}].function.name")
+    choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
+    if choice != "none" and not tools:
+        raise ApiError(400, "tool_choice needs tools", param="tool_choice")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise ApiError(400, f"tool_choice names function {choice.function.name!r}, which is not among the tools "
+                       f"({', '.join(names)})", param="tool_choice.function.name", code="invalid_value")
+    if req.parallel_tool_calls is not None and not tools:
+        raise ApiError(400, "parallel_tool_calls needs tools", param="parallel_tool_calls")
+    engine = ctx.engine
+    tok, vocab = engine.tokenizer, engine.target.vocab_size
+
+    def compiled(grammar_of, param: str) -> str:
+        try:
+            g = grammar_of()
+            constraints.check_grammar(g, tok, vocab)
+            return g
+        except ValueError as e:
+            raise ApiError(400, f"invalid JSON schema in '{param}': {e}"[:2000], param=param, code="invalid_schema")
+
+    for i, t in enumerate(tools):
+        if t.function.parameters is not None:
+            compiled(lambda: constraints.json_schema_grammar(t.function.parameters), f"tools[{i}].function.parameters")
+    fmt = req.response_format
+    grammar = None
+    if fmt is not None and fmt.type != "text" and params.ignore_eos:
+        raise ApiError(400, "ignore_eos cannot be combined with a response_format", param="ignore_eos")
+    if fmt is not None and fmt.type == "json_object":
+        grammar = constraints.json_object_grammar()
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise ApiError(400, "response_format json_schema needs json_schema.schema",
+                           param="response_format.json_schema")
+        schema = fmt.json_schema.schema_
+        grammar = compiled(lambda: constraints.json_schema_grammar(schema), "response_format.json_schema.schema")
+    if choice == "required" or isinstance(choice, NamedToolChoice):
+        if params.ignore_eos:
+            raise ApiError(400, "ignore_eos cannot be combined with a forced tool_choice", param="ignore_eos")
+        chosen = [t for t in tools if choice == "required" or t.function.name == choice.function.name]
+        parallel = choice == "required" and req.parallel_tool_calls is not False
+        grammar = compiled(lambda: constraints.tool_calls_grammar(
+            [(t.function.name, t.function.parameters) for t in chosen], parallel=parallel), "tools")
+    params.grammar = grammar
+    return None if choice == "none" else names
+
+
 def _sampling_params(req: Any, ctx: ServerState, max_tokens: int, logprobs: Optional[int]) -> SamplingParams:
     params = SamplingParams(
         max_tokens=max_tokens,
@@ -630,6 +757,10 @@ def _sampling_params(req: Any, ctx: ServerState, max_tokens: int, logprobs: Opti
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         learn=req.adaspec.learn if req.adaspec is not None else True,
+        logit_bias=_logit_bias(req, ctx),
+        presence_penalty=float(req.presence_penalty),
+        frequency_penalty=float(req.frequency_penalty),
+        min_p=float(req.min_p),
     )
     try:
         params.validate()

@@ -76,12 +76,81 @@ class ContentPart(_Strict):
     text: str
 
 
-class ChatMessage(_Strict):
-    """One chat message. ``developer`` is treated as ``system``."""
+class FunctionCall(_Strict):
+    """The function of a tool call: its name and its arguments as a JSON string."""
 
-    role: Literal["system", "developer", "user", "assistant"]
+    name: str
+    arguments: str
+
+
+class ToolCall(_Strict):
+    """An assistant message's tool call (as the server returned it)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class FunctionDefinition(_Strict):
+    """A tool's function: ``parameters`` is a JSON schema (an object schema; none: no arguments)."""
+
+    name: str = Field(..., pattern=FUNCTION_NAME_PATTERN)
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class Tool(_Strict):
+    """One entry of ``tools``."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    """``tool_choice`` naming one function: the output is a call of it."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Strict):
+    """``response_format.json_schema``: the output validates against ``schema`` (``strict`` always holds)."""
+
+    name: str = Field(..., pattern=FUNCTION_NAME_PATTERN)
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, populate_by_name=True)
+
+
+class ResponseFormat(_Strict):
+    """``response_format``: ``text``, ``json_object`` (any JSON object) or ``json_schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
+class ChatMessage(_Strict):
+    """One chat message. ``developer`` is treated as ``system``.
+
+    ``assistant`` messages may carry ``tool_calls`` (content then optional);
+    ``tool`` messages carry a tool's result and the ``tool_call_id`` it answers.
+    """
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[ContentPart]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[str] = None
 
     def text(self) -> str:
         """The content as one string (text parts joined)."""
@@ -96,11 +165,8 @@ class ChatMessage(_Strict):
 _Table = dict[str, tuple[tuple[Any, ...], str]]
 _UNSUPPORTED_COMMON: _Table = {
     "n": ((None, 1), "only n=1 is supported"),
-    "presence_penalty": ((None, 0, 0.0), "penalties are not supported"),
-    "frequency_penalty": ((None, 0, 0.0), "penalties are not supported"),
-    "repetition_penalty": ((None, 1, 1.0), "penalties are not supported"),
-    "logit_bias": ((None, {}), "logit_bias is not supported"),
-    "min_p": ((None, 0, 0.0), "min_p is not supported"),
+    "repetition_penalty": ((None, 1, 1.0), "repetition_penalty is not supported (presence_penalty and "
+                           "frequency_penalty are)"),
     "min_tokens": ((None, 0), "min_tokens is not supported"),
     "service_tier": ((None, "auto", "default"), "service tiers are not supported"),
     "metadata": ((None, {}), "metadata is not supported"),
@@ -112,12 +178,8 @@ _UNSUPPORTED_COMPLETION: _Table = {
     "suffix": ((None, ""), "suffix (insertion) is not supported"),
 }
 _UNSUPPORTED_CHAT: _Table = {
-    "tools": ((None, []), "tool calling is not supported"),
-    "tool_choice": ((None, "none"), "tool calling is not supported"),
-    "parallel_tool_calls": ((None,), "tool calling is not supported"),
-    "functions": ((None, []), "function calling is not supported"),
-    "function_call": ((None, "none"), "function calling is not supported"),
-    "response_format": ((None, {"type": "text"}), "only response_format {\"type\": \"text\"} is supported"),
+    "functions": ((None, []), "the deprecated functions parameter is not supported; send tools"),
+    "function_call": ((None, "none"), "the deprecated function_call parameter is not supported; send tool_choice"),
     "modalities": ((None, ["text"]), "only text output is supported"),
     "audio": ((None,), "audio output is not supported"),
     "prediction": ((None,), "predicted outputs are not supported"),
@@ -143,7 +205,10 @@ class _RequestBase(_Strict):
     usual vLLM-style extensions; ``adaspec`` holds this server's own options
     (:class:`AdaspecOptions`). ``max_tokens`` at most the context window.
     ``temperature`` defaults to 1.0 as in OpenAI's API; below 1e-5 it decodes
-    greedily.
+    greedily. ``presence_penalty`` / ``frequency_penalty`` (OpenAI's, over the
+    output tokens), ``logit_bias`` (token id strings to -100..100) and
+    ``min_p`` (vLLM's) change the target's distribution exactly as plain
+    decoding would, under speculation too.
     """
 
     model: str
@@ -160,12 +225,13 @@ class _RequestBase(_Strict):
     user: Optional[str] = None
     adaspec: Optional[AdaspecOptions] = None
     # Known OpenAI parameters accepted only at their no-op value (see unsupported()).
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]]] = None
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    # Known OpenAI parameters accepted only at their no-op value (see unsupported()).
     n: Optional[Any] = None
-    presence_penalty: Optional[Any] = None
-    frequency_penalty: Optional[Any] = None
     repetition_penalty: Optional[Any] = None
-    logit_bias: Optional[Any] = None
-    min_p: Optional[Any] = None
     min_tokens: Optional[Any] = None
     service_tier: Optional[Any] = None
     metadata: Optional[Any] = None
@@ -223,12 +289,12 @@ class ChatCompletionRequest(_RequestBase):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: Optional[Any] = None
-    tool_choice: Optional[Any] = None
-    parallel_tool_calls: Optional[Any] = None
+    tools: Optional[list[Tool]] = Field(None, max_length=128)
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: Optional[bool] = None
+    response_format: Optional[ResponseFormat] = None
     functions: Optional[Any] = None
     function_call: Optional[Any] = None
-    response_format: Optional[Any] = None
     modalities: Optional[Any] = None
     audio: Optional[Any] = None
     prediction: Optional[Any] = None
@@ -251,7 +317,8 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 # Union member names pydantic puts in error locations ("str", "list[int]", ...).
-_TYPE_LOC_PARTS = {"str", "int", "float", "bool", "list", "dict", "none", "ContentPart", "StreamOptions"}
+_TYPE_LOC_PARTS = {"str", "int", "float", "bool", "list", "dict", "none", "ContentPart", "StreamOptions",
+                   "NamedToolChoice"}
 
 
 def param_path(loc: tuple) -> Optional[str]:
