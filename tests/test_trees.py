@@ -429,3 +429,17 @@ def test_equal_draws_keep_their_proposal_order():
     merged = TokenTree()
     merged.merge(t)
     assert [merged.tokens[n] for n, _ in merged.candidates(-1)] == [3, 5, 3]
+
+
+def test_tree_mode_with_logit_bias_and_penalties_equals_constrained_plain(tiny_target):
+    """Logits processors run on chain rows: with bias or penalties a tree step verifies its first branch."""
+    t = tiny_target
+    kw = dict(max_tokens=30, ignore_eos=True, presence_penalty=1.5, frequency_penalty=1.0, logit_bias={13: 3.0})
+    want = Engine(t).generate(PROMPT, SamplingParams(**kw)).token_ids
+    for shape in ("chain", "second_branch", "random3"):
+        if shape not in SHAPES:
+            continue
+        eng = Engine(t, controller=ScriptedTreeController(want, SHAPES[shape], t.vocab_size))
+        got = eng.generate(PROMPT, SamplingParams(**kw))
+        assert got.token_ids == want, shape
+        assert got.speculation.tree_steps == 0  # no tree forward ran
