@@ -267,3 +267,56 @@ def test_grammar_engine_failure_ends_the_request_instead_of_nan(tiny_target, mon
     z = c.adjust_logits(torch.randn(1, tiny_target.vocab_size), [])
     assert int(torch.argmax(z)) in tiny_target.eos_token_ids and torch.isfinite(z).sum() >= 1
     assert c.engine_errors == 1
+
+
+def test_forced_drafts_never_use_a_special_token_the_grammar_refuses():
+    """Qwen2.5 has "<tool_call>" as a special token: llguidance's fast-forward tokens gave it, its
+    validator refused it, and the next step raised (a 500 through the server, found by hand)."""
+    from transformers import AutoTokenizer
+
+    from adaspec.constraints import RequestConstraint, tool_calls_grammar
+    from adaspec.models import DEFAULT_MODEL, resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL, progress=False))
+    spelled = tok.encode("<tool_call>", add_special_tokens=False)  # before the tag has its own token
+    tok.add_tokens(["<tool_call>"])  # a fresh copy, Qwen-like: an added token (not marked special)
+    special = tok.convert_tokens_to_ids("<tool_call>")
+    g = tool_calls_grammar([("get_weather", {"type": "object", "properties": {"city": {"type": "string"}},
+                                             "required": ["city"]})])
+    c = RequestConstraint(g, tok, len(tok), [tok.eos_token_id])
+    forced = c.forced_tokens(32)
+    assert special not in forced and c.legal_prefix(forced) == len(forced)
+    assert special not in spelled and c.legal_prefix(spelled) == len(spelled)
+    after = c.forced_after(spelled, 32)  # the tail the grammar forces once the tag is spelled
+    assert after and c.legal_prefix(spelled + after) == len(spelled + after)
+    assert c.forced_after([special], 8) == []  # refused quietly, the matcher untouched
+    assert c.legal_prefix(spelled) == len(spelled)
+    logits = torch.zeros(1, len(tok))
+    logits[0, special] = 10.0  # the model's favourite: the special token
+    z = c.adjust_logits(logits, [])
+    assert z[0, special] == float("-inf") and torch.isfinite(z[0]).any()
+
+
+def test_tool_call_tags_that_are_single_tokens_are_written_as_tokens():
+    """Qwen2.5's tokenizer has "<tool_call>" / "</tool_call>" as added tokens: the grammar names them."""
+    from transformers import AutoTokenizer
+
+    from adaspec.constraints import RequestConstraint, tool_calls_grammar, tool_tag_terminals
+    from adaspec.models import DEFAULT_MODEL, resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL, progress=False))
+    assert tool_tag_terminals(tok) == (None, None)  # SmolLM2 spells them
+    tok.add_tokens(["<tool_call>", "</tool_call>"])
+    open_id, close_id = tok.convert_tokens_to_ids(["<tool_call>", "</tool_call>"])
+    tags = tool_tag_terminals(tok)
+    assert tags == (f"<[{open_id}]>", f"<[{close_id}]>")
+    g = tool_calls_grammar([("f", {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]})],
+                           parallel=False, tags=tags)
+    c = RequestConstraint(g, tok, len(tok), [tok.eos_token_id])
+    forced = c.forced_tokens(32)
+    assert forced[0] == open_id and c.legal_prefix(forced) == len(forced)
+    z = c.adjust_logits(torch.zeros(1, len(tok)), [])
+    assert torch.isfinite(z[0, open_id]) and int(torch.isfinite(z[0]).sum()) == 1
+    body = tok.encode('{"name": "f", "arguments": {"x": 7}}\n', add_special_tokens=False)
+    done = [open_id] + tok.encode("\n", add_special_tokens=False) + body + [close_id]
+    assert c.legal_prefix(done) == len(done)

@@ -27,6 +27,7 @@ proposed without any drafting cost.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -101,7 +102,27 @@ def tool_call_schema(name: str, parameters: Optional[dict[str, Any]]) -> dict[st
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
-def tool_calls_grammar(functions: Sequence[tuple[str, Optional[dict[str, Any]]]], parallel: bool = True) -> str:
+def tool_tag_terminals(tokenizer: Any) -> tuple[Optional[str], Optional[str]]:
+    """Lark terminals for the call tags where the tokenizer has one token for each (Qwen2.5: ``<[151657]>``).
+
+    llguidance reads an added token as opaque, not as its text, so a tag that is
+    one token must be written as that token in the grammar; ``(None, None)``
+    (the tags as text) for tokenizers that spell them (SmolLM2).
+    """
+    out = []
+    unk = getattr(tokenizer, "unk_token_id", None)
+    added = {int(i) for i in (getattr(tokenizer, "added_tokens_decoder", {}) or {})}
+    for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE):
+        try:
+            tid = tokenizer.convert_tokens_to_ids(tag)
+        except Exception:  # a tokenizer without the lookup
+            tid = None
+        out.append(f"<[{int(tid)}]>" if isinstance(tid, int) and tid != unk and tid in added else None)
+    return (out[0], out[1]) if all(out) else (None, None)
+
+
+def tool_calls_grammar(functions: Sequence[tuple[str, Optional[dict[str, Any]]]], parallel: bool = True,
+                       tags: tuple[Optional[str], Optional[str]] = (None, None)) -> str:
     """A Lark grammar (llguidance dialect) for one or more tool calls in the Hermes/Qwen form.
 
     Each call is ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``
@@ -111,6 +132,7 @@ def tool_calls_grammar(functions: Sequence[tuple[str, Optional[dict[str, Any]]]]
     Args:
         functions: ``(name, parameters schema or None)`` for every function
             the output may call (one for a named ``tool_choice``).
+        tags: :func:`tool_tag_terminals` of the tokenizer (default: the tags as text).
 
     Raises:
         ValueError: no functions, or a schema that is not JSON-serialisable.
@@ -125,7 +147,11 @@ def tool_calls_grammar(functions: Sequence[tuple[str, Optional[dict[str, Any]]]]
             raise ValueError(f"the parameters of function {name!r} are not serialisable: {e}") from None
         rules.append(f"f{i}: %json {schema}")
     alts = " | ".join(f"f{i}" for i in range(len(functions)))
-    call = f'call: "{TOOL_CALL_OPEN}\\n" ({alts}) "\\n{TOOL_CALL_CLOSE}"'
+    open_, close = tags
+    if open_ and close:  # the tags as single tokens (tool_tag_terminals)
+        call = f'call: {open_} "\\n" ({alts}) "\\n" {close}'
+    else:
+        call = f'call: "{TOOL_CALL_OPEN}\\n" ({alts}) "\\n{TOOL_CALL_CLOSE}"'
     start = 'start: call ("\\n" call)*' if parallel else "start: call"
     return "\n".join([start, call, *rules])
 
@@ -182,6 +208,14 @@ class RequestConstraint:
                 raise ValueError(self.matcher.get_error())
             self.grammar_eos = int(grammar_tokenizer(tokenizer, vocab_size).eos_token)
             self.eos_token_ids = sorted({int(t) for t in eos_token_ids} - {self.grammar_eos})
+            # Special and added tokens never spell grammar text: llguidance reads them as opaque
+            # tokens, yet its byte mask can allow one whose text the grammar wants (Qwen2.5's added
+            # "<tool_call>") while its matcher then refuses it.
+            special = set(getattr(tokenizer, "all_special_ids", []) or [])
+            special |= {int(i) for i in (getattr(tokenizer, "added_tokens_decoder", {}) or {})}
+            special -= {self.grammar_eos, *self.eos_token_ids}
+            special -= {int(i) for i in re.findall(r"<\[(\d+)\]>", grammar)}  # tokens the grammar names
+            self.special_ids = torch.tensor(sorted(i for i in special if 0 <= i < self.vocab_size), dtype=torch.long)
         self.bias: Optional[torch.Tensor] = None
         if logit_bias:
             self.bias = torch.zeros(self.vocab_size)
@@ -208,6 +242,11 @@ class RequestConstraint:
             return []
         t0 = time.perf_counter()
         out = list(self.matcher.compute_ff_tokens())[:max_tokens]
+        # llguidance tokenizes the forced bytes with the model's tokenizer, which may map them
+        # to a special token the grammar itself does not accept (Qwen2.5's "<tool_call>"):
+        # keep only what the grammar validates, so a forced draft is always legal.
+        if out:
+            out = out[:int(self.matcher.validate_tokens(out))]
         self.mask_s += time.perf_counter() - t0
         return out
 
@@ -228,6 +267,8 @@ class RequestConstraint:
             return self.forced_tokens(max_tokens)
         ids = self._grammar_ids(token_ids)
         if self.grammar_eos in ids:  # nothing follows the end of the grammar
+            return []
+        if int(self.matcher.validate_tokens(ids)) < len(ids):  # never consume what would break the matcher
             return []
         if not self.matcher.consume_tokens(ids):
             raise ValueError("forced_after: token_ids are not legal under the grammar")
@@ -291,6 +332,8 @@ class RequestConstraint:
         self.matcher.rollback(consumed)
         # (measured: uint8 -> bool and torch.where are several times faster here than == 0 and masked_fill_)
         allowed = torch.stack([torch.frombuffer(bytearray(r), dtype=torch.uint8) for r in rows]).bool()  # [n+1, V]
+        if self.special_ids.numel():
+            allowed[:, self.special_ids[self.special_ids < allowed.shape[1]]] = False
         dead = ~allowed.any(dim=1)  # [n+1]: the grammar engine allows nothing (it hit an internal limit)
         if bool(dead.any()):
             # End the request rather than sample from an all -inf row (NaN); the output is cut short.

@@ -738,7 +738,8 @@ def _apply_tools_and_format(req: ChatCompletionRequest, ctx: ServerState, params
         chosen = [t for t in tools if choice == "required" or t.function.name == choice.function.name]
         parallel = choice == "required" and req.parallel_tool_calls is not False
         grammar = compiled(lambda: constraints.tool_calls_grammar(
-            [(t.function.name, t.function.parameters) for t in chosen], parallel=parallel), "tools")
+            [(t.function.name, t.function.parameters) for t in chosen], parallel=parallel,
+            tags=constraints.tool_tag_terminals(tok)), "tools")
     params.grammar = grammar
     return None if choice == "none" else names
 
