@@ -189,6 +189,22 @@ def test_render_and_parse_round_trip():
         assert (a + b).strip() == content
 
 
+def test_untagged_calls_are_calls_and_other_json_stays_content():
+    """Qwen2.5-Coder under tool_choice auto writes bare ``{"name": ..., "arguments": ...}`` lines."""
+    bare = '{"name": "get_time", "arguments": {"tz": "UTC"}}\n{"name": "get_time", "arguments": {"tz": "CET"}}'
+    content, calls = parse_tool_calls(bare, ["get_time"])
+    assert content is None and [json.loads(c["function"]["arguments"])["tz"] for c in calls] == ["UTC", "CET"]
+    for text in ('{"name": "other", "arguments": {}}', '{"answer": 42}', '{"name": "get_time", "arguments": {}} and'):
+        assert parse_tool_calls(text, ["get_time"]) == (text, [])  # not only calls to listed functions: content
+    for text, want in ((bare, 2), ('{"answer": 42}', 0)):
+        for cut in range(1, len(text)):
+            p = ToolStreamParser(["get_time"])
+            a, ca = p.feed(text[:cut])
+            b, cb = p.feed(text[cut:], final=True)
+            assert a == "" and len(ca + cb) == want  # held to the end, then calls or content
+            assert b == ("" if want else text)
+
+
 # ------------------------------------------------------------------ the real model: a two-turn agent loop
 @pytest.mark.real_model
 @pytest.mark.parametrize("stream", [False, True], ids=["full", "stream"])

@@ -16,7 +16,11 @@ such as SmolLM2's):
   result follows the last user message (:func:`tools_listed`): SmolLM2-135M,
   shown the tool list again after a result, repeats the call instead of
   answering (tried by hand: README, "Tool calls"). ``required`` or a named
-  function always lists them.
+  function always lists them;
+- untagged output that is nothing but call objects (Qwen2.5-Coder writes
+  ``{"name": ..., "arguments": ...}`` lines under ``auto``) is parsed as calls
+  too; when streaming, output that starts with ``{`` is held until the end
+  to tell (:func:`parse_bare_calls`).
 
 The model's output is parsed back: every complete ``<tool_call>`` block whose
 JSON names a listed function becomes an OpenAI ``tool_calls`` entry (arguments
@@ -127,13 +131,39 @@ def _parse_call(body: str, names: set[str]) -> Optional[dict[str, Any]]:
             "function": {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)}}
 
 
+def parse_bare_calls(text: str, names: Sequence[str]) -> Optional[list[dict[str, Any]]]:
+    """Untagged calls: ``text`` is only JSON objects ``{"name": <listed>, "arguments": {...}}`` (one
+    after another, whitespace between), as Qwen2.5 writes them under ``auto``; else None."""
+    dec, pos, calls, text = json.JSONDecoder(), 0, [], text.strip()
+    if not text.startswith("{"):
+        return None
+    while pos < len(text):
+        try:
+            _, end = dec.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return None
+        call = _parse_call(text[pos:end], set(names))
+        if call is None:
+            return None
+        calls.append(call)
+        pos = end
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+    return calls or None
+
+
 def parse_tool_calls(text: str, names: Sequence[str]) -> tuple[Optional[str], list[dict[str, Any]]]:
     """Split model output into content and OpenAI ``tool_calls``.
 
     Returns:
         ``(content or None, tool_calls)``; a block that is not valid JSON or
-        names an unknown function stays in the content.
+        names an unknown function stays in the content. Output that is nothing
+        but untagged calls (:func:`parse_bare_calls`) is calls too.
     """
+    if TOOL_CALL_OPEN not in text:
+        bare = parse_bare_calls(text, names)
+        if bare:
+            return None, bare
     allowed = set(names)
     content, calls, pos = [], [], 0
     while True:
@@ -172,6 +202,15 @@ class ToolStreamParser:
     def feed(self, text: str, final: bool = False) -> tuple[str, list[dict[str, Any]]]:
         """New text in; ``(content to send now, tool calls completed now)`` out."""
         self.buffer += text
+        if not self.sent_content and not self.calls and self.buffer.lstrip().startswith("{"):
+            # maybe untagged calls (parse_bare_calls): held to the end, then calls or content
+            if not final:
+                return "", []
+            bare = parse_bare_calls(self.buffer, self.names)
+            if bare:
+                self.buffer = ""
+                self.calls.extend(bare)
+                return "", bare
         content, calls = [], []
         while self.buffer:
             start = self.buffer.find(TOOL_CALL_OPEN)
