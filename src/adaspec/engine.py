@@ -320,15 +320,21 @@ class Engine:
         # Count what was committed: a stop condition may cut the step's tokens.
         state.stats.record(step.speculator, step.num_draft_tokens, min(step.num_accepted, step.num_emitted),
                            step.num_emitted)
-        self.controller.on_verify(len(fed), forward_s)
-        self.controller.observe(state.request_id, *self._controller_view(state, committed, result.num_accepted,
-                                                                         proposal.num_draft_tokens))
+        self._after_verify(state, len(fed), forward_s, committed, result.num_accepted, proposal.num_draft_tokens,
+                           self._controller_view(state, committed, result.num_accepted, proposal.num_draft_tokens))
+        return step
+
+    def _after_verify(self, state: RequestState, num_fed: int, forward_s: float, committed: list[int],
+                      num_accepted: int, num_draft_tokens: int, controller_view=None) -> None:
+        """Tell the controller (``controller_view``: what it judges, default all) and every
+        speculator what the verify forward cost and committed; free a finished request."""
+        self.controller.on_verify(num_fed, forward_s)
+        self.controller.observe(state.request_id, *(controller_view or (committed, num_accepted, num_draft_tokens)))
         for spec in self.speculators.values():
-            spec.on_verify(len(fed), forward_s)
-            spec.observe(state.request_id, committed, result.num_accepted, proposal.num_draft_tokens)
+            spec.on_verify(num_fed, forward_s)
+            spec.observe(state.request_id, committed, num_accepted, num_draft_tokens)
         if state.finished:
             self._release(state)
-        return step
 
     def _max_draft_tokens(self, state: RequestState) -> int:
         """Upper bound on k: the token budget and the context window.
@@ -413,13 +419,7 @@ class Engine:
         state.stats.draft_time_s += draft_s
         state.stats.verify_time_s += forward_s
         state.stats.record_tree(tree.num_nodes, tree.max_depth, sources, len(committed))
-        self.controller.on_verify(len(fed), forward_s)
-        self.controller.observe(state.request_id, committed, result.num_accepted, tree.num_nodes)
-        for spec in self.speculators.values():
-            spec.on_verify(len(fed), forward_s)
-            spec.observe(state.request_id, committed, result.num_accepted, tree.num_nodes)
-        if state.finished:
-            self._release(state)
+        self._after_verify(state, len(fed), forward_s, committed, result.num_accepted, tree.num_nodes)
         return step
 
     def _evaluate_tree(self, state: RequestState, logits: torch.Tensor, tree: TokenTree) -> TreeVerifyResult:

@@ -393,17 +393,7 @@ class SuffixSpeculator(Speculator):
         tenant = ctx.tenant or DEFAULT_TENANT
         best: Optional[_Draft] = None
         with self._lock:
-            req = self._requests.get(ctx.request_id)
-            tries: list[tuple[SuffixTrie, Optional[StoredSequence]]] = []
-            if req is not None:
-                tries.append((req.local, req.local_seq))
-            corpus = self._tenant(tenant, create=False) if req is None or req.tenant == tenant else None
-            if corpus is not None:
-                own = req.tenant_seq if req is not None and req.corpus is corpus else None
-                tries.append((corpus.trie, own))
-            if self.enable_shared and self._shared.seqs:
-                own = req.shared_seq if req is not None and req.shared is self._shared else None
-                tries.append((self._shared.trie, own))
+            tries = self._structures(ctx.request_id, tenant)
             for trie, seq in tries:
                 d = self._draft(trie, seq, context, max_draft_tokens)
                 # Ties go to the earlier structure: the request's own context first.
@@ -412,6 +402,22 @@ class SuffixSpeculator(Speculator):
         if best is None:
             return DraftProposal(token_ids=[], confidence=[], speculator=self.name)
         return DraftProposal(token_ids=best.token_ids, confidence=best.confidence, speculator=self.name)
+
+    def _structures(self, request_id: str, tenant: str) -> list[tuple[SuffixTrie, Optional[StoredSequence]]]:
+        """The tries a draft may come from, the request's own context first, each with the
+        request's sequence in it (None: not stored there). Call with the lock held."""
+        req = self._requests.get(request_id)
+        tries: list[tuple[SuffixTrie, Optional[StoredSequence]]] = []
+        if req is not None:
+            tries.append((req.local, req.local_seq))
+        corpus = self._tenant(tenant, create=False) if req is None or req.tenant == tenant else None
+        if corpus is not None:
+            own = req.tenant_seq if req is not None and req.corpus is corpus else None
+            tries.append((corpus.trie, own))
+        if self.enable_shared and self._shared.seqs:
+            own = req.shared_seq if req is not None and req.shared is self._shared else None
+            tries.append((self._shared.trie, own))
+        return tries
 
     def propose_tree(self, ctx: ProposeContext, max_nodes: int, max_depth: int, branching: int = 3) -> TokenTree:
         """A speculation tree of the most frequent continuations (SuffixDecoding's speculation trees).
@@ -437,17 +443,7 @@ class SuffixSpeculator(Speculator):
         context = _after_invalid(_tail_ints(ctx.token_ids, self.max_match_len))
         tenant = ctx.tenant or DEFAULT_TENANT
         with self._lock:
-            req = self._requests.get(ctx.request_id)
-            tries: list[tuple[SuffixTrie, Optional[StoredSequence]]] = []
-            if req is not None:
-                tries.append((req.local, req.local_seq))
-            corpus = self._tenant(tenant, create=False) if req is None or req.tenant == tenant else None
-            if corpus is not None:
-                own = req.tenant_seq if req is not None and req.corpus is corpus else None
-                tries.append((corpus.trie, own))
-            if self.enable_shared and self._shared.seqs:
-                own = req.shared_seq if req is not None and req.shared is self._shared else None
-                tries.append((self._shared.trie, own))
+            tries = self._structures(ctx.request_id, tenant)
             for trie, seq in tries:
                 usable, m = trie.live_match(seq, context, self.max_match_len) if seq is not None else (False, None)
                 if not usable:
