@@ -202,6 +202,17 @@ def load_target(
         from adaspec.quant import quantize_target
 
         target.quant_report = quantize_target(target)
+    return on_runtime(target, runtime)
+
+
+def on_runtime(target: TargetModel, runtime: str) -> TargetModel:
+    """A loaded (for int8, quantized) transformers target on ``runtime``: itself for
+    "transformers", else the lean core; "auto" falls back to ``target`` with a one-line
+    note on stderr where the lean core cannot run it.
+
+    Raises:
+        ValueError / RuntimeError: "lean" on an unsupported architecture or without the kernel.
+    """
     if runtime == "transformers":
         return target
     from adaspec.model.target import lean_target
@@ -213,5 +224,5 @@ def load_target(
             raise
         import sys
 
-        print(f"adaspec: lean runtime unavailable for {name} ({exc}); using transformers", file=sys.stderr)
+        print(f"adaspec: lean runtime unavailable for {target.name} ({exc}); using transformers", file=sys.stderr)
         return target

@@ -83,8 +83,7 @@ def measure_quality(model: str, dtypes: Sequence[str], n_per_domain: int = 16, m
         RuntimeError: "lean" and the kernel does not build.
     """
     from adaspec import quant
-    from adaspec.model.target import lean_target
-    from adaspec.target import load_target
+    from adaspec.target import load_target, on_runtime
 
     systems = parse_systems(dtypes)
     held = quant.held_out_texts(n_per_domain=n_per_domain)
@@ -92,7 +91,7 @@ def measure_quality(model: str, dtypes: Sequence[str], n_per_domain: int = 16, m
     for dtype in dict.fromkeys(s.dtype for s in systems):  # each dtype loaded once, first-seen order
         base = load_target(model, dtype=dtype, num_threads=threads, runtime="transformers")
         for system in (s for s in systems if s.dtype == dtype):
-            target = base if system.runtime == "transformers" else _runtime_target(base, system.runtime, lean_target)
+            target = on_runtime(base, system.runtime)
             row = {d: quant.runtime_perplexity(target, target.tokenizer, texts, max_tokens=max_tokens, chunk=chunk)
                    for d, texts in held.items()}
             row["all"] = _pool(row.values())
@@ -108,19 +107,6 @@ def _pool(rows) -> dict:
     tokens = sum(r["tokens"] for r in rows)
     nll = sum(r["nll"] * r["tokens"] for r in rows) / tokens
     return {"ppl": math.exp(nll), "nll": nll, "tokens": tokens}
-
-
-def _runtime_target(base, runtime: str, lean_target):
-    """``base`` on the lean core; "auto" falls back to ``base`` with a note, as :func:`load_target` does."""
-    try:
-        return lean_target(base)
-    except (ValueError, RuntimeError) as exc:
-        if runtime == "lean":
-            raise
-        import sys
-
-        print(f"adaspec: lean runtime unavailable for {base.name} ({exc}); using transformers", file=sys.stderr)
-        return base
 
 
 def format_quality(results: dict[str, dict[str, dict]]) -> str:
