@@ -38,6 +38,8 @@ DEFAULT_LOOKAHEAD = 8  # k of a single named speculator
 ATLAS_LOOKAHEAD = ATLAS_MAX_LOOKAHEAD  # the most draft tokens the controller may choose per step
 # Verify-cost table the controller's cost model starts from: tokens fed per forward.
 CALIBRATION_TOKENS_FED = (1, 2, 3, 5, 9, 13, 17)
+# Rows fed per batched forward the cost model is measured at (continuous batching, past the table above).
+CALIBRATION_BATCH_ROWS = (17, 32, 64, 128)
 
 
 def default_lookahead(speculator: str) -> int:
@@ -193,7 +195,17 @@ def calibrated_cost_model(target: "TargetModel") -> "CostModel":
             target._adaspec_verify_ms_table = dict(table)
         except AttributeError:  # a target that takes no attributes: measure again next time
             pass
-    return CostModel(dict(table))
+    batch = getattr(target, "_adaspec_batch_ms_table", None)
+    if batch is None and hasattr(target, "forward_batch"):
+        # continuous batching: the cost of one batched forward by rows fed, past the table above
+        from adaspec.step_cost import measure_batch_cost
+
+        batch = measure_batch_cost(target, rows=CALIBRATION_BATCH_ROWS, repeats=3, prompt_len=32)
+        try:
+            target._adaspec_batch_ms_table = dict(batch)
+        except AttributeError:
+            pass
+    return CostModel(dict(table), batch_ms_table=dict(batch) if batch else None)
 
 
 def static_speculator_or_none(target: "TargetModel") -> Optional["Speculator"]:

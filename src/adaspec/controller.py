@@ -376,7 +376,7 @@ class ConfidenceAwareController(Controller):
                                  sampled_draft=mode == "sampled" and d.draft_probs is not None)
         pending: list[_PendingDraft] = []
         self._pending[ctx.request_id] = pending
-        verify_ms = self.costs.verify_ms
+        verify_ms, base = self._batch_cost(ctx)
         plans: list[tuple[float, DraftProposal]] = []
 
         if self.adaptive is not None and bound > 0:
@@ -390,15 +390,15 @@ class ConfidenceAwareController(Controller):
                 est = self.estimator(self.adaptive.name, ctx.tenant, mode)
                 probs = accept_probs(est, a)
                 k, rate = choose_lookahead(probs, self.costs.draft_ms_per_token(self.adaptive.name), verify_ms,
-                                           a.num_draft_tokens)
+                                           a.num_draft_tokens, base_tokens=base)
                 if k > 0:
-                    plans.append((rate, _truncate(a, k)))
+                    plans.append((rate, _truncate(a, k, expected_emitted(probs[:k]))))
 
         if self.static is not None and bound > 0:
             est = self.estimator(self.static.name, ctx.tenant, mode)
             draft_ms = self.costs.draft_ms_per_token(self.static.name, default=2.0)
-            k, rate = choose_lookahead(est.position_probs(bound), draft_ms, verify_ms, bound)
-            best_other = max((r for r, _ in plans), default=1000.0 / max(verify_ms(1), 1e-6))
+            k, rate = choose_lookahead(est.position_probs(bound), draft_ms, verify_ms, bound, base_tokens=base)
+            best_other = max((r for r, _ in plans), default=1000.0 * (base + 1.0) / max(verify_ms(1), 1e-6))
             idle = self._static_idle.get(ctx.tenant, 0)
             pays = k > 0 and rate > best_other
             explore = not pays and self.explore_every > 0 and idle >= self.explore_every
@@ -415,9 +415,10 @@ class ConfidenceAwareController(Controller):
                 pending.append(pend(self.static.name, s))
                 if s.num_draft_tokens:
                     probs = accept_probs(est, s)
-                    k2, rate2 = choose_lookahead(probs, 0.0, verify_ms, s.num_draft_tokens)  # drafting already paid
+                    # drafting already paid
+                    k2, rate2 = choose_lookahead(probs, 0.0, verify_ms, s.num_draft_tokens, base_tokens=base)
                     if k2 > 0:
-                        plans.append((rate2, _truncate(s, k2)))
+                        plans.append((rate2, _truncate(s, k2, expected_emitted(probs[:k2]))))
 
         if not plans:
             self.choices[NO_SPECULATOR] = self.choices.get(NO_SPECULATOR, 0) + 1
@@ -429,6 +430,18 @@ class ConfidenceAwareController(Controller):
         return best
 
     _draft = staticmethod(draft_with)
+
+    def _batch_cost(self, ctx: ProposeContext):
+        """``(verify_ms(n), base_tokens)`` for a request feeding n rows beside ``ctx.batch_rows`` others.
+
+        Alone (``batch_rows == 0``) this is the single-request cost; in a batched
+        step the price of n rows is the whole batch forward's and the rate
+        maximised is the batch's (:func:`adaspec.estimates.choose_lookahead`).
+        """
+        rows = max(0, int(ctx.batch_rows))
+        if rows == 0:
+            return self.costs.verify_ms, float(ctx.batch_tokens)
+        return (lambda n: self.costs.verify_ms(rows + n)), float(ctx.batch_tokens)
 
     # ---------------------------------------------------------------- tree mode
     def _timed(self, name: str, levels, fn):
@@ -445,7 +458,7 @@ class ConfidenceAwareController(Controller):
         self._pending.pop(ctx.request_id, None)
         node_bound = min(max_draft_tokens, self.max_tree_nodes)
         depth_cap = min(max_draft_tokens, self.max_lookahead)
-        verify_ms = self.costs.verify_ms
+        verify_ms, base = self._batch_cost(ctx)
         tree = TokenTree()
         if node_bound <= 0:
             return DraftProposal(speculator="tree", tree=tree)
@@ -463,8 +476,9 @@ class ConfidenceAwareController(Controller):
         if self.static is not None:
             est = self.estimator(self.static.name, ctx.tenant, mode)
             draft_ms = self.costs.draft_ms_per_token(self.static.name, default=2.0)
-            k, rate = choose_lookahead(est.position_probs(depth_cap), draft_ms, verify_ms, depth_cap)
-            _, rate_now = size_tree(self._tree_values(tree, ctx.tenant, mode), tree.parents, verify_ms, node_bound)
+            k, rate = choose_lookahead(est.position_probs(depth_cap), draft_ms, verify_ms, depth_cap, base_tokens=base)
+            _, rate_now = size_tree(self._tree_values(tree, ctx.tenant, mode), tree.parents, verify_ms, node_bound,
+                                    base_tokens=base)
             idle = self._static_idle.get(ctx.tenant, 0)
             pays = k > 0 and rate > rate_now
             explore = not pays and self.explore_every > 0 and idle >= self.explore_every
@@ -480,7 +494,7 @@ class ConfidenceAwareController(Controller):
                                                             lambda: self._draft(static, ctx, depth)))
                 tree.merge(part)
         values = self._tree_values(tree, ctx.tenant, mode)
-        keep, _ = size_tree(values, tree.parents, verify_ms, node_bound)
+        keep, _ = size_tree(values, tree.parents, verify_ms, node_bound, base_tokens=base)
         if not keep:
             self.choices[NO_SPECULATOR] = self.choices.get(NO_SPECULATOR, 0) + 1
             return DraftProposal(speculator="tree", tree=TokenTree())
@@ -491,7 +505,7 @@ class ConfidenceAwareController(Controller):
         # estimate that priced a speculator's nodes out of the tree can recover.
         self._pending[ctx.request_id] = [_PendingTree(tree, mode)]  # type: ignore[list-item]
         self.choices["tree"] = self.choices.get("tree", 0) + 1
-        return DraftProposal(speculator="tree", tree=sub)
+        return DraftProposal(speculator="tree", tree=sub, expected_tokens=1.0 + sum(values[i] for i in keep))
 
     def _tree_values(self, tree: TokenTree, tenant: str, mode: str) -> list[float]:
         """Per node: the estimated probability that it is accepted (product of per-node estimates along its path)."""
@@ -648,10 +662,11 @@ def _primary_children(tree: TokenTree) -> dict[tuple[int, str], int]:
     return primary
 
 
-def _truncate(d: DraftProposal, k: int) -> DraftProposal:
+def _truncate(d: DraftProposal, k: int, expected_tokens: Optional[float] = None) -> DraftProposal:
     return DraftProposal(
         token_ids=d.token_ids[:k],
         draft_probs=d.draft_probs[:k] if d.draft_probs is not None else None,
         confidence=d.confidence[:k] if d.confidence is not None else None,
         speculator=d.speculator,
+        expected_tokens=expected_tokens,
     )

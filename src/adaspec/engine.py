@@ -64,6 +64,9 @@ GRAMMAR_DRAFTER = "grammar"
 # Most grammar-forced tokens proposed in one step (before and after the speculator's draft,
 # each): keeps one verify forward bounded when a grammar forces a long constant.
 MAX_FORCED_DRAFT = 32
+# Continuous batching: most prompt tokens prefilled in one batched step (over all new requests),
+# so the others' decode steps, and time to first token under load, stay bounded.
+BATCH_PREFILL_TOKENS = 256
 
 
 @dataclass
@@ -90,10 +93,19 @@ class RequestState:
     first_token_s: Optional[float] = None
     # Grammar / logit bias / penalties (adaspec.constraints); None when the request has none.
     constraint: Optional[RequestConstraint] = None
+    # Prompt tokens whose KV is cached (prefilled or reused from the prefix cache); the
+    # prefill is done at len(prompt_ids) - 1 (the last prompt token is fed by the first step).
+    prefill_pos: int = 0
+    prefix_tokens_reused: int = 0  # of them, from the prefix cache
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def prefilling(self) -> bool:
+        """Prompt tokens are still to be prefilled (started with ``prefill=False``)."""
+        return self.prefill_pos < len(self.prompt_ids) - 1
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -144,6 +156,9 @@ class Engine:
         # Grammar-forced tokens are proposed as drafts whenever the engine speculates
         # (plain decoding, with no speculator, stays one token per forward).
         self.grammar_drafts = bool(self.speculators)
+        # Committed prompt prefixes -> cached KV (adaspec.prefix_cache.PrefixCache); None: off.
+        self.prefix_cache = None
+        self.last_batch = (0, 0)  # (requests, rows fed) of the last step_batch forward
 
     # ----------------------------------------------------------- lifecycle
     def encode_prompt(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
@@ -181,8 +196,17 @@ class Engine:
         params: SamplingParams,
         tenant: str = DEFAULT_TENANT,
         request_id: Optional[str] = None,
+        prefill: bool = True,
     ) -> RequestState:
         """Validate, prefill, and register a request.
+
+        With a :attr:`prefix_cache`, the longest cached prefix of the prompt
+        (this tenant's) is copied into the request's KV first and only the rest
+        is prefilled (exact: prefill is chunk invariant).
+
+        Args:
+            prefill: prefill the prompt now; False leaves it to :meth:`step_batch`
+                (chunked, batched with other requests' steps) or the first :meth:`step`.
 
         Raises:
             ValueError: invalid params, an empty prompt on a model without BOS,
@@ -217,9 +241,13 @@ class Engine:
             logprobs=[] if params.logprobs is not None else None,
             constraint=constraint,
         )
-        if len(ids) > 1:
-            out = self.target.forward(state.kv, ids[:-1], last_only=True)
-            state.hidden_state = out.hidden[-1]
+        if self.prefix_cache is not None and params.learn and len(ids) > 2:
+            # at least one prompt token is prefilled: its hidden state is the draft head's input
+            state.prefill_pos = state.prefix_tokens_reused = self.prefix_cache.restore(
+                tenant, ids, state.kv, max_tokens=len(ids) - 2)
+        if prefill and state.prefilling:
+            out = self.target.forward(state.kv, ids[state.prefill_pos:-1], last_only=True)
+            self._prefilled(state, out.hidden[-1])
         for spec in self.speculators.values():
             if params.learn:
                 spec.start_request(request_id, ids, tenant)
@@ -234,11 +262,26 @@ class Engine:
             state.finish_reason = reason
         self._release(state)
 
+    def _prefilled(self, state: RequestState, hidden: torch.Tensor) -> None:
+        """The prompt's KV is complete: keep the hidden state, offer the prompt to the prefix cache."""
+        state.prefill_pos = len(state.prompt_ids) - 1
+        state.hidden_state = hidden
+        if self.prefix_cache is not None and state.params.learn:
+            self.prefix_cache.insert(state.tenant, state.prompt_ids[:-1], state.kv)
+
     def _release(self, state: RequestState) -> None:
         for spec in self.speculators.values():
             spec.stop_request(state.request_id)
         self.controller.stop_request(state.request_id)
+        kv = state.kv
         state.kv = KVCache(cache=None, length=0)
+        if (self.prefix_cache is not None and state.params.learn and state.finish_reason in ("stop", "length")
+                and not state.prefilling and getattr(kv, "length", 0) > 0):
+            # the finished request's KV (prompt + output but the newest token) becomes a cached
+            # prefix: a multi-turn chat's next turn resends it
+            self.prefix_cache.donate(state.tenant, state.token_ids[:kv.length], kv)
+        elif hasattr(kv, "release"):
+            kv.release()  # its blocks go back to the pool now, not when collected
 
     # ----------------------------------------------------------- learned state
     def learned_state(self) -> dict[str, dict]:
@@ -291,6 +334,9 @@ class Engine:
         """
         if state.finished:
             return StepResult(finish_reason=state.finish_reason)
+        if state.prefilling:  # started with prefill=False: the rest of the prompt first
+            out = self.target.forward(state.kv, state.prompt_ids[state.prefill_pos:-1], last_only=True)
+            self._prefilled(state, out.hidden[-1])
         t0 = time.perf_counter()
         lookahead, proposal = self._propose(state)  # 1. propose
         draft_s = time.perf_counter() - t0
@@ -300,6 +346,11 @@ class Engine:
         t1 = time.perf_counter()
         out = self.target.forward(state.kv, fed)  # 2. verify forward: logits [n+1, V]
         forward_s = time.perf_counter() - t1
+        return self._finish_chain(state, proposal, lookahead, fed, out, forward_s, draft_s)
+
+    def _finish_chain(self, state: RequestState, proposal: DraftProposal, lookahead: int, fed: list[int], out,
+                      forward_s: float, draft_s: float, report_cost: bool = True) -> StepResult:
+        """Steps 3-4 of a chain step after its verify forward ``out`` (alone or in a batch)."""
         logits = out.logits
         if state.constraint is not None:  # grammar mask, bias, penalties at every verified row
             logits = state.constraint.adjust_logits(out.logits, proposal.token_ids)
@@ -307,9 +358,9 @@ class Engine:
         committed = self._commit(state, result, out.logits)  # 4. update
         if state.constraint is not None:
             state.constraint.commit(committed)
+        # Cache had len(token_ids_before) - 1 + len(fed); keep all committed but the newest.
+        self.target.truncate(state.kv, min(len(state.token_ids) - 1, state.kv.length))
         if not state.finished:
-            # Cache had len(token_ids_before) - 1 + len(fed); keep all committed but the newest.
-            self.target.truncate(state.kv, len(state.token_ids) - 1)
             state.hidden_state = out.hidden[len(committed) - 1]
         step = StepResult(speculator=proposal.speculator if proposal.num_draft_tokens else NO_SPECULATOR,
                           lookahead=lookahead, num_draft_tokens=proposal.num_draft_tokens,
@@ -320,18 +371,107 @@ class Engine:
         # Count what was committed: a stop condition may cut the step's tokens.
         state.stats.record(step.speculator, step.num_draft_tokens, min(step.num_accepted, step.num_emitted),
                            step.num_emitted)
-        self._after_verify(state, len(fed), forward_s, committed, result.num_accepted, proposal.num_draft_tokens,
+        self._after_verify(state, len(fed) if report_cost else 0, forward_s, committed, result.num_accepted,
+                           proposal.num_draft_tokens,
                            self._controller_view(state, committed, result.num_accepted, proposal.num_draft_tokens))
         return step
+
+    def step_batch(self, states: Sequence[RequestState],
+                   max_prefill_tokens: int = BATCH_PREFILL_TOKENS) -> list[Optional[StepResult]]:
+        """One continuous-batching step over several live requests: ONE batched target forward.
+
+        1. every decoding request proposes its draft (chain or tree; the controller
+           sees the rows and expected tokens of the batch so far, ``ProposeContext.batch_rows``
+           / ``batch_tokens``, and may choose lookahead 0);
+        2. requests still prefilling (started with ``prefill=False``) add their next
+           prompt chunk, ``max_prefill_tokens`` over all of them (first come first),
+           so a long prompt delays the others' decode steps by a bounded amount;
+        3. all rows go into one ``target.forward_batch``; each request then verifies
+           and commits its own rows exactly as :meth:`step` does (the lean core is
+           batch invariant, so each request's output is bitwise what it is alone).
+
+        On a runtime without ``forward_batch`` the requests are stepped one by one.
+
+        Args:
+            states: the requests to advance (finished ones are skipped).
+            max_prefill_tokens: prompt tokens prefilled in this forward, >= 1.
+
+        Returns:
+            per state, its :class:`~adaspec.types.StepResult`, or None when it only
+            prefilled (or had finished).
+
+        Raises:
+            ValueError: ``max_prefill_tokens < 1``, or two states sharing a cache.
+            adaspec.model.kv.PoolExhausted: the KV pool is full (nothing committed then).
+        """
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
+        if not hasattr(self.target, "forward_batch"):
+            return [self.step(s) if not s.finished else None for s in states]
+        from adaspec.model.decoder import BatchRequest
+
+        live = [s for s in states if not s.finished]
+        decoding = [s for s in live if not s.prefilling]
+        chunks: list[tuple[RequestState, list[int]]] = []
+        budget = max_prefill_tokens
+        for s in live:
+            if s.prefilling and budget > 0:
+                part = s.prompt_ids[s.prefill_pos:len(s.prompt_ids) - 1][:budget]
+                chunks.append((s, part))
+                budget -= len(part)
+        rows = sum(len(p) for _, p in chunks) + len(decoding)  # every decoding request feeds >= 1 row
+        tokens = float(len(decoding))
+        plans = []
+        for s in decoding:  # 1. propose, each priced beside the batch so far
+            t0 = time.perf_counter()
+            lookahead, proposal = self._propose(s, batch=(rows - 1, tokens - 1.0))
+            draft_s = time.perf_counter() - t0
+            if proposal.tree is not None:
+                fed = [s.token_ids[-1]] + proposal.tree.tokens
+                req = BatchRequest(s.kv, fed, parents=[-1] + [p + 1 for p in proposal.tree.parents])
+            else:
+                fed = [s.token_ids[-1]] + proposal.token_ids
+                req = BatchRequest(s.kv, fed)
+            rows += len(fed) - 1
+            expected = proposal.expected_tokens
+            tokens += (expected if expected is not None else 1.0 + 0.5 * (len(fed) - 1)) - 1.0
+            plans.append((s, lookahead, proposal, fed, req, draft_s))
+        requests = [p[4] for p in plans] + [BatchRequest(s.kv, part, last_only=True) for s, part in chunks]
+        if not requests:
+            return [None for _ in states]
+        t1 = time.perf_counter()
+        outs = self.target.forward_batch(requests)  # 2. one verify (and prefill) forward for all
+        forward_s = time.perf_counter() - t1
+        self.last_batch = (len(requests), sum(len(r.token_ids) for r in requests))
+        done: dict[int, StepResult] = {}
+        for (s, lookahead, proposal, fed, _, draft_s), out in zip(plans, outs):  # 3-4. per request
+            if proposal.tree is not None:
+                done[id(s)] = self._finish_tree(s, proposal.tree, lookahead, fed, out, forward_s, draft_s,
+                                                report_cost=False)
+            else:
+                done[id(s)] = self._finish_chain(s, proposal, lookahead, fed, out, forward_s, draft_s,
+                                                 report_cost=False)
+        for (s, part), out in zip(chunks, outs[len(plans):]):
+            s.prefill_pos += len(part)
+            if not s.prefilling:
+                self._prefilled(s, out.hidden[-1])
+        fed_rows = self.last_batch[1]
+        self.controller.on_verify(fed_rows, forward_s)  # the cost model learns the batch forward's cost
+        for spec in self.speculators.values():
+            spec.on_verify(fed_rows, forward_s)
+        return [done.get(id(s)) for s in states]
 
     def _after_verify(self, state: RequestState, num_fed: int, forward_s: float, committed: list[int],
                       num_accepted: int, num_draft_tokens: int, controller_view=None) -> None:
         """Tell the controller (``controller_view``: what it judges, default all) and every
-        speculator what the verify forward cost and committed; free a finished request."""
-        self.controller.on_verify(num_fed, forward_s)
+        speculator what the verify forward cost (``num_fed`` 0: reported once per batch
+        instead) and committed; free a finished request."""
+        if num_fed:
+            self.controller.on_verify(num_fed, forward_s)
         self.controller.observe(state.request_id, *(controller_view or (committed, num_accepted, num_draft_tokens)))
         for spec in self.speculators.values():
-            spec.on_verify(num_fed, forward_s)
+            if num_fed:
+                spec.on_verify(num_fed, forward_s)
             spec.observe(state.request_id, committed, num_accepted, num_draft_tokens)
         if state.finished:
             self._release(state)
@@ -346,8 +486,12 @@ class Engine:
         window_left = self.target.max_model_len - len(state.token_ids)
         return max(0, min(remaining - 1, window_left - 1))
 
-    def _propose(self, state: RequestState) -> tuple[int, DraftProposal]:
-        """The controller's lookahead and its draft, clipped to the bounds and the vocabulary."""
+    def _propose(self, state: RequestState, batch: tuple[int, float] = (0, 0.0)) -> tuple[int, DraftProposal]:
+        """The controller's lookahead and its draft, clipped to the bounds and the vocabulary.
+
+        ``batch``: rows the rest of a batched step feeds and tokens it is expected
+        to emit (:class:`~adaspec.types.ProposeContext` ``batch_rows``, ``batch_tokens``).
+        """
         bound = self._max_draft_tokens(state)
         if bound <= 0:
             return 0, DraftProposal()
@@ -361,6 +505,8 @@ class Engine:
             top_k=state.params.top_k,
             top_p=state.params.top_p,
             seed=state.params.seed,
+            batch_rows=batch[0],
+            batch_tokens=batch[1],
         )
         if state.constraint is not None and state.constraint.has_grammar:
             return self._propose_constrained(state, ctx, bound)
@@ -372,7 +518,10 @@ class Engine:
             # Logits processors (bias, penalties, min_p) run on chain rows only: such requests verify a chain.
             chains_only = state.constraint is not None or state.params.min_p > 0
             return self._tree_proposal(decision.proposal, bound, chains_only=chains_only)
-        return k, _sanitize(decision.proposal, k, self.target.vocab_size)
+        out = _sanitize(decision.proposal, k, self.target.vocab_size)
+        if decision.proposal.expected_tokens is not None and out.num_draft_tokens == decision.proposal.num_draft_tokens:
+            out.expected_tokens = decision.proposal.expected_tokens
+        return k, out
 
     # ----------------------------------------------------------- the tree step
     def _tree_proposal(self, proposal: DraftProposal, bound: int,
@@ -390,7 +539,7 @@ class Engine:
         if chains_only or not getattr(self.target, "supports_trees", False):
             chain = _first_branch(tree)
             return len(chain.token_ids), chain
-        return tree.num_nodes, DraftProposal(speculator="tree", tree=tree)
+        return tree.num_nodes, DraftProposal(speculator="tree", tree=tree, expected_tokens=proposal.expected_tokens)
 
     def _step_tree(self, state: RequestState, tree: TokenTree, lookahead: int, draft_s: float) -> StepResult:
         """One tree step: feed ``[last] + tree`` with the tree mask, verify, keep the accepted path's KV.
@@ -400,16 +549,21 @@ class Engine:
         invariant after the step is the chain step's.
         """
         fed = [state.token_ids[-1]] + tree.tokens
-        start = len(state.token_ids) - 1  # the slot the root is fed at
         t1 = time.perf_counter()
         out = self.target.forward_tree(state.kv, fed, [-1] + [p + 1 for p in tree.parents])  # logits [N+1, V]
         forward_s = time.perf_counter() - t1
+        return self._finish_tree(state, tree, lookahead, fed, out, forward_s, draft_s)
+
+    def _finish_tree(self, state: RequestState, tree: TokenTree, lookahead: int, fed: list[int], out,
+                     forward_s: float, draft_s: float, report_cost: bool = True) -> StepResult:
+        """Verify and commit a tree step after its tree-masked forward ``out`` (alone or in a batch)."""
+        start = len(state.token_ids) - 1  # the slot the root was fed at
         result = self._evaluate_tree(state, out.logits, tree)
         rows = [0] + [i + 1 for i in result.path]  # fed rows along the accepted path
         committed = self._commit(state, VerifyResult(result.token_ids, result.num_accepted, tree.num_nodes),
                                  out.logits[rows])
+        self.target.keep_path(state.kv, start, rows[:len(committed)])  # finished too: a cacheable prefix
         if not state.finished:
-            self.target.keep_path(state.kv, start, rows[:len(committed)])
             state.hidden_state = out.hidden[rows[len(committed) - 1]]
         sources = [tree.source(i) for i in result.path[:min(result.num_accepted, len(committed))]]
         step = StepResult(speculator="tree", lookahead=lookahead, num_draft_tokens=tree.num_nodes,
@@ -419,7 +573,8 @@ class Engine:
         state.stats.draft_time_s += draft_s
         state.stats.verify_time_s += forward_s
         state.stats.record_tree(tree.num_nodes, tree.max_depth, sources, len(committed))
-        self._after_verify(state, len(fed), forward_s, committed, result.num_accepted, tree.num_nodes)
+        self._after_verify(state, len(fed) if report_cost else 0, forward_s, committed, result.num_accepted,
+                           tree.num_nodes)
         return step
 
     def _evaluate_tree(self, state: RequestState, logits: torch.Tensor, tree: TokenTree) -> TreeVerifyResult:

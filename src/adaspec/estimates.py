@@ -33,6 +33,7 @@ def choose_lookahead(
     draft_ms_per_token: float,
     verify_ms: Callable[[int], float],
     max_lookahead: int,
+    base_tokens: float = 0.0,
 ) -> tuple[int, float]:
     """Pick k that maximises expected tokens per second; k = 0 is plain decoding.
 
@@ -41,17 +42,22 @@ def choose_lookahead(
             ``max_lookahead`` long, or shorter: positions past it count as 0).
         draft_ms_per_token: cost of drafting one token, milliseconds.
         verify_ms: cost of one target forward over n fed tokens, ms (n = k + 1).
+            In a batched step, the cost of the whole batch's forward when this
+            request feeds n rows (the others' rows already counted in).
         max_lookahead: upper bound on k (token budget, context window, config).
+        base_tokens: tokens the rest of the batch emits in the same forward
+            (0 alone): the rate maximised is the batch's,
+            ``(base_tokens + emitted(k)) / (draft + verify_ms(k + 1))``.
 
     Returns:
         ``(k, tokens_per_s)`` of the best choice.
     """
-    best_k, best_rate = 0, 1000.0 / max(verify_ms(1), 1e-6)
+    best_k, best_rate = 0, 1000.0 * (base_tokens + 1.0) / max(verify_ms(1), 1e-6)
     run, emitted = 1.0, 1.0
     for k in range(1, min(max_lookahead, len(accept_probs)) + 1):
         run *= accept_probs[k - 1]
         emitted += run
-        rate = 1000.0 * emitted / max(draft_ms_per_token * k + verify_ms(k + 1), 1e-6)
+        rate = 1000.0 * (base_tokens + emitted) / max(draft_ms_per_token * k + verify_ms(k + 1), 1e-6)
         if rate > best_rate:
             best_k, best_rate = k, rate
     return best_k, best_rate
@@ -62,6 +68,7 @@ def size_tree(
     parents: Sequence[int],
     verify_ms: Callable[[int], float],
     max_nodes: int,
+    base_tokens: float = 0.0,
 ) -> tuple[list[int], float]:
     """Pick the token-tree nodes that maximise expected tokens per second (EAGLE-2's reranking, sized by cost).
 
@@ -78,12 +85,13 @@ def size_tree(
         parents: per node, its parent index (-1: the root).
         verify_ms: cost of one forward over n fed tokens, ms (the measured curve).
         max_nodes: upper bound on |S| (token budget, context window, config).
+        base_tokens: tokens the rest of a batched step emits (see :func:`choose_lookahead`).
 
     Returns:
         ``(kept node indices in increasing order, tokens_per_s)``; ``([], plain rate)`` when no tree pays.
     """
     order = sorted(range(len(values)), key=lambda i: (-values[i], i))
-    best_n, best_rate = 0, 1000.0 / max(verify_ms(1), 1e-6)
+    best_n, best_rate = 0, 1000.0 * (base_tokens + 1.0) / max(verify_ms(1), 1e-6)
     taken: list[int] = []
     kept: set[int] = {-1}
     emitted = 1.0
@@ -95,7 +103,7 @@ def size_tree(
         kept.add(i)
         taken.append(i)
         emitted += values[i]
-        rate = 1000.0 * emitted / max(verify_ms(len(taken) + 1), 1e-6)
+        rate = 1000.0 * (base_tokens + emitted) / max(verify_ms(len(taken) + 1), 1e-6)
         if rate > best_rate:
             best_n, best_rate = len(taken), rate
     return sorted(taken[:best_n]), best_rate
@@ -119,23 +127,61 @@ class CostModel:
     a table of per-n averages, where a single slow step prices a lookahead out
     of use until that n happens to be measured again.
 
+    Continuous batching: ``batch_ms_table`` (``{rows fed: ms}`` of one batched
+    forward over several requests, :func:`adaspec.step_cost.measure_batch_cost`)
+    extends the shape past the seed table: for n beyond its largest entry n0,
+    ``shape(n) = a + b * n0 + (interp(n) - interp(n0))`` with ``interp``
+    piecewise linear through the batch table (extrapolated along its last
+    segment), so a request's lookahead is priced by what it adds to the whole
+    batch's forward. The single-request shape below n0 is unchanged.
+
     Args:
         verify_ms_table: ``{tokens_fed: ms}`` seed values.
         ema: weight of a new observation (0..1]; 0 freezes the model at the
             seed table. Default 0.05.
+        batch_ms_table: ``{rows_fed: ms}`` of batched forwards, or None.
     """
 
-    def __init__(self, verify_ms_table: Optional[dict[int, float]] = None, ema: float = 0.05) -> None:
+    def __init__(self, verify_ms_table: Optional[dict[int, float]] = None, ema: float = 0.05,
+                 batch_ms_table: Optional[dict[int, float]] = None) -> None:
         self.ema = ema
         self.verify: dict[int, float] = dict(verify_ms_table or {})  # the seed table, for inspection
         self.a, self.b = _theil_sen(self.verify) if self.verify else (1.0, 0.0)
         self.scale: Optional[float] = 1.0 if self.verify else None  # None: no data yet
         self.draft_ms: dict[str, float] = {}
+        self.batch: dict[int, float] = {}
+        self._n0 = max(self.verify) if self.verify else 1
+        if batch_ms_table:
+            self.set_batch_table(batch_ms_table)
+
+    def set_batch_table(self, table: dict[int, float]) -> None:
+        """Use ``{rows_fed: ms}`` of batched forwards for n past the seed table (see the class doc).
+
+        Raises:
+            ValueError: fewer than two entries, or a row count < 1.
+        """
+        if len(table) < 2 or min(table) < 1:
+            raise ValueError(f"a batch cost table needs >= 2 entries with rows >= 1, got {table}")
+        self.batch = {int(n): float(ms) for n, ms in sorted(table.items())}
+
+    def _interp(self, n: int) -> float:
+        pts = list(self.batch.items())
+        for (n1, y1), (n2, y2) in zip(pts, pts[1:]):
+            if n <= n2 or (n2, y2) == pts[-1]:
+                return y1 + (y2 - y1) * (n - n1) / (n2 - n1)
+        return pts[-1][1]  # pragma: no cover - two entries at least
+
+    def shape(self, tokens_fed: int) -> float:
+        """The unscaled cost of a forward over ``tokens_fed`` rows, ms."""
+        if not self.batch or tokens_fed <= self._n0:
+            return self.a + self.b * tokens_fed
+        extra = max(0.0, self._interp(tokens_fed) - self._interp(self._n0))
+        return self.a + self.b * self._n0 + extra
 
     def observe_verify(self, tokens_fed: int, ms: float) -> None:
         if self.ema <= 0:
             return
-        ratio = ms / (self.a + self.b * tokens_fed)
+        ratio = ms / self.shape(tokens_fed)
         if self.scale is None:
             self.scale = ratio
             return
@@ -156,8 +202,10 @@ class CostModel:
         return self.scale * self.a, self.scale * self.b
 
     def verify_ms(self, tokens_fed: int) -> float:
-        a, b = self.line()
-        return max(a + b * tokens_fed, 1e-3)
+        """Predicted ms of one forward over ``tokens_fed`` rows (one request's, or a whole batch's)."""
+        if self.scale is None:
+            return 50.0  # flat prior until the first measurement
+        return max(self.scale * self.shape(tokens_fed), 1e-3)
 
     def draft_ms_per_token(self, speculator: str, default: float = 0.0) -> float:
         return self.draft_ms.get(speculator, default)

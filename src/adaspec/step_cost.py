@@ -47,3 +47,61 @@ def measure_step_cost(target: Any, ks: Iterable[int] = range(1, 17), repeats: in
             times[k].append((time.perf_counter() - t0) * 1000.0)
             target.truncate(kv, prompt_len)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def measure_batch_cost(target: Any, rows: Iterable[int] = (1, 2, 4, 8, 16, 32, 64, 128), repeats: int = 3,
+                       prompt_len: int = 64, max_requests: int = 16, warmup: int = 1) -> dict[int, float]:
+    """Median milliseconds of one batched forward feeding ``rows`` rows (continuous batching's cost).
+
+    ``rows`` rows are spread over ``min(rows, max_requests)`` requests (each
+    with a ``prompt_len`` cached prefix), as verify rows of a batched step are;
+    every row gets logits. Caches are truncated back after every forward.
+
+    Args:
+        target: a target with ``forward_batch`` (the lean core).
+        rows: total rows fed per forward.
+        repeats: timed forwards per row count (median taken).
+        prompt_len: cached prefix length of every request, tokens.
+        max_requests: most requests in one forward.
+        warmup: untimed rounds first.
+
+    Returns:
+        ``{rows: median_ms}``.
+
+    Raises:
+        ValueError: the target has no ``forward_batch``.
+    """
+    if not hasattr(target, "forward_batch"):
+        raise ValueError("measure_batch_cost needs a target with forward_batch (the lean runtime)")
+    from adaspec.model.decoder import BatchRequest
+
+    rows = list(rows)
+    caches = []
+    for q in range(min(max(rows), max_requests)):
+        kv = target.new_cache()
+        target.forward(kv, [(17 * i + 5 + q) % target.vocab_size for i in range(prompt_len)], last_only=True)
+        caches.append(kv)
+    times: dict[int, list[float]] = {n: [] for n in rows}
+
+    def once(n: int) -> float:
+        nreq = min(n, max_requests)
+        per = [n // nreq + (1 if q < n % nreq else 0) for q in range(nreq)]
+        batch = [BatchRequest(caches[q], [(31 * j + 7 + q) % target.vocab_size for j in range(per[q])])
+                 for q in range(nreq)]
+        t0 = time.perf_counter()
+        target.forward_batch(batch)
+        dt = (time.perf_counter() - t0) * 1000.0
+        for q in range(nreq):
+            target.truncate(caches[q], prompt_len)
+        return dt
+
+    for _ in range(warmup):
+        for n in rows:
+            once(n)
+    for _ in range(repeats):
+        for n in rows:
+            times[n].append(once(n))
+    for kv in caches:
+        if hasattr(kv, "release"):
+            kv.release()
+    return {n: statistics.median(v) for n, v in times.items()}

@@ -67,6 +67,11 @@ class ProposeContext:
             output does not depend on the drafts; a speculator that samples its
             drafts should draw them, for a seeded request, with the same noise
             (``adaspec.speculators.base.coupled_draft``) to be accepted often.
+        batch_rows: rows the other requests of this step's batched forward feed
+            (continuous batching: their verify rows and prefill chunks); 0 alone.
+        batch_tokens: tokens the other requests of the batch are expected to
+            emit this step; with ``batch_rows`` it lets a controller maximise the
+            whole batch's tokens per second instead of this request's.
     """
 
     request_id: str
@@ -78,6 +83,8 @@ class ProposeContext:
     top_k: int = 0
     top_p: float = 1.0
     seed: Optional[int] = None
+    batch_rows: int = 0
+    batch_tokens: float = 0.0
 
     @property
     def greedy(self) -> bool:
@@ -101,6 +108,8 @@ class DraftProposal:
         speculator: name of the speculator that drafted.
         tree: a token tree to verify instead of the chain (tree mode; then
             ``token_ids`` is empty and ``speculator`` is "tree"); None for a chain.
+        expected_tokens: the controller's estimate of the tokens this step
+            emits (1 + expected accepted drafts); None when it has none.
     """
 
     token_ids: list[int] = field(default_factory=list)
@@ -108,6 +117,7 @@ class DraftProposal:
     confidence: Optional[list[float]] = None
     speculator: str = ""
     tree: Optional["TokenTree"] = None
+    expected_tokens: Optional[float] = None
 
     @property
     def num_draft_tokens(self) -> int:
