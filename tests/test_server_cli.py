@@ -39,7 +39,7 @@ def test_serve_argument_defaults() -> None:
     assert (a.max_queue, a.max_active, a.request_timeout) == (DEFAULT_MAX_QUEUE, DEFAULT_MAX_ACTIVE,
                                                              DEFAULT_REQUEST_TIMEOUT_S)
     assert (a.shutdown_timeout, a.api_keys, a.state_dir) == (DEFAULT_SHUTDOWN_TIMEOUT_S, None, None)
-    assert (DEFAULT_LOOKAHEAD, DEFAULT_MAX_QUEUE, DEFAULT_MAX_ACTIVE) == (8, 32, 8)
+    assert (DEFAULT_LOOKAHEAD, DEFAULT_MAX_QUEUE, DEFAULT_MAX_ACTIVE) == (8, 32, 16)
     assert {"none", "ngram", "suffix"} <= set(SPECULATORS)
 
 

@@ -39,6 +39,12 @@ class GatedEngine(Engine):
             time.sleep(self.step_delay_s)
         return super().step(state)
 
+    def step_batch(self, states: Any, **kw: Any) -> list[Any]:  # the scheduler's continuous-batching step
+        self.gate.wait(30)
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
+        return super().step_batch(states, **kw)
+
     def abort(self, state: Any, reason: str = "abort") -> None:
         self.aborted.append((state.request_id, reason))
         super().abort(state, reason)
@@ -210,6 +216,12 @@ class FailingEngine(Engine):
         if self.fail and len(state.output_ids) >= 2:
             raise RuntimeError("boom")
         return super().step(state)
+
+    def step_batch(self, states: Any, **kw: Any) -> list[Any]:
+        # a failing batched step: the scheduler steps the requests one by one, so only the failing one fails
+        if self.fail and any(len(s.output_ids) >= 2 for s in states):
+            raise RuntimeError("boom")
+        return super().step_batch(states, **kw)
 
 
 def test_engine_error_is_a_json_500_and_the_worker_survives(tiny_target) -> None:

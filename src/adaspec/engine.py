@@ -93,9 +93,11 @@ class RequestState:
     first_token_s: Optional[float] = None
     # Grammar / logit bias / penalties (adaspec.constraints); None when the request has none.
     constraint: Optional[RequestConstraint] = None
-    # Prompt tokens whose KV is cached (prefilled or reused from the prefix cache); the
-    # prefill is done at len(prompt_ids) - 1 (the last prompt token is fed by the first step).
+    # Tokens whose KV is cached (prefilled or reused from the prefix cache); the prefill is
+    # done at prefill_len: len(prompt_ids) - 1 (the last prompt token is fed by the first
+    # step), or len(token_ids) - 1 for a preempted request recomputing its KV.
     prefill_pos: int = 0
+    prefill_len: int = 0
     prefix_tokens_reused: int = 0  # of them, from the prefix cache
 
     @property
@@ -104,8 +106,8 @@ class RequestState:
 
     @property
     def prefilling(self) -> bool:
-        """Prompt tokens are still to be prefilled (started with ``prefill=False``)."""
-        return self.prefill_pos < len(self.prompt_ids) - 1
+        """KV is still to be prefilled (started with ``prefill=False``, or preempted)."""
+        return self.prefill_pos < self.prefill_len
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -240,6 +242,7 @@ class Engine:
             token_ids=list(ids),
             logprobs=[] if params.logprobs is not None else None,
             constraint=constraint,
+            prefill_len=len(ids) - 1,
         )
         if self.prefix_cache is not None and params.learn and len(ids) > 2:
             # at least one prompt token is prefilled: its hidden state is the draft head's input
@@ -263,11 +266,26 @@ class Engine:
         self._release(state)
 
     def _prefilled(self, state: RequestState, hidden: torch.Tensor) -> None:
-        """The prompt's KV is complete: keep the hidden state, offer the prompt to the prefix cache."""
-        state.prefill_pos = len(state.prompt_ids) - 1
+        """The KV is complete: keep the hidden state, offer the prefix to the prefix cache."""
+        state.prefill_pos = state.prefill_len
         state.hidden_state = hidden
         if self.prefix_cache is not None and state.params.learn:
-            self.prefix_cache.insert(state.tenant, state.prompt_ids[:-1], state.kv)
+            self.prefix_cache.insert(state.tenant, state.token_ids[:state.prefill_len], state.kv)
+
+    def preempt(self, state: RequestState) -> None:
+        """Free a live request's KV cache (memory ran short); it is not failed.
+
+        The request resumes in a later :meth:`step` / :meth:`step_batch` by
+        recomputing its KV (a prefill of prompt + output so far, bitwise the same
+        by chunk invariance), then decodes on: its output is unchanged.
+        """
+        if state.finished:
+            return
+        kv = state.kv
+        if hasattr(kv, "release"):
+            kv.release()
+        state.kv = self.target.new_cache()
+        state.prefill_pos, state.prefill_len = 0, len(state.token_ids) - 1
 
     def _release(self, state: RequestState) -> None:
         for spec in self.speculators.values():
@@ -334,8 +352,8 @@ class Engine:
         """
         if state.finished:
             return StepResult(finish_reason=state.finish_reason)
-        if state.prefilling:  # started with prefill=False: the rest of the prompt first
-            out = self.target.forward(state.kv, state.prompt_ids[state.prefill_pos:-1], last_only=True)
+        if state.prefilling:  # started with prefill=False, or preempted: the rest of the KV first
+            out = self.target.forward(state.kv, state.token_ids[state.prefill_pos:state.prefill_len], last_only=True)
             self._prefilled(state, out.hidden[-1])
         t0 = time.perf_counter()
         lookahead, proposal = self._propose(state)  # 1. propose
@@ -416,7 +434,7 @@ class Engine:
         budget = max_prefill_tokens
         for s in live:
             if s.prefilling and budget > 0:
-                part = s.prompt_ids[s.prefill_pos:len(s.prompt_ids) - 1][:budget]
+                part = s.token_ids[s.prefill_pos:s.prefill_len][:budget]
                 chunks.append((s, part))
                 budget -= len(part)
         rows = sum(len(p) for _, p in chunks) + len(decoding)  # every decoding request feeds >= 1 row

@@ -142,6 +142,9 @@ def create_app(
     snapshot_tokens: int = DEFAULT_SNAPSHOT_TOKENS,
     admin_key: Optional[str] = None,
     state_retention_s: Optional[float] = None,
+    prefill_chunk: int = 256,
+    prefix_cache_tokens: int = 0,
+    shared_prefix_cache: bool = False,
 ) -> FastAPI:
     """Build the OpenAI-compatible app around an engine.
 
@@ -174,6 +177,10 @@ def create_app(
         state_retention_s: drop learned sequences last written more than this
             many seconds ago (checked at start-up and then every
             ``min(retention / 10, 60)`` s); None: keep until evicted by the bounds.
+        prefill_chunk: most prompt tokens prefilled per batched step. Default 256.
+        prefix_cache_tokens: KV positions the prefix cache may hold
+            (:class:`adaspec.prefix_cache.PrefixCache`; lean runtime only); 0: off. Default 0.
+        shared_prefix_cache: one prefix cache for every tenant (default: per tenant).
 
     Returns:
         The FastAPI app; run it with uvicorn. The engine worker starts and stops
@@ -196,7 +203,11 @@ def create_app(
             await anyio.to_thread.run_sync(_load_learned_state, engine, state_store)
         if state_retention_s:
             await anyio.to_thread.run_sync(_forget_old, engine, state_retention_s)
-        scheduler = Scheduler(engine, ctx.metrics, max_active=max_active, max_queue=max_queue)
+        if prefix_cache_tokens > 0 and getattr(engine, "prefix_cache", False) is None:
+            _attach_prefix_cache(engine, prefix_cache_tokens, shared_prefix_cache)
+        ctx.metrics.prefix_cache = lambda: getattr(engine, "prefix_cache", None)
+        scheduler = Scheduler(engine, ctx.metrics, max_active=max_active, max_queue=max_queue,
+                              prefill_chunk=prefill_chunk)
         ctx.metrics.queue_depth = lambda: scheduler.queue_depth
         ctx.metrics.active_requests = lambda: scheduler.active_count
         ctx.metrics.speculators = lambda: dict(getattr(engine, "speculators", {}) or {})
@@ -312,7 +323,7 @@ def _install_routes(app: FastAPI, ctx: ServerState) -> None:
                            "letter or digit", param="tenant", code="invalid_tenant")
         engine = ctx.engine
         forgotten = await anyio.to_thread.run_sync(lambda: ctx.scheduler.run_between_steps(
-            lambda: sum(s.forget_tenant(tenant) for s in (engine.speculators or {}).values())).result(120.0))
+            lambda: _forget_tenant(engine, tenant)).result(120.0))
         written = None
         if ctx.snapshots is not None:  # the files on disk lose the tenant now, not at the next interval
             written = await anyio.to_thread.run_sync(ctx.snapshots.snapshot)
@@ -895,6 +906,24 @@ def _load_learned_state(engine: Any, store: Any) -> None:
 
     for name in restore_state(store, engine, log=log.warning):
         log.info("restored learned state %s", name)
+
+
+def _attach_prefix_cache(engine: Any, max_tokens: int, shared: bool) -> None:
+    """Give the engine a prefix cache (lean runtime only; elsewhere prefix reuse stays off, logged)."""
+    from adaspec.prefix_cache import PrefixCache
+
+    try:
+        engine.prefix_cache = PrefixCache(engine.target, max_tokens, shared=shared)
+    except ValueError as e:
+        log.info("prefix reuse off: %s", e)
+
+
+def _forget_tenant(engine: Any, tenant: str) -> int:
+    """Drop a tenant's learned state and its cached prefixes (on the engine thread)."""
+    cache = getattr(engine, "prefix_cache", None)
+    if cache is not None:
+        cache.forget_tenant(tenant)
+    return sum(s.forget_tenant(tenant) for s in (engine.speculators or {}).values())
 
 
 def _forget_old(engine: Any, retention_s: float) -> int:

@@ -32,7 +32,9 @@ _DURATION_UNITS_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_QUEUE = 32
-DEFAULT_MAX_ACTIVE = 8
+DEFAULT_MAX_ACTIVE = 16
+DEFAULT_PREFIX_CACHE_TOKENS = 8192  # KV positions cached prefixes may hold (LRU beyond)
+DEFAULT_PREFILL_CHUNK = 256  # prompt tokens prefilled per batched step
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 
@@ -48,7 +50,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                         help=f"requests that may wait for a slot before 429 (default {DEFAULT_MAX_QUEUE})")
     parser.add_argument("--max-active", type=int, default=DEFAULT_MAX_ACTIVE,
-                        help=f"requests decoded at once, interleaved (default {DEFAULT_MAX_ACTIVE})")
+                        help=f"requests decoded at once, in one batched forward per step (continuous batching; "
+                        f"default {DEFAULT_MAX_ACTIVE})")
+    parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                        help="most prompt tokens prefilled per batched step, over all new requests: bounds the "
+                        f"others' inter-token latency (default {DEFAULT_PREFILL_CHUNK})")
+    parser.add_argument("--prefix-cache-tokens", type=int, default=DEFAULT_PREFIX_CACHE_TOKENS,
+                        help="KV positions the prefix cache may hold (cached prompt prefixes, per tenant, LRU "
+                        f"eviction); 0 turns prefix reuse off (default {DEFAULT_PREFIX_CACHE_TOKENS})")
+    parser.add_argument("--shared-prefix-cache", action="store_true",
+                        help="one prefix cache for all tenants (opt-in: a shared cache is a timing side channel "
+                        "between tenants)")
     parser.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
                         help="seconds per request; 0 for none; a cut request finishes with 'length' "
                         f"(default {DEFAULT_REQUEST_TIMEOUT_S:g})")
@@ -149,6 +161,9 @@ def serve_from_args(args: argparse.Namespace) -> None:
         api_keys=keys,
         max_queue=args.max_queue,
         max_active=args.max_active,
+        prefill_chunk=args.prefill_chunk,
+        prefix_cache_tokens=args.prefix_cache_tokens,
+        shared_prefix_cache=args.shared_prefix_cache,
         request_timeout_s=args.request_timeout or None,
         state_store=config.open_store(cfg.state_dir),
         drain_timeout_s=args.shutdown_timeout,

@@ -28,6 +28,10 @@ NO_SPECULATOR = "none"  # steps_by_speculator key of a step with no draft tokens
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_GAP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 DRAFT_TOKEN_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+BATCH_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Batch-size bands for the lookahead chosen under load (label of adaspec_lookahead_by_batch_size).
+BATCH_BANDS = ((1, "1"), (4, "2-4"), (8, "5-8"), (16, "9-16"), (10**9, "17+"))
 THROUGHPUT_WINDOW_S = 10.0  # tokens/s gauge averages over this many seconds
 HISTORY_S = 600  # seconds of per-second buckets kept for the dashboard
 RECENT_REQUESTS = 25
@@ -100,7 +104,8 @@ class ServerMetrics:
 
     def __init__(self, speculators: Callable[[], dict[str, Any]] = dict,
                  queue_depth: Callable[[], int] = lambda: 0,
-                 active_requests: Callable[[], int] = lambda: 0) -> None:
+                 active_requests: Callable[[], int] = lambda: 0,
+                 prefix_cache: Callable[[], Any] = lambda: None) -> None:
         self.registry = CollectorRegistry()
         self._lock = threading.Lock()
         self._started = time.time()
@@ -114,6 +119,10 @@ class ServerMetrics:
         self.speculators = speculators
         self.queue_depth = queue_depth
         self.active_requests = active_requests
+        self.prefix_cache = prefix_cache  # returns the engine's PrefixCache or None (read at scrape time)
+        self._batches = 0
+        self._batch_requests = 0
+        self._batch_rows = 0
         r = self.registry
         self.requests = Counter("adaspec_requests", "Finished requests", ["endpoint", "finish_reason"], registry=r)
         self.errors = Counter("adaspec_request_errors", "Requests answered with an error", ["status", "code"],
@@ -153,6 +162,15 @@ class ServerMetrics:
         Gauge("adaspec_active_requests", "Requests being decoded", registry=r).set_function(
             lambda: self.active_requests())
         r.register(_LearnedStateCollector(lambda: self.speculators()))
+        # continuous batching
+        self.batch_size = Histogram("adaspec_batch_size", "Requests in one batched target forward",
+                                    buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.batch_rows = Histogram("adaspec_batch_rows_fed", "Rows (tokens) fed per batched target forward: "
+                                    "verify rows and prefill chunks", buckets=BATCH_ROW_BUCKETS, registry=r)
+        self.lookahead_by_batch = Histogram("adaspec_lookahead_by_batch_size",
+                                            "Draft tokens a request verified per step, by the batch size it ran in",
+                                            ["batch_size"], buckets=DRAFT_TOKEN_BUCKETS, registry=r)
+        r.register(_PrefixCacheCollector(lambda: self.prefix_cache()))
 
     # ------------------------------------------------------------ writers
     def record_step(self, speculator: str, num_draft_tokens: int, num_accepted: int, num_emitted: int,
@@ -186,6 +204,27 @@ class ServerMetrics:
         """A step emitted ``num_tokens`` tokens ``gap_s`` after the request's previous ones."""
         for _ in range(num_tokens):
             self.itl.observe(gap_s / num_tokens)
+
+    def record_batch(self, requests: int, rows: int) -> None:
+        """One batched forward over ``requests`` requests feeding ``rows`` rows."""
+        self.batch_size.observe(requests)
+        self.batch_rows.observe(rows)
+        with self._lock:
+            self._batches += 1
+            self._batch_requests += requests
+            self._batch_rows += rows
+
+    def record_batch_lookahead(self, batch_size: int, num_draft_tokens: int) -> None:
+        """A request's lookahead in a step that ran beside ``batch_size - 1`` others."""
+        band = next(name for top, name in BATCH_BANDS if batch_size <= top)
+        self.lookahead_by_batch.labels(band).observe(num_draft_tokens)
+
+    def batch_stats(self) -> dict[str, Any]:
+        """Batched forwards since start and their mean requests and rows."""
+        with self._lock:
+            n = self._batches
+            return {"forwards": n, "mean_batch_size": self._batch_requests / n if n else None,
+                    "mean_rows_fed": self._batch_rows / n if n else None}
 
     def record_start(self, prompt_tokens: int, queue_wait_s: float) -> None:
         self.prompt_tokens.inc(prompt_tokens)
@@ -267,6 +306,10 @@ class ServerMetrics:
                 },
                 "series": series,
                 "recent_requests": [r.to_dict() for r in reversed(self._recent)],
+                "batching": {"forwards": self._batches,
+                             "mean_batch_size": self._batch_requests / self._batches if self._batches else None,
+                             "mean_rows_fed": self._batch_rows / self._batches if self._batches else None,
+                             "prefix_cache": _prefix_dict(self.prefix_cache())},
             }
 
     def render(self) -> bytes:
@@ -298,6 +341,43 @@ class _LearnedStateCollector:
                 nodes.add_metric([name, str(tenant)], float(s.get("nodes", 0)))
         yield tokens
         yield nodes
+
+
+def _prefix_dict(cache: Any) -> Optional[dict[str, Any]]:
+    if cache is None:
+        return None
+    st = cache.stats
+    return {"lookups": st.lookups, "hits": st.hits, "hit_rate": st.hit_rate, "tokens_saved": st.tokens_saved,
+            "lookup_tokens": st.lookup_tokens, "saved_fraction": st.saved_fraction, "evictions": st.evictions,
+            "entries": cache.num_entries, "tokens_held": cache.tokens_held, "max_tokens": cache.max_tokens}
+
+
+class _PrefixCacheCollector:
+    """``adaspec_prefix_cache_*`` read from the engine's prefix cache at scrape time (nothing when off)."""
+
+    def __init__(self, cache: Callable[[], Any]) -> None:
+        self._cache = cache
+
+    def describe(self) -> Iterable:
+        return []
+
+    def collect(self) -> Iterable:
+        from prometheus_client.core import CounterMetricFamily
+
+        d = _prefix_dict(self._cache())
+        if d is None:
+            return
+        yield CounterMetricFamily("adaspec_prefix_cache_lookups", "Prompts looked up in the prefix cache",
+                                  value=d["lookups"])
+        yield CounterMetricFamily("adaspec_prefix_cache_hits", "Prompts that reused a cached prefix", value=d["hits"])
+        yield CounterMetricFamily("adaspec_prefix_cache_tokens_saved", "Prompt tokens not prefilled (reused KV)",
+                                  value=d["tokens_saved"])
+        yield CounterMetricFamily("adaspec_prefix_cache_lookup_tokens", "Prompt tokens looked up (could be reused)",
+                                  value=d["lookup_tokens"])
+        yield GaugeMetricFamily("adaspec_prefix_cache_hit_rate", "hits / lookups since start", value=d["hit_rate"])
+        yield GaugeMetricFamily("adaspec_prefix_cache_tokens_held", "KV positions the cached prefixes hold",
+                                value=d["tokens_held"])
+        yield GaugeMetricFamily("adaspec_prefix_cache_entries", "Cached prefixes", value=d["entries"])
 
 
 def _memory_sources(speculators: dict[str, Any]) -> list[tuple[str, Any]]:

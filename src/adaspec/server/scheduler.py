@@ -4,10 +4,17 @@ Request lifecycle (every engine call happens on the worker thread, so the
 engine and its tokenizer are never used concurrently):
 
 1. submit   - the event loop queues a :class:`Job` (429 when the queue is full).
-2. admit    - the worker tokenizes it and calls ``engine.start`` (prefill) once
-              an active slot is free; a ``ValueError`` there becomes a 400.
-3. step     - round-robin: one ``engine.step`` per active request per turn, so
-              a long request delays a short one by at most one step per turn.
+2. admit    - the worker tokenizes it and calls ``engine.start`` once an active
+              slot is free; a ``ValueError`` there becomes a 400.
+3. step     - continuous batching: every turn, one ``engine.step_batch`` over all
+              active requests (one batched target forward: each one's verify
+              rows, plus bounded prefill chunks of new requests), so requests
+              join and leave between steps and a long request never holds a
+              short one back by more than a step. When the KV pool runs short,
+              the prefix cache is emptied, then the newest request is preempted
+              (its KV freed, back to the head of the queue; resumed later by
+              recomputing its KV) - never failed mid-stream. An engine without
+              ``step_batch`` is stepped round-robin, one ``engine.step`` each.
 4. finish   - EOS / stop / max_tokens (the engine), or the request timeout,
               a client disconnect, or server shutdown (the scheduler:
               ``engine.abort`` frees the KV cache and speculator state).
@@ -163,12 +170,21 @@ class Scheduler:
         max_active: requests decoded at once (each holds a KV cache). Default 8.
         max_queue: requests that may wait for an active slot; one more is
             refused with :class:`QueueFull` (the API's 429). Default 32.
+        prefill_chunk: most prompt tokens prefilled per batched step (over all
+            new requests): bounds the others' inter-token latency. Default
+            :data:`adaspec.engine.BATCH_PREFILL_TOKENS` (256).
     """
 
     def __init__(self, engine: Any, metrics: Optional[ServerMetrics] = None, max_active: int = 8,
-                 max_queue: int = 32) -> None:
+                 max_queue: int = 32, prefill_chunk: int = 256) -> None:
         if max_active < 1 or max_queue < 0:
             raise ValueError(f"need max_active >= 1 and max_queue >= 0, got {max_active}, {max_queue}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
+        self.batching = hasattr(engine, "step_batch")
+        self.preemptions = 0
+        self._last_batch_size = 1
         self.engine = engine
         self.metrics = metrics or ServerMetrics()
         self.max_active = max_active
@@ -222,6 +238,9 @@ class Scheduler:
                 self._pending.remove(job)
             except ValueError:
                 pass
+            else:
+                if job.state is not None:  # preempted while it waited: free its engine state on the worker
+                    self._calls.append((lambda st=job.state: self.engine.abort(st, "abort"), Future()))
             self._cond.notify()
 
     def shutdown(self, drain_timeout_s: float = 0.0) -> None:
@@ -283,6 +302,8 @@ class Scheduler:
                     dropped = []
                 admit = []
                 while self._pending and len(self._active) + len(admit) < self.max_active:
+                    if self._pending[0].state is not None and not self._room_for(self._pending[0]):
+                        break  # a preempted request resumes once its KV fits again
                     admit.append(self._pending.popleft())
                 if self._stop and not admit and not self._active and not self._pending:
                     break
@@ -293,8 +314,11 @@ class Scheduler:
             for job in admit:
                 self._guarded(self._admit, job)
             self.peak_active = max(self.peak_active, len(self._active))
-            for job in list(self._active):  # one step each: round-robin
-                self._guarded(self._advance, job)
+            if self.batching:
+                self._step_all()
+            else:
+                for job in list(self._active):  # one step each: round-robin
+                    self._guarded(self._advance, job)
         self._run_calls()  # callers waiting on a call queued just before the stop
         log.info("engine worker stopped")
 
@@ -313,8 +337,21 @@ class Scheduler:
                 self._finish(job, "error")
             self._push(job, Failed(e))
 
+    def _room_for(self, job: Job) -> bool:
+        """A preempted job's KV (plus a block per active request) fits the free KV blocks."""
+        pool = getattr(getattr(getattr(self.engine, "target", None), "decoder", None), "pool", None)
+        if pool is None:
+            return True
+        need = -(-len(job.state.token_ids) // pool.block_size) + len(self._active) + 1
+        return pool.free_blocks >= need or not self._active
+
     def _admit(self, job: Job) -> None:
         if job.cancelled.is_set():
+            if job.state is not None:  # preempted, then cancelled while it waited
+                self.engine.abort(job.state, "abort")
+            return
+        if job.state is not None:  # a preempted request resumes (its KV is recomputed)
+            self._active.append(job)
             return
         if time.perf_counter() >= job.deadline_s:
             self._push(job, Failed(queue_timeout_error(job.timeout_s)))
@@ -325,7 +362,11 @@ class Scheduler:
                 ids = self.engine.apply_chat_template(job.messages)
             else:
                 ids = self.engine.encode_prompt(job.prompt)
-            job.state = self.engine.start(ids, job.params, tenant=job.tenant, request_id=job.request_id)
+            if self.batching:  # prefilled in chunks by the batched steps
+                job.state = self.engine.start(ids, job.params, tenant=job.tenant, request_id=job.request_id,
+                                              prefill=False)
+            else:
+                job.state = self.engine.start(ids, job.params, tenant=job.tenant, request_id=job.request_id)
         except ValueError as e:  # bad prompt, too long for the context window, invalid params
             self._push(job, Failed(ApiError(400, str(e), param=param, code="invalid_prompt")))
             return
@@ -357,6 +398,61 @@ class Scheduler:
         chunk = self._chunk(job, detail)
         if state.finished:  # leave the active set before the client can see the end
             self._finish(job, detail or state.finish_reason)
+        if chunk is not None:
+            self._push(job, chunk)
+
+    def _step_all(self) -> None:
+        """One continuous-batching turn: cancel or cut jobs, then one ``engine.step_batch`` for the rest."""
+        stepping = []
+        for job in list(self._active):
+            if job.cancelled.is_set() or self._abort_all or time.perf_counter() >= job.deadline_s:
+                self._guarded(self._advance, job)  # cancel / cut (no step)
+            else:
+                stepping.append(job)
+        while stepping:
+            try:
+                results = self.engine.step_batch([j.state for j in stepping], max_prefill_tokens=self.prefill_chunk)
+                break
+            except Exception as e:
+                if type(e).__name__ != "PoolExhausted":
+                    # isolate the failure: step each alone, so only the failing request fails
+                    log.exception("batched step failed; stepping requests one by one")
+                    for job in stepping:
+                        self._guarded(self._advance, job)
+                    return
+                cache = getattr(self.engine, "prefix_cache", None)
+                if cache is not None and cache.num_entries:
+                    cache.evict_all()  # cached prefixes go first
+                    continue
+                if len(stepping) == 1:
+                    self._guarded(self._fail_memory, stepping[0])
+                    return
+                victim = stepping.pop()  # the newest request waits: its KV is freed, recomputed later
+                self.engine.preempt(victim.state)
+                self._active.remove(victim)
+                self.preemptions += 1
+                with self._cond:
+                    self._pending.appendleft(victim)
+        else:
+            return
+        rows = getattr(self.engine, "last_batch", (len(stepping), len(stepping)))
+        self.metrics.record_batch(rows[0], rows[1])
+        self._last_batch_size = rows[0]
+        for job, step in zip(stepping, results):
+            self._guarded(lambda j, st=step: self._emit(j, st), job)
+
+    def _fail_memory(self, job: Job) -> None:
+        raise RuntimeError("the KV cache pool cannot hold this request even alone")
+
+    def _emit(self, job: Job, step: Optional[StepResult]) -> None:
+        """After a batched step: record it and send the job its chunk (finish it when done)."""
+        if step is not None:
+            self._record_step(job, step)
+            if step.token_ids:
+                self.metrics.record_batch_lookahead(self._last_batch_size, step.num_draft_tokens)
+        chunk = self._chunk(job, None)
+        if job.state.finished:
+            self._finish(job, job.state.finish_reason)
         if chunk is not None:
             self._push(job, chunk)
 
