@@ -99,6 +99,7 @@ class RequestState:
     prefill_pos: int = 0
     prefill_len: int = 0
     prefix_tokens_reused: int = 0  # of them, from the prefix cache
+    prefix_looked_up: bool = False
 
     @property
     def finished(self) -> bool:
@@ -208,7 +209,9 @@ class Engine:
 
         Args:
             prefill: prefill the prompt now; False leaves it to :meth:`step_batch`
-                (chunked, batched with other requests' steps) or the first :meth:`step`.
+                (chunked, batched with other requests' steps) or the first :meth:`step`;
+                the prefix cache is then looked up when the prefill begins, so a
+                request queued behind another with the same prefix reuses it.
 
         Raises:
             ValueError: invalid params, an empty prompt on a model without BOS,
@@ -244,11 +247,8 @@ class Engine:
             constraint=constraint,
             prefill_len=len(ids) - 1,
         )
-        if self.prefix_cache is not None and params.learn and len(ids) > 2:
-            # at least one prompt token is prefilled: its hidden state is the draft head's input
-            state.prefill_pos = state.prefix_tokens_reused = self.prefix_cache.restore(
-                tenant, ids, state.kv, max_tokens=len(ids) - 2)
         if prefill and state.prefilling:
+            self._reuse_prefix(state)
             out = self.target.forward(state.kv, ids[state.prefill_pos:-1], last_only=True)
             self._prefilled(state, out.hidden[-1])
         for spec in self.speculators.values():
@@ -264,6 +264,18 @@ class Engine:
         if not state.finished:
             state.finish_reason = reason
         self._release(state)
+
+    def _reuse_prefix(self, state: RequestState) -> None:
+        """Before the first prefill chunk: copy the longest cached prefix into the (empty) KV."""
+        if state.prefix_looked_up:
+            return
+        state.prefix_looked_up = True
+        ids = state.prompt_ids
+        if (self.prefix_cache is not None and state.params.learn and len(ids) > 2 and state.prefill_pos == 0
+                and state.kv.length == 0):
+            # at least one prompt token is prefilled: its hidden state is the draft head's input
+            state.prefill_pos = state.prefix_tokens_reused = self.prefix_cache.restore(
+                state.tenant, ids, state.kv, max_tokens=min(len(ids) - 2, state.prefill_len - 1))
 
     def _prefilled(self, state: RequestState, hidden: torch.Tensor) -> None:
         """The KV is complete: keep the hidden state, offer the prefix to the prefix cache."""
@@ -353,6 +365,7 @@ class Engine:
         if state.finished:
             return StepResult(finish_reason=state.finish_reason)
         if state.prefilling:  # started with prefill=False, or preempted: the rest of the KV first
+            self._reuse_prefix(state)
             out = self.target.forward(state.kv, state.token_ids[state.prefill_pos:state.prefill_len], last_only=True)
             self._prefilled(state, out.hidden[-1])
         t0 = time.perf_counter()
@@ -434,6 +447,7 @@ class Engine:
         budget = max_prefill_tokens
         for s in live:
             if s.prefilling and budget > 0:
+                self._reuse_prefix(s)
                 part = s.token_ids[s.prefill_pos:s.prefill_len][:budget]
                 chunks.append((s, part))
                 budget -= len(part)
