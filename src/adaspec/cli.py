@@ -241,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_structured_arguments(bs)
     bs.set_defaults(func=structured_from_args)
 
+    bv = bsub.add_parser("serve", help="the real server on loopback under N concurrent streaming clients "
+                         "(continuous batching, speculation on/off, prefix reuse)")
+    from adaspec.bench.serve import add_serve_bench_arguments, serve_bench
+
+    add_serve_bench_arguments(bv)
+    bv.set_defaults(func=serve_bench)
+
     bt = bsub.add_parser("threads", help="--threads settings on a quiet machine and beside a busy core")
     from adaspec.bench.threads import add_threads_bench_arguments, threads_from_args
 
