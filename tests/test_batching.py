@@ -431,3 +431,23 @@ def test_real_model_greedy_alone_equals_batched(real_target):
     ps = [engine.encode_prompt(t) for t in texts]
     alone = [plain(real_target, p, 24) for p in ps]
     assert run_batched(engine, ps, 24, join_every=1) == alone
+
+
+def test_server_preempts_when_the_kv_pool_runs_short_and_never_fails(tiny_model_dir):
+    """A pool too small for every request at once: the newest waits (preempted, its KV recomputed later)."""
+    from adaspec.model.target import lean_target
+    from adaspec.target import load_target
+
+    small = lean_target(load_target(str(tiny_model_dir), max_model_len=512, runtime="transformers"),
+                        pool_tokens=10 * 64)
+    engine = Engine(small, [NgramSpeculator()], lookahead=3)
+    ps = prompts(6, base_len=120, step=9)
+    want = [engine.decode(plain(small, p, 90)) for p in ps]
+    app = create_app(engine, MODEL, max_active=6, prefix_cache_tokens=0)
+    with BackgroundServer(app) as s:
+        with ThreadPoolExecutor(6) as pool:
+            outs = list(pool.map(lambda p: _stream_tokens(s.base_url, body(p, 90)), ps))
+        sched = app.state.adaspec.scheduler
+        assert sched.preemptions > 0  # 6 x 4 blocks do not fit 10 blocks: requests waited
+    assert outs == want
+    assert small.decoder.pool.free_blocks == small.decoder.pool.num_blocks
