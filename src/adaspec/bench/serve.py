@@ -1,9 +1,11 @@
 """`adaspec bench serve`: the real server on loopback under N concurrent streaming clients.
 
-For each speculation setting (``--speculators``, default ``none,atlas``) and
-each concurrency N (``--clients``, default 1,4,16), a fresh ``adaspec serve``
-process (uvicorn, continuous batching, prefix cache per tenant) is started on
-a free loopback port, and N streaming clients (``/v1/chat/completions``,
+For each concurrency N (``--clients``, default 1,4,16), one fresh ``adaspec
+serve`` process per speculation setting (``--speculators``, default
+``none,atlas``; uvicorn, continuous batching, prefix cache per tenant) is
+started on a free loopback port, side by side, and each phase goes to each
+server in turn (order rotated per phase, so slow spells of a shared machine
+hit every setting alike): N streaming clients (``/v1/chat/completions``,
 ``stream_options.include_usage``) send, phase by phase:
 
 - the drift stream's prompts (``--phases``, default python, sql, tools; the
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -115,7 +118,8 @@ async def stream_chat(client: Any, url: str, model: str, messages: list[dict], m
                     gaps.append(now - last)
                 last = now
                 text.append(piece)
-    n = int((usage or {}).get("completion_tokens", 0))
+    # a server without include_usage: one token per content chunk (llama.cpp streams token by token)
+    n = int((usage or {}).get("completion_tokens", 0)) or (len(gaps) + 1 if first is not None else 0)
     # a chunk carries every token of its step: spread each gap over the tokens after the first chunk
     per = (n - 1) / len(gaps) if gaps and n > 1 else 1.0
     return {"status": 200, "text": "".join(text), "tokens": n, "ttft": None if first is None else first - t0,
@@ -372,38 +376,49 @@ def serve_bench(args: argparse.Namespace) -> int:
     jsonl = open(out / "serve.jsonl", "w")
     runs = [(s, "adaspec") for s in systems] + [(p, "peer") for p in peers]
     t_start = time.time()
-    for name, kind in runs:
-        for n in clients:
-            port = free_port()
-            cmd = (adaspec_server_cmd(args, name, port, max(n, 1)) if kind == "adaspec"
-                   else llama_cpp_server_cmd(args, port))
-            print(f"[serve] {name} x {n} clients: {shlex.join(cmd)}", flush=True)
-            health = "/health" if kind == "adaspec" else "/v1/models"
-            with ServerProcess(cmd, port, health=health, log_path=out / f"server_{name}_{n}.log") as srv:
+    for n in clients:
+        # every system's server runs side by side (an idle one costs nothing), and each phase is sent to
+        # each system in turn, the order rotated per phase: slow spells of a shared machine hit all alike
+        with contextlib.ExitStack() as stack:
+            servers = {}
+            for name, kind in runs:
+                port = free_port()
+                cmd = (adaspec_server_cmd(args, name, port, max(n, 1)) if kind == "adaspec"
+                       else llama_cpp_server_cmd(args, port))
+                print(f"[serve] {name} x {n} clients: {shlex.join(cmd)}", flush=True)
+                health = "/health" if kind == "adaspec" else "/v1/models"
+                srv = stack.enter_context(ServerProcess(cmd, port, health=health,
+                                                        log_path=out / f"server_{name}_{n}.log"))
                 # warm-up (untimed): one short request
                 asyncio.run(run_phase(srv.url, "bench", name, 1, "warmup",
                                       [("warmup", [{"role": "user", "content": "Say hello."}])], 8))
-                m_all0 = scrape(srv.url)
-                t_all = 0.0
-                phase_recs: list[Record] = []
-                for phase, items in jobs.items():
-                    turns = args.turns if phase == CHAT_PHASE else 1
+                servers[name] = (srv, scrape(srv.url), [], [0.0])
+            for pi, (phase, items) in enumerate(jobs.items()):
+                turns = args.turns if phase == CHAT_PHASE else 1
+                order = [r[0] for r in runs]
+                order = order[pi % len(order):] + order[:pi % len(order)]
+                for name in order:
+                    srv, _, phase_recs, wall_all = servers[name]
                     m0 = scrape(srv.url)
                     recs, wall = asyncio.run(run_phase(srv.url, "bench", name, n, phase, items, args.max_tokens,
                                                        turns=turns))
                     m1 = scrape(srv.url)
                     s = summarize(name, n, phase, recs, wall, m0, m1)
                     summaries.append(s)
-                    print(f"[serve]   {phase}: {s.requests} requests ({s.failed} failed), {s.tok_s:.1f} tok/s, "
-                          f"TTFT p50 {_f(s.ttft_p50, '{:.0f}', 1000)} ms, ITL p50 {_f(s.itl_p50, '{:.1f}', 1000)} ms, "
+                    print(f"[serve]   {name} x {n} {phase}: {s.requests} requests ({s.failed} failed), "
+                          f"{s.tok_s:.1f} tok/s, TTFT p50 {_f(s.ttft_p50, '{:.0f}', 1000)} ms, "
+                          f"ITL p50 {_f(s.itl_p50, '{:.1f}', 1000)} ms, "
                           f"prefix saved {_f(s.prefix_saved, '{:.0f}', 100)}%, batch {_f(s.mean_batch)}", flush=True)
                     for r in recs:
                         jsonl.write(json.dumps(asdict(r)) + "\n")
                     jsonl.flush()
-                    records += recs
-                    phase_recs += recs
-                    t_all += wall
-                summaries.append(summarize(name, n, "all", phase_recs, t_all, m_all0, scrape(srv.url)))
+                    records.extend(recs)
+                    phase_recs.extend(recs)
+                    wall_all[0] += wall
+            for name, _ in runs:
+                srv, m_all0, phase_recs, wall_all = servers[name]
+                summaries.append(summarize(name, n, "all", phase_recs, wall_all[0], m_all0, scrape(srv.url)))
+    summaries.sort(key=lambda s: ([r[0] for r in runs].index(s.system), s.clients))
     jsonl.close()
     ref_sys = runs[0][0]
     ref = {r.key: r.text for r in records if r.system == ref_sys and r.clients == clients[0] and r.ok}
