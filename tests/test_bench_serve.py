@@ -1,0 +1,43 @@
+"""`adaspec bench serve`: its client against a real server, its summary math, its SQL phase."""
+
+from __future__ import annotations
+
+import asyncio
+
+from adaspec.bench.serve import Record, _pct, _sql_by_database, render, run_phase, summarize
+from adaspec.engine import Engine
+from adaspec.server import create_app
+from adaspec.server.testing import BackgroundServer
+
+
+def test_clients_stream_and_count_tokens_against_the_server(tiny_target):
+    engine = Engine(tiny_target)
+    app = create_app(engine, "bench", max_active=4, prefix_cache_tokens=2048)
+    jobs = [(f"p{i}", [{"role": "user", "content": f"Question number {i}: tell me about apples."}])
+            for i in range(6)]
+    with BackgroundServer(app) as s:
+        recs, wall = asyncio.run(run_phase(s.base_url, "bench", "none", 3, "chat", jobs, 12))
+        conv, _ = asyncio.run(run_phase(s.base_url, "bench", "none", 2, "multiturn", jobs[:2], 6, turns=3))
+    assert len(recs) == 6 and all(r.ok and r.completion_tokens > 0 and r.ttft_s is not None for r in recs)
+    assert wall > 0 and sorted(r.key for r in recs) == [f"p{i}" for i in range(6)]
+    assert sorted(r.key for r in conv) == ["p0#0", "p0#1", "p0#2", "p1#0", "p1#1", "p1#2"]
+    m0 = {"adaspec_prefix_cache_tokens_saved_total": 10.0, "adaspec_prefix_cache_lookup_tokens_total": 100.0,
+          "adaspec_batch_size_count": 2.0, "adaspec_batch_size_sum": 2.0, "adaspec_batch_rows_fed_sum": 2.0}
+    m1 = {"adaspec_prefix_cache_tokens_saved_total": 60.0, "adaspec_prefix_cache_lookup_tokens_total": 200.0,
+          "adaspec_batch_size_count": 12.0, "adaspec_batch_size_sum": 32.0, "adaspec_batch_rows_fed_sum": 52.0}
+    s = summarize("none", 3, "chat", recs + [Record("none", 3, "chat", "x", ok=False, status=500)], wall, m0, m1)
+    assert s.requests == 7 and s.failed == 1 and s.tokens == sum(r.completion_tokens for r in recs)
+    assert s.prefix_saved == 0.5 and s.prefix_tokens_saved == 50 and s.mean_batch == 3.0 and s.mean_rows == 5.0
+    md = render([s], {("none", 3): (6, 6)}, ["# t"])
+    assert "| none | 3 | chat | 7 | 1 |" in md and "50% (50)" in md and "none at 3 clients: 6/6" in md
+
+
+def test_percentiles():
+    assert _pct([], 0.5) is None
+    assert _pct([3.0, 1.0, 2.0], 0.5) == 2.0 and _pct(list(range(101)), 0.99) == 99
+
+
+def test_sql_phase_shares_schemas():
+    jobs = _sql_by_database(16, 2, seed=0)
+    schemas = {m[-1]["content"].split("\n\nWrite one SQL query")[0] for _, m in jobs}
+    assert len(jobs) == 16 and len(schemas) <= 2
