@@ -451,3 +451,51 @@ def test_server_preempts_when_the_kv_pool_runs_short_and_never_fails(tiny_model_
         assert sched.preemptions > 0  # 6 x 4 blocks do not fit 10 blocks: requests waited
     assert outs == want
     assert small.decoder.pool.free_blocks == small.decoder.pool.num_blocks
+
+
+def test_batched_sampling_keeps_the_distribution(small_vocab_target, monkeypatch):
+    """Unseeded requests verified in batches of 8 (rejection sampling, sampled drafts): the target's distribution."""
+    import itertools
+    from collections import Counter
+
+    import torch
+
+    from adaspec.sampling import process_logits
+    from conftest import SMALL_VOCAB as V
+    from conftest import tv
+    from scripted import SampledDraftSpeculator
+
+    counter = itertools.count(1)
+    monkeypatch.setattr("adaspec.engine.os.urandom", lambda n: next(counter).to_bytes(n, "little"))
+    t = small_vocab_target
+    prompt = [3, 7, 1, 9]
+    kw = dict(temperature=0.7, top_p=0.5)
+    draft_row = torch.softmax(torch.randn(V, generator=torch.Generator().manual_seed(0)), -1)
+    engine = Engine(t, [SampledDraftSpeculator(draft_row, seed=2)], lookahead=4)
+    runs, first, second = 1600, Counter(), Counter()
+    for _ in range(runs // 8):  # the 16-token model's pool holds 8 blocks
+        states = [engine.start(prompt, SamplingParams(max_tokens=2, ignore_eos=True, **kw), prefill=False)
+                  for _ in range(8)]
+        while not all(s.finished for s in states):
+            engine.step_batch(states)
+        for s in states:
+            first[s.output_ids[0]] += 1
+            second[tuple(s.output_ids[:2])] += 1
+    exact = process_logits(t.forward(t.new_cache(), prompt).logits[-1:], 0.7, 0, 0.5)[0]
+    assert set(first) <= set(torch.nonzero(exact).flatten().tolist())
+    assert tv(first, Counter({i: float(exact[i]) * runs for i in range(V)})) < 0.05
+    joint = Counter()
+    for a in torch.nonzero(exact).flatten().tolist():
+        nxt = process_logits(t.forward(t.new_cache(), prompt + [a]).logits[-1:], 0.7, 0, 0.5)[0]
+        for b in range(V):
+            joint[(a, b)] = float(exact[a] * nxt[b]) * runs
+    assert tv(second, joint) < 0.1
+    # seeded: coupled sampling, the same tokens in a batch as alone
+    p = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    alone = Engine(t).generate([5, 2, 8], p).token_ids
+    states = [engine.start([5, 2, 8], p, prefill=False)] + [
+        engine.start([5, 2, 8], SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True), prefill=False)
+        for _ in range(5)]
+    while not all(s.finished for s in states):
+        engine.step_batch(states)
+    assert states[0].output_ids == alone
