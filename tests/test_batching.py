@@ -13,7 +13,6 @@ cache stays within its bound. The controller drafts less under load.
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Sequence
