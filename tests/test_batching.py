@@ -498,3 +498,22 @@ def test_batched_sampling_keeps_the_distribution(small_vocab_target, monkeypatch
     while not all(s.finished for s in states):
         engine.step_batch(states)
     assert states[0].output_ids == alone
+
+
+def test_batching_metrics_and_lookahead_by_batch_size():
+    from adaspec.server.metrics import ServerMetrics
+
+    m = ServerMetrics()
+    m.record_batch(4, 12)
+    m.record_batch(16, 40)
+    m.record_batch_lookahead(1, 8)
+    m.record_batch_lookahead(16, 1)
+    m.record_batch_lookahead(40, 0)
+    text = m.render().decode()
+    assert 'adaspec_lookahead_by_batch_size_sum{batch_size="1"} 8.0' in text
+    assert 'adaspec_lookahead_by_batch_size_sum{batch_size="9-16"} 1.0' in text
+    assert 'adaspec_lookahead_by_batch_size_count{batch_size="17+"} 1.0' in text
+    assert "adaspec_batch_size_sum 20.0" in text and "adaspec_batch_rows_fed_sum 52.0" in text
+    b = m.snapshot()["batching"]
+    assert b["forwards"] == 2 and b["mean_batch_size"] == 10.0 and b["mean_rows_fed"] == 26.0
+    assert b["prefix_cache"] is None and "adaspec_prefix_cache" not in text  # off: no series
