@@ -115,6 +115,8 @@ class Job:
         stream: push a chunk after every step (else only the final one).
         timeout_s: wall-clock limit from submit; None for no limit.
         endpoint: "completions" or "chat" (metrics label).
+        share_prefill: ``(group key, group size)`` of the ``n`` jobs of one request:
+            they share one prefill (``Engine.start(share_prefill=...)``).
     """
 
     request_id: str
@@ -125,6 +127,8 @@ class Job:
     stream: bool = False
     timeout_s: Optional[float] = None
     endpoint: str = "completions"
+    share_prefill: Optional[tuple[str, int]] = None
+    group_id: Optional[str] = None  # the request's id when this job is one of its n choices
     events: Optional[asyncio.Queue] = None
     loop: Optional[asyncio.AbstractEventLoop] = None
     submitted_s: float = field(default_factory=time.perf_counter)
@@ -325,7 +329,8 @@ class Scheduler:
                 ids = self.engine.apply_chat_template(job.messages)
             else:
                 ids = self.engine.encode_prompt(job.prompt)
-            job.state = self.engine.start(ids, job.params, tenant=job.tenant, request_id=job.request_id)
+            job.state = self.engine.start(ids, job.params, tenant=job.tenant, request_id=job.request_id,
+                                          **({"share_prefill": job.share_prefill} if job.share_prefill else {}))
         except ValueError as e:  # bad prompt, too long for the context window, invalid params
             self._push(job, Failed(ApiError(400, str(e), param=param, code="invalid_prompt")))
             return

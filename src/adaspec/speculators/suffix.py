@@ -90,11 +90,14 @@ class _Corpus:
         self.learned_unix: dict[int, float] = {}  # sequence key -> when last written (retention)
         self._next_key = 0
         self.live = 0  # live requests feeding this corpus
+        self.policy_version = 0  # the target's weights version new sequences are learned under
+        self.versions: dict[int, int] = {}  # sequence key -> policy version it was learned under
 
     def add(self, tokens: Sequence[int], live: bool) -> StoredSequence:
         seq = StoredSequence(self._next_key)
         self._next_key += 1
         self.seqs[seq.key] = seq
+        self.versions[seq.key] = self.policy_version
         for t in tokens:
             self.append(seq, t)
             if seq.removed:
@@ -193,6 +196,8 @@ class SuffixSpeculator(Speculator):
             requests is evicted beyond it. Default 64.
         enable_shared: keep a shared structure fed by ``shareable`` requests.
             Default True.
+        policy_memory: after a policy update (:meth:`on_policy_update`), keep what
+            the newest this-many target weights versions wrote. Default 3.
 
     Raises:
         ValueError: on an out-of-range setting.
@@ -213,6 +218,7 @@ class SuffixSpeculator(Speculator):
         max_request_nodes: int = 131072,
         max_tenants: int = 64,
         enable_shared: bool = True,
+        policy_memory: int = 3,
     ) -> None:
         if max_depth < 2:
             raise ValueError(f"max_depth must be >= 2, got {max_depth}")
@@ -243,6 +249,10 @@ class SuffixSpeculator(Speculator):
         self.max_request_nodes = max_request_nodes
         self.max_tenants = max_tenants
         self.enable_shared = enable_shared
+        if not isinstance(policy_memory, int) or policy_memory < 1:
+            raise ValueError(f"policy_memory must be an integer >= 1, got {policy_memory!r}")
+        self.policy_memory = policy_memory
+        self.policy_version = 0
         self._tenants: "OrderedDict[str, _Corpus]" = OrderedDict()  # least recently used first
         self._shared = self._new_corpus()
         self._requests: dict[str, _Request] = {}
@@ -250,7 +260,9 @@ class SuffixSpeculator(Speculator):
         self._lock = threading.RLock()
 
     def _new_corpus(self) -> _Corpus:
-        return _Corpus(self.max_depth, self.max_tokens_per_tenant, self.max_nodes_per_tenant)
+        corpus = _Corpus(self.max_depth, self.max_tokens_per_tenant, self.max_nodes_per_tenant)
+        corpus.policy_version = getattr(self, "policy_version", 0)
+        return corpus
 
     def _tenant(self, tenant: str, create: bool) -> Optional[_Corpus]:
         corpus = self._tenants.get(tenant)
@@ -589,6 +601,29 @@ class SuffixSpeculator(Speculator):
                 if tenant and not corpus.seqs and corpus.live == 0:
                     del self._tenants[tenant]
         return dropped
+
+    def on_policy_update(self, version: int) -> None:
+        """The target's weights changed: drop what older policies wrote.
+
+        Sequences learned under the newest ``policy_memory`` versions (this one
+        included) are kept; older finished ones are removed from the trie, so
+        the counts, and so the drafts and confidences, follow the recent
+        policies (an RL group's samples and the last rounds' samples of the
+        same prompt). Live requests' sequences are kept until they finish.
+        """
+        with self._lock:
+            self.policy_version = version
+            oldest = version - self.policy_memory + 1
+            for tenant, corpus in list(self._tenants.items()) + [("", self._shared)]:
+                corpus.policy_version = version
+                for key, seq in list(corpus.seqs.items()):
+                    if seq.closed and corpus.versions.get(key, version) < oldest:
+                        del corpus.seqs[key]
+                        if not seq.removed:
+                            corpus.trie.remove(seq)
+                for key in [k for k in corpus.versions if k not in corpus.seqs]:
+                    del corpus.versions[key]
+                    corpus.learned_unix.pop(key, None)
 
     def memory_stats(self) -> dict[str, Any]:
         """Stored tokens and trie records per tenant, for bounds checks and metrics."""
