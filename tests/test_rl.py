@@ -213,7 +213,9 @@ def test_seeded_rollouts_are_identical_sequential_batched_and_plain(dirs) -> Non
     b = rollout(plain, [PROMPT], n=6, params=params, mode="batched")[0]
     solo = [plain.generate(PROMPT, SamplingParams(temperature=1.0, max_tokens=16, seed=7 + i, ignore_eos=True)).token_ids
             for i in range(6)]
+    c = rollout(spec, [PROMPT], n=6, params=params, mode="batched")[0]  # speculative, the group in one forward
     assert [s.completion_ids for s in a.samples] == [s.completion_ids for s in b.samples] == solo
+    assert [s.completion_ids for s in c.samples] == solo
     assert len({tuple(x) for x in solo}) > 1  # the group's samples differ
     assert sum(s.stats.proposed for s in a.samples) > 0  # drafts were verified (a random model rarely repeats)
 
@@ -243,7 +245,8 @@ def _exact_two_token_probs(target, prompt_ids: list[int]) -> tuple[torch.Tensor,
     return p1, p2
 
 
-def test_rollouts_right_after_an_update_are_exact_draws(tmp_path) -> None:
+@pytest.mark.parametrize("mode", ["sequential", "batched"])
+def test_rollouts_right_after_an_update_are_exact_draws(tmp_path, mode) -> None:
     """Speculative rollouts (suffix drafts from the group, random drafts: every accept/reject case) right after
     a weight update follow the *new* weights' distribution; old-version suffix state is there to tempt it."""
     from transformers import AutoModelForCausalLM
@@ -267,7 +270,7 @@ def test_rollouts_right_after_an_update_are_exact_draws(tmp_path) -> None:
     q1, _ = _exact_two_token_probs(old, prompt)
     assert 0.5 * (p1 - q1).abs().sum() > 0.1  # the update moved the distribution
     first, second = Counter(), Counter()
-    groups = rollout(engine, [prompt] * 300, n=8, params=params)
+    groups = rollout(engine, [prompt] * 300, n=8, params=params, mode=mode)
     drafted = sum(s.stats.proposed for g in groups for s in g.samples)
     for g in groups:
         for s in g.samples:

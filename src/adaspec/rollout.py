@@ -15,10 +15,12 @@ How a group runs:
   group's earlier samples and from earlier rounds' samples of the same prompt
   (its tenant structure, weighted toward recent policy versions, see
   :meth:`adaspec.speculators.suffix.SuffixSpeculator.on_policy_update`);
-- ``mode="batched"`` decodes the group's samples together without speculation,
-  one token each per target forward (:meth:`adaspec.model.target.LeanTarget.forward_batch`,
-  lean core only): the plain-decoding alternative that shares the weights'
-  memory traffic across the group.
+- ``mode="batched"`` decodes the group's samples together: every step feeds
+  each live sample's last token and its drafts in one target forward
+  (:meth:`adaspec.model.target.LeanTarget.forward_batch`, lean core only), so
+  the weights' memory traffic is shared across the group; on an engine
+  without speculators this is plain batched decoding, with them the samples
+  also draft from each other's output so far.
 
 Exactness: every sample is a draw from the target's distribution under
 ``params`` (rejection sampling keeps it whatever the drafts); each sample has
@@ -39,7 +41,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from adaspec.types import DEFAULT_TENANT, DraftProposal, SamplingParams, SpeculationStats
+from adaspec.controller import NO_SPECULATOR
+from adaspec.types import DEFAULT_TENANT, SamplingParams, SpeculationStats
 
 ROLLOUT_MODES = ("sequential", "batched")
 
@@ -94,8 +97,8 @@ def rollout(engine, prompts: Sequence[str | Sequence[int]], n: int, params: Opti
         params: sampling settings (default: temperature 1, 64 tokens); ``logprobs``
             is forced on (0 alternatives).
         tenant: whose learned state the samples feed and draft from.
-        mode: "sequential" (speculative, one sample after another) or "batched"
-            (plain decoding of the group in one forward per token; lean core).
+        mode: "sequential" (one sample after another) or "batched" (the group's
+            samples step together, one forward per step; lean core).
 
     Returns:
         one :class:`RolloutGroup` per prompt.
@@ -159,21 +162,49 @@ def _start_group(engine, ids: list[int], n: int, params: SamplingParams, tenant:
 
 
 def _decode_batched(engine, states: list) -> None:
-    """Plain decoding of ``states`` together: one target forward feeds each live sample's last token."""
+    """Decode ``states`` together: each step, every live sample's ``[last] + drafts`` in one target forward.
+
+    The engine's controller drafts for each sample as in :meth:`adaspec.engine.Engine.step`
+    (chains: a token tree is cut to its first branch); verification, commit and
+    the KV truncate are the chain step's, per sample. The controller's cost model
+    sees the batch's forward (all tokens fed, its time), so it learns what a
+    batched verify costs. Without speculators this is plain batched decoding.
+    """
+    from adaspec.engine import _first_branch
     from adaspec.model.decoder import BatchRequest
 
-    proposal = DraftProposal()
+    target = engine.target
     while True:
         live = [st for st in states if not st.finished]
         if not live:
             return
-        t0 = time.perf_counter()
-        outs = engine.target.forward_batch([BatchRequest(st.kv, [st.token_ids[-1]]) for st in live])
-        forward_s = time.perf_counter() - t0
-        for st, out in zip(live, outs):
-            result = engine._evaluate(st, out.logits, proposal)  # one row: a plain draw
-            committed = engine._commit(st, result, out.logits)
-            st.hidden_state = out.hidden[-1]
+        proposals = []
+        for st in live:  # 1. propose, per sample
+            t0 = time.perf_counter()
+            _, prop = engine._propose(st)
+            if prop.tree is not None:
+                prop = _first_branch(prop.tree)
+            proposals.append((prop, time.perf_counter() - t0))
+        reqs = [BatchRequest(st.kv, [st.token_ids[-1]] + prop.token_ids) for st, (prop, _) in zip(live, proposals)]
+        t1 = time.perf_counter()
+        outs = target.forward_batch(reqs)  # 2. one verify forward for the group
+        forward_s = time.perf_counter() - t1
+        fed = sum(len(r.token_ids) for r in reqs)
+        engine.controller.on_verify(fed, forward_s)
+        for spec in engine.speculators.values():
+            spec.on_verify(fed, forward_s)
+        for st, (prop, draft_s), out in zip(live, proposals, outs):
+            result = engine._evaluate(st, out.logits, prop)  # 3. accept / reject
+            committed = engine._commit(st, result, out.logits)  # 4. update
+            if not st.finished:
+                target.truncate(st.kv, len(st.token_ids) - 1)
+                st.hidden_state = out.hidden[len(committed) - 1]
+            name = prop.speculator if prop.num_draft_tokens else NO_SPECULATOR
+            st.stats.draft_time_s += draft_s
             st.stats.verify_time_s += forward_s / len(live)
-            st.stats.record("none", 0, 0, len(committed))
-            engine._after_verify(st, 1, forward_s / len(live), committed, 0, 0)
+            st.stats.record(name, prop.num_draft_tokens, min(result.num_accepted, len(committed)), len(committed))
+            engine.controller.observe(st.request_id, committed, result.num_accepted, prop.num_draft_tokens)
+            for spec in engine.speculators.values():
+                spec.observe(st.request_id, committed, result.num_accepted, prop.num_draft_tokens)
+            if st.finished:
+                engine._release(st)
