@@ -343,11 +343,16 @@ class Engine:
         from adaspec.weights import apply_weights
 
         version = apply_weights(self.target, prepared, live_requests=len(self._live))
+        self.notify_policy_update(version)
+        return version
+
+    def notify_policy_update(self, version: int) -> None:
+        """Tell the controller and every speculator that the target's weights changed
+        (:meth:`apply_weights` does; call it on other engines sharing the target)."""
         self._shared_prefills.clear()
         self.controller.on_policy_update(version)
         for spec in self.speculators.values():  # the controller's own included
             spec.on_policy_update(version)
-        return version
 
     def _release(self, state: RequestState) -> None:
         self._live.discard(state.request_id)
