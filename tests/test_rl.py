@@ -216,8 +216,36 @@ def test_seeded_rollouts_are_identical_sequential_batched_and_plain(dirs) -> Non
     c = rollout(spec, [PROMPT], n=6, params=params, mode="batched")[0]  # speculative, the group in one forward
     assert [s.completion_ids for s in a.samples] == [s.completion_ids for s in b.samples] == solo
     assert [s.completion_ids for s in c.samples] == solo
+    atlas = Engine(load_target(str(base), max_model_len=256),
+                   controller=ConfidenceAwareController(adaptive=SuffixSpeculator()))
+    d = rollout(atlas, [PROMPT], n=6, params=params, mode="batched")[0]  # drafts cut by budget_batch
+    assert [s.completion_ids for s in d.samples] == solo
     assert len({tuple(x) for x in solo}) > 1  # the group's samples differ
     assert sum(s.stats.proposed for s in a.samples) > 0  # drafts were verified (a random model rarely repeats)
+
+
+def test_budget_batch_keeps_the_drafts_that_pay() -> None:
+    from types import SimpleNamespace
+
+    from adaspec.controller import CostModel
+    from adaspec.rollout import budget_batch
+    from adaspec.types import DraftProposal
+
+    class Ctrl:
+        def __init__(self, costs):
+            self.costs = costs
+
+        def accept_probs(self, d, tenant, temperature):
+            return list(d.confidence)
+
+    live = [SimpleNamespace(tenant="t", params=SimpleNamespace(temperature=1.0))] * 2
+    props = [(DraftProposal(token_ids=[1, 2, 3], confidence=[0.9, 0.9, 0.1], speculator="s"), 0.0),
+             (DraftProposal(token_ids=[4, 5], confidence=[0.2, 0.9], speculator="s"), 0.0)]
+    eng = lambda costs: SimpleNamespace(controller=Ctrl(costs), target=SimpleNamespace(vocab_size=10))  # noqa: E731
+    flat = CostModel({1: 10.0, 2: 10.0, 4: 10.0, 8: 10.0})  # a row costs nothing: every draft pays
+    assert [p.token_ids for p, _ in budget_batch(eng(flat), live, props)] == [[1, 2, 3], [4, 5]]
+    steep = CostModel({1: 10.0, 2: 13.0, 4: 19.0, 8: 31.0})  # 3 ms a row: only likely tokens pay
+    assert [p.token_ids for p, _ in budget_batch(eng(steep), live, props)] == [[1, 2], []]
 
 
 def test_rollout_validation(dirs) -> None:
@@ -429,3 +457,35 @@ def test_admin_weights_disabled_without_key(dirs) -> None:
     with BackgroundServer(app) as server:
         r = _post(server, "/admin/weights", {"path": str(new)}, headers={"Authorization": "Bearer x"})
         assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+
+
+# ------------------------------------------------------------------ TRL's rollout_func
+def test_trl_rollout_func_pushes_weights_when_the_step_moves(dirs) -> None:
+    """:class:`AdaspecRollouts` as TRL calls it (a stand-in trainer: TRL itself is slow to start here;
+    ``scripts/trl_grpo.py`` runs the real GRPOTrainer)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from adaspec.trl_rollouts import AdaspecRollouts
+
+    base, new, _ = dirs
+    engine = Engine(load_target(str(base), max_model_len=256), [SuffixSpeculator()], lookahead=4)
+    policy = AutoModelForCausalLM.from_pretrained(str(base))
+    trainer = SimpleNamespace(model=policy, state=SimpleNamespace(global_step=0), num_generations=3,
+                              temperature=1.0, max_completion_length=6, args=None)
+    fn = AdaspecRollouts(engine)
+    chat = [{"role": "user", "content": "hi"}]
+    out = fn([PROMPT, PROMPT, PROMPT, chat, chat, chat], trainer)  # TRL repeats each prompt num_generations times
+    assert len(out["completion_ids"]) == 6 and engine.policy_version == 1  # first call: pushed
+    assert out["prompt_ids"][0] == engine.encode_prompt(PROMPT)
+    assert out["prompt_ids"][3] == engine.apply_chat_template(chat)
+    assert all(len(c) == len(lp) <= 6 for c, lp in zip(out["completion_ids"], out["logprobs"]))
+    fn([PROMPT, chat], trainer)  # each prompt once: num_generations samples each
+    assert engine.policy_version == 1  # same step: no push
+    trainer.model = AutoModelForCausalLM.from_pretrained(str(new))
+    trainer.state.global_step = 1
+    out = fn([PROMPT] * 3, trainer)
+    assert engine.policy_version == 2 and len(out["completion_ids"]) == 3
+    fresh = Engine(load_target(str(new), max_model_len=256), [])
+    assert _greedy(engine) == _greedy(fresh)  # the trainer's weights are what the engine serves

@@ -337,6 +337,16 @@ class ConfidenceAwareController(Controller):
     #: (pseudo-counts scaled, prior included), so the next observations move it faster.
     POLICY_UPDATE_KEEP = 0.25
 
+    def accept_probs(self, draft: DraftProposal, tenant: str, temperature: float) -> list[float]:
+        """Per-position acceptance estimates of ``draft`` (each conditional on the earlier positions):
+        its speculator's calibrated confidence, or its position estimates where the confidence says
+        nothing (no confidence, or a draft sampled from ``draft_probs`` in a sampled request)."""
+        mode = "greedy" if is_greedy(temperature) else "sampled"
+        est = self.estimator(draft.speculator, tenant, mode)
+        if draft.confidence and not (mode == "sampled" and draft.draft_probs is not None):
+            return est.calibrated(draft.confidence)
+        return est.position_probs(draft.num_draft_tokens)
+
     def on_policy_update(self, version: int) -> None:
         """The target's weights changed: shrink every acceptance estimate's evidence to
         :attr:`POLICY_UPDATE_KEEP` of itself (its mean stays; the next judged drafts weigh

@@ -168,7 +168,8 @@ def _decode_batched(engine, states: list) -> None:
     (chains: a token tree is cut to its first branch); verification, commit and
     the KV truncate are the chain step's, per sample. The controller's cost model
     sees the batch's forward (all tokens fed, its time), so it learns what a
-    batched verify costs. Without speculators this is plain batched decoding.
+    batched verify costs, and :func:`budget_batch` keeps only the draft tokens
+    that pay in the batch. Without speculators this is plain batched decoding.
     """
     from adaspec.engine import _first_branch
     from adaspec.model.decoder import BatchRequest
@@ -185,6 +186,7 @@ def _decode_batched(engine, states: list) -> None:
             if prop.tree is not None:
                 prop = _first_branch(prop.tree)
             proposals.append((prop, time.perf_counter() - t0))
+        proposals = budget_batch(engine, live, proposals)
         reqs = [BatchRequest(st.kv, [st.token_ids[-1]] + prop.token_ids) for st, (prop, _) in zip(live, proposals)]
         t1 = time.perf_counter()
         outs = target.forward_batch(reqs)  # 2. one verify forward for the group
@@ -208,3 +210,50 @@ def _decode_batched(engine, states: list) -> None:
                 spec.observe(st.request_id, committed, result.num_accepted, prop.num_draft_tokens)
             if st.finished:
                 engine._release(st)
+
+
+def budget_batch(engine, live: list, proposals: list) -> list:
+    """Cut the group's drafts to those that pay in one batched verify forward.
+
+    Each sample emits one token for sure; draft position j of sample i adds its
+    reach probability ``prod_{l <= j} a_il`` (``a``: the controller's calibrated
+    per-position acceptance estimates, :meth:`ConfidenceAwareController.accept_probs`).
+    Positions are added in order of reach probability (a sample's prefix
+    first, as probabilities fall along a draft) while the expected tokens per
+    millisecond ``E / verify_ms(tokens fed)`` of the whole forward still rises,
+    under the controller's measured cost curve. On this CPU a batch of 8 rows
+    already amortises the weights' memory traffic, so a draft token must be
+    likely to be accepted to be worth its row. Controllers without estimates
+    and a cost model keep their drafts as they are. Only drafts are dropped:
+    exactness is untouched.
+
+    Returns:
+        ``proposals`` with each ``(DraftProposal, draft_s)`` cut.
+    """
+    from adaspec.engine import _sanitize
+
+    ctrl = engine.controller
+    costs = getattr(ctrl, "costs", None)
+    if costs is None or not hasattr(ctrl, "accept_probs") or not any(p.num_draft_tokens for p, _ in proposals):
+        return proposals
+    cands = []  # (reach probability, sample, position)
+    for i, (st, (prop, _)) in enumerate(zip(live, proposals)):
+        reach = 1.0
+        for j, a in enumerate(ctrl.accept_probs(prop, st.tenant, st.params.temperature)):
+            reach *= a
+            cands.append((reach, i, j))
+    cands.sort(key=lambda c: (-c[0], c[1], c[2]))
+    fed = len(live)
+    expected = float(len(live))
+    keep = [0] * len(live)
+    for reach, i, j in cands:
+        if j != keep[i]:  # a later position of a sample whose prefix was not kept
+            continue
+        if (expected + reach) / costs.verify_ms(fed + 1) <= expected / costs.verify_ms(fed):
+            break
+        expected += reach
+        fed += 1
+        keep[i] += 1
+    vocab = engine.target.vocab_size
+    return [(prop if keep[i] == prop.num_draft_tokens else _sanitize(prop, keep[i], vocab), draft_s)
+            for i, (prop, draft_s) in enumerate(proposals)]

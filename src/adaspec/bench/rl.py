@@ -6,11 +6,13 @@ served policy with every system, trains the policy on one system's samples
 (:meth:`adaspec.engine.Engine.update_weights`: int8 re-quantized with the
 initial calibration; no restart). The speculators learn across rounds.
 
-Task (verifiable, rewards vary within a group): small additions asked in
-the chat template, "What is a + b? Reply with only the number."; reward =
-1 if the first integer of the completion is the sum, plus 0.3 if the
-completion has at most ``--short-tokens`` tokens (a format target the policy
-learns quickly). A 135M model gets some sums right, so groups are mixed.
+Task (GSM8K-style, verifiable, rewards vary within a group): one-step word
+problems with small numbers through the chat template, asking for a short
+explanation that ends with "Answer: N"; reward = 1 if the last integer of the
+completion is the answer, plus 0.2 if it has the "Answer:" format. A 135M
+model gets some right and writes the format sometimes, so groups are mixed,
+and completions stay tens of tokens long (no length bonus: a policy that
+learned to stop at once would leave nothing to decode).
 
 Trainer: a minimal GRPO update (DeepSeekMath, Shao et al. 2024, arXiv
 2402.03300) in fp32 on the transformers model: group-normalised advantages
@@ -89,21 +91,32 @@ class RoundRecord:
     train_s: float = 0.0
 
 
+_PROBLEMS = (
+    ("Tom has {a} apples and buys {b} more. How many apples does he have now?", lambda a, b: a + b),
+    ("A box holds {a} pens. Sara adds {b} pens. How many pens are in the box?", lambda a, b: a + b),
+    ("Lena had {a} stickers and gave away {b}. How many stickers does she have left?", lambda a, b: a - b),
+    ("There are {a} birds on a tree and {b} more land on it. How many birds are on the tree?", lambda a, b: a + b),
+)
+FORMAT = " Explain briefly, then end with 'Answer: N'."
+
+
 def arithmetic_prompts(n: int, seed: int) -> list[tuple[str, int]]:
-    """``n`` (question, answer) pairs of small additions."""
+    """``n`` (question, answer) pairs: one-step word problems with numbers 2..20 (differences >= 0)."""
     rng = random.Random(seed)
     out = []
-    for _ in range(n):
+    for i in range(n):
+        text, fn = _PROBLEMS[(seed + i) % len(_PROBLEMS)]
         a, b = rng.randint(2, 20), rng.randint(2, 20)
-        out.append((f"What is {a} + {b}? Reply with only the number.", a + b))
+        a, b = max(a, b), min(a, b)
+        out.append((text.format(a=a, b=b) + FORMAT, fn(a, b)))
     return out
 
 
-def reward(text: str, num_tokens: int, answer: int, short_tokens: int) -> tuple[float, bool]:
-    """``(reward, correct)``: 1 for the right first integer, + 0.3 for at most ``short_tokens`` tokens."""
-    m = re.search(r"-?\d+", text)
-    correct = m is not None and int(m.group()) == answer
-    return float(correct) + (0.3 if num_tokens <= short_tokens else 0.0), correct
+def reward(text: str, answer: int) -> tuple[float, bool]:
+    """``(reward, correct)``: 1 if the last integer of ``text`` is ``answer``, + 0.2 for an "Answer:" in it."""
+    nums = re.findall(r"-?\d+", text)
+    correct = bool(nums) and int(nums[-1]) == answer
+    return float(correct) + (0.2 if "answer:" in text.lower() else 0.0), correct
 
 
 def _acceptance(groups: Sequence[RolloutGroup]) -> tuple[Optional[float], Optional[float]]:
@@ -189,8 +202,7 @@ def run_rl(args: argparse.Namespace) -> dict[str, Any]:
             comps = [s.completion_ids for s in g.samples]
             r = []
             for s in g.samples:
-                rv, ok = reward(tok.decode(s.completion_ids, skip_special_tokens=True), len(s.completion_ids), answer,
-                                args.short_tokens)
+                rv, ok = reward(tok.decode(s.completion_ids, skip_special_tokens=True), answer)
                 r.append(rv)
                 corrects.append(ok)
             rewards.extend(r)
@@ -296,13 +308,12 @@ def add_rl_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``adaspec bench rl``."""
     config.add_model_arguments(p)
     p.add_argument("--rounds", type=int, default=10, help="policy updates (default: %(default)s)")
-    p.add_argument("--batch-prompts", type=int, default=2, help="prompts per round, B (default: %(default)s)")
+    p.add_argument("--batch-prompts", type=int, default=1, help="prompts per round, B (default: %(default)s)")
     p.add_argument("--group-size", type=int, default=8, help="samples per prompt, G (default: %(default)s)")
-    p.add_argument("--num-prompts", type=int, default=2,
+    p.add_argument("--num-prompts", type=int, default=1,
                    help="distinct prompts, cycled B per round (default: %(default)s: the same prompts every round, "
                         "as in several epochs over a small set)")
-    p.add_argument("--max-tokens", type=int, default=32, help="completion cap (default: %(default)s)")
-    p.add_argument("--short-tokens", type=int, default=8, help="format bonus at most this long (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=64, help="completion cap (default: %(default)s)")
     p.add_argument("--lr", type=float, default=2e-5, help="Adam learning rate (default: %(default)s)")
     p.add_argument("--lookahead", type=int, default=config.ATLAS_LOOKAHEAD, help="atlas's largest lookahead")
     p.add_argument("--suffix-lookahead", type=int, default=8, help="the suffix speculator's fixed lookahead")
