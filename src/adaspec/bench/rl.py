@@ -72,6 +72,9 @@ class SystemRound:
     tokens_per_s: float
     acceptance_rate: Optional[float]
     mean_acceptance_length: Optional[float]
+    draft_s: float = 0.0  # drafting and deciding, summed over the samples
+    verify_s: float = 0.0  # verify forwards (a batched forward's time split over its samples)
+    target_forwards: int = 0  # per sample, summed
 
 
 @dataclass
@@ -191,7 +194,10 @@ def run_rl(args: argparse.Namespace) -> dict[str, Any]:
             dt = time.perf_counter() - t0
             ntok = sum(g.num_completion_tokens for g in groups)
             rate, length = _acceptance(groups)
-            rec.systems[name] = SystemRound(name, ntok, dt, ntok / dt, rate, length)
+            rec.systems[name] = SystemRound(name, ntok, dt, ntok / dt, rate, length,
+                                            sum(s.stats.draft_time_s for g in groups for s in g.samples),
+                                            sum(s.stats.verify_time_s for g in groups for s in g.samples),
+                                            sum(s.stats.target_forwards for g in groups for s in g.samples))
             if name == train_system:
                 train_groups = groups
         # ---- the trainer: rewards, advantages, one GRPO step (fp32)
