@@ -61,6 +61,10 @@ def dirs(tmp_path_factory):
     return base, new, sd1
 
 
+def base_vocab(model_dir: Path) -> int:
+    return json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+
+
 def _greedy(engine: Engine, prompt=PROMPT, n: int = 24) -> list[int]:
     return engine.generate(prompt, SamplingParams(max_tokens=n, ignore_eos=True)).token_ids
 
@@ -216,8 +220,8 @@ def test_seeded_rollouts_are_identical_sequential_batched_and_plain(dirs) -> Non
     c = rollout(spec, [PROMPT], n=6, params=params, mode="batched")[0]  # speculative, the group in one forward
     assert [s.completion_ids for s in a.samples] == [s.completion_ids for s in b.samples] == solo
     assert [s.completion_ids for s in c.samples] == solo
-    atlas = Engine(load_target(str(base), max_model_len=256),
-                   controller=ConfidenceAwareController(adaptive=SuffixSpeculator()))
+    atlas = Engine(load_target(str(base), max_model_len=256), controller=ConfidenceAwareController(
+        adaptive=SuffixSpeculator(sample_drafts=True, vocab_size=base_vocab(base))))
     d = rollout(atlas, [PROMPT], n=6, params=params, mode="batched")[0]  # drafts cut by budget_batch
     assert [s.completion_ids for s in d.samples] == solo
     assert len({tuple(x) for x in solo}) > 1  # the group's samples differ
@@ -273,8 +277,9 @@ def _exact_two_token_probs(target, prompt_ids: list[int]) -> tuple[torch.Tensor,
     return p1, p2
 
 
-@pytest.mark.parametrize("mode", ["sequential", "batched"])
-def test_rollouts_right_after_an_update_are_exact_draws(tmp_path, mode) -> None:
+@pytest.mark.parametrize("mode,sampled", [("sequential", False), ("batched", False), ("sequential", True),
+                                          ("batched", True)])
+def test_rollouts_right_after_an_update_are_exact_draws(tmp_path, mode, sampled) -> None:
     """Speculative rollouts (suffix drafts from the group, random drafts: every accept/reject case) right after
     a weight update follow the *new* weights' distribution; old-version suffix state is there to tempt it."""
     from transformers import AutoModelForCausalLM
@@ -286,7 +291,7 @@ def test_rollouts_right_after_an_update_are_exact_draws(tmp_path, mode) -> None:
     model.save_pretrained(d)
     target = load_target(str(d), max_model_len=64)
     prompt = [3, 4, 5, 3, 4, 5, 3, 4]
-    suffix = SuffixSpeculator(min_confidence=0.0)
+    suffix = SuffixSpeculator(min_confidence=0.0, sample_drafts=sampled, vocab_size=SMALL_V)
     engine = Engine(target, controller=_Alternating(suffix, RandomSpeculator(SMALL_V, seed=1), k=3))
     params = SamplingParams(temperature=1.0, max_tokens=2, ignore_eos=True)
     rollout(engine, [prompt] * 10, n=8, params=params)  # old-policy samples in the suffix state
@@ -489,3 +494,23 @@ def test_trl_rollout_func_pushes_weights_when_the_step_moves(dirs) -> None:
     assert engine.policy_version == 2 and len(out["completion_ids"]) == 3
     fresh = Engine(load_target(str(new), max_model_len=256), [])
     assert _greedy(engine) == _greedy(fresh)  # the trainer's weights are what the engine serves
+
+
+def test_sampled_suffix_drafts_carry_their_frequencies() -> None:
+    from adaspec.types import ProposeContext
+
+    s = SuffixSpeculator(sample_drafts=True, vocab_size=20, min_confidence=0.0)
+    for i, tail in enumerate([[7, 8], [7, 8], [7, 9], [5, 8]]):
+        s.start_request(f"r{i}", [1, 2, 3] + tail)
+        s.stop_request(f"r{i}")
+    seen = Counter()
+    for k in range(400):
+        d = s.propose(ProposeContext(request_id="x", token_ids=[1, 2, 3], num_prompt_tokens=3, temperature=1.0), 1)
+        assert d.draft_probs is not None and d.draft_probs.shape == (1, 20)
+        assert d.draft_probs[0, 7] == pytest.approx(0.75) and d.draft_probs[0, 5] == pytest.approx(0.25)
+        seen[d.token_ids[0]] += 1
+    assert 0.65 < seen[7] / 400 < 0.85  # drawn from the frequencies, not the mode
+    greedy = s.propose(ProposeContext(request_id="x", token_ids=[1, 2, 3], num_prompt_tokens=3), 2)
+    assert greedy.token_ids == [7, 8] and greedy.draft_probs is None  # greedy requests: the mode, deterministic
+    with pytest.raises(ValueError, match="vocab_size"):
+        SuffixSpeculator(sample_drafts=True)
