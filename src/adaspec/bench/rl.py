@@ -27,7 +27,10 @@ Systems, all on one target (the same weights, updated once per round):
 
 - ``plain``: plain decoding, the G samples one after another;
 - ``plain-batched``: plain decoding, the group's samples in one forward per token;
-- ``suffix``: the suffix speculator alone (fixed lookahead), sequential;
+- ``suffix``: the suffix speculator alone (fixed lookahead), sequential
+  (``--sampled-suffix``, the default: its drafts are draws from the stored
+  continuation frequencies, returned as ``draft_probs``, so rejection
+  sampling accepts ``sum_x min(target(x), freq(x))`` per token);
 - ``atlas``: the confidence-aware controller (draft head + suffix), sequential;
 - ``atlas-batched``: atlas with the group's samples stepping together.
 
@@ -158,12 +161,25 @@ def run_rl(args: argparse.Namespace) -> dict[str, Any]:
     cfg = config.EngineConfig(model=args.model, dtype=args.dtype, speculator="atlas", lookahead=args.lookahead,
                               max_model_len=args.max_model_len, threads=args.threads, runtime=args.runtime)
     target = config.load_config_target(cfg)
+
+    def suffix() -> SuffixSpeculator:
+        if args.sampled_suffix:
+            return SuffixSpeculator(sample_drafts=True, vocab_size=target.vocab_size)
+        return SuffixSpeculator()
+
+    def atlas() -> Engine:  # config.build_controller's atlas, with this run's suffix speculator
+        from adaspec.controller import ConfidenceAwareController
+
+        return Engine(target, controller=ConfidenceAwareController(
+            static=config.static_speculator_or_none(target), adaptive=suffix(),
+            cost_model=config.calibrated_cost_model(target), max_lookahead=cfg.effective_lookahead))
+
     engines = {
         "plain": Engine(target, []),
         "plain-batched": Engine(target, []),
-        "suffix": Engine(target, controller=FixedController(SuffixSpeculator(), args.suffix_lookahead)),
-        "atlas": config.build_engine(cfg, target=target),
-        "atlas-batched": config.build_engine(cfg, target=target),
+        "suffix": Engine(target, controller=FixedController(suffix(), args.suffix_lookahead)),
+        "atlas": atlas(),
+        "atlas-batched": atlas(),
     }
     systems = [s for s in args.systems.split(",") if s]
     for s in systems:
@@ -265,7 +281,8 @@ def _round_line(rec: RoundRecord, systems: Sequence[str]) -> str:
 def summarize(records: Sequence[RoundRecord], systems: Sequence[str], args: argparse.Namespace) -> dict[str, Any]:
     """The issue's figures: atlas over sequential plain and over the best plain, from round 2 on."""
     out: dict[str, Any] = {"rounds": len(records), "batch_prompts": args.batch_prompts, "group_size": args.group_size,
-                           "dtype": args.dtype, "max_tokens": args.max_tokens}
+                           "dtype": args.dtype, "max_tokens": args.max_tokens,
+                           "sampled_suffix": getattr(args, "sampled_suffix", False)}
     atlas = [s for s in ("atlas", "atlas-batched") if s in systems]
     plains = [s for s in ("plain", "plain-batched") if s in systems]
     if not atlas or "plain" not in systems:
@@ -324,6 +341,9 @@ def add_rl_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookahead", type=int, default=config.ATLAS_LOOKAHEAD, help="atlas's largest lookahead")
     p.add_argument("--suffix-lookahead", type=int, default=8, help="the suffix speculator's fixed lookahead")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list (default: all)")
+    p.add_argument("--sampled-suffix", action=argparse.BooleanOptionalAction, default=True,
+                   help="the suffix speculator draws its drafts from the stored continuation frequencies "
+                        "(draft_probs) instead of taking the most frequent (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_out/rl", help="output folder (default: %(default)s)")
 
