@@ -299,6 +299,16 @@ def summarize(records: Sequence[RoundRecord], systems: Sequence[str], args: argp
         out["min_atlas_over_plain_from_round_2"] = min(x["atlas_over_plain"] for x in later)
         out["min_atlas_over_best_plain_from_round_2"] = min(x["atlas_over_best_plain"] for x in later)
         out["last_over_round_2_speedup"] = later[-1]["atlas_over_plain"] / later[0]["atlas_over_plain"]
+        pooled = {}
+        for s in systems:  # rounds 2.. pooled: total tokens / total seconds (less noisy than any one round)
+            tokens = sum(r.systems[s].tokens for r in records[1:])
+            seconds = sum(r.systems[s].seconds for r in records[1:])
+            forwards = sum(r.systems[s].target_forwards for r in records[1:]) or 1
+            pooled[s] = {"tokens_per_s": tokens / seconds if seconds else 0.0,
+                         "tokens_per_forward": tokens / forwards,
+                         "draft_ms_per_forward": 1000 * sum(r.systems[s].draft_s for r in records[1:]) / forwards,
+                         "verify_ms_per_forward": 1000 * sum(r.systems[s].verify_s for r in records[1:]) / forwards}
+        out["pooled_from_round_2"] = pooled
     out["kl_to_initial_last"] = records[-1].kl_to_initial
     out["reward_first_last"] = [records[0].reward_mean, records[-1].reward_mean]
     return out
