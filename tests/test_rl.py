@@ -514,3 +514,18 @@ def test_sampled_suffix_drafts_carry_their_frequencies() -> None:
     assert greedy.token_ids == [7, 8] and greedy.draft_probs is None  # greedy requests: the mode, deterministic
     with pytest.raises(ValueError, match="vocab_size"):
         SuffixSpeculator(sample_drafts=True)
+
+
+def test_transformers_runtime_updates_between_requests_only(dirs) -> None:
+    base, new, sd1 = dirs
+    engine = Engine(load_target(str(base), max_model_len=256, runtime="transformers"), [NgramSpeculator()], lookahead=3)
+    with pytest.raises(ValueError, match="batched"):
+        rollout(engine, [PROMPT], n=2, mode="batched")
+    live = engine.start(engine.encode_prompt(PROMPT), SamplingParams(max_tokens=4))
+    with pytest.raises(RuntimeError, match="running"):
+        engine.update_weights(sd1)  # no pinning on this runtime: refused while a request runs
+    assert engine.policy_version == 0
+    engine.abort(live)
+    assert engine.update_weights(sd1) == 1
+    fresh = Engine(load_target(str(new), max_model_len=256, runtime="transformers"), [])
+    assert _greedy(engine) == _greedy(fresh)
