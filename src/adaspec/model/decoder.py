@@ -129,7 +129,7 @@ class LeanDecoder:
         self.max_positions = max_positions
         self.dtype = dtype
         self.pool = pool
-        self.weights_version = 0  # +1 per load_weights
+        self.weights_version = 0  # +1 per swap_weights
 
     # ------------------------------------------------------------------ building
 
@@ -152,35 +152,82 @@ class LeanDecoder:
             ValueError: :func:`unsupported_reason` is not None, or a layer is of an unknown kind.
             RuntimeError: the kernel does not build.
         """
-        km, dtype, vocab_size = _kernel_model(model, max_positions, block_size)
+        reason = unsupported_reason(model)
+        if reason:
+            raise ValueError(f"lean decoder: {reason}")
+        from adaspec.model.build import lean_kernel
+
+        ext = lean_kernel()
         config = model.config
         inner = model.model
+        H = config.hidden_size
         Hq = config.num_attention_heads
         Hkv = getattr(config, "num_key_value_heads", None) or Hq
-        D = getattr(config, "head_dim", None) or config.hidden_size // Hq
+        D = getattr(config, "head_dim", None) or H // Hq
+        I = config.intermediate_size
+        eps = float(inner.norm.variance_epsilon if hasattr(inner.norm, "variance_epsilon") else config.rms_norm_eps)
+        rot = inner.rotary_emb
+        pos = torch.arange(max_positions, dtype=torch.int64)
+        freqs = pos[:, None].float() * rot.inv_freq.float()[None, :]  # [P, D/2], as HF's rotary forward
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scaling = float(getattr(rot, "attention_scaling", 1.0))
+        cos, sin = (emb.cos() * scaling).contiguous(), (emb.sin() * scaling).contiguous()
+        embed = inner.embed_tokens.weight.detach().float().contiguous()
+        km = ext.LeanModel(H, Hq, Hkv, D, I, eps, block_size, cos, sin, embed)
+        kinds = set()
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = _linear(ext, [attn.q_proj, attn.k_proj, attn.v_proj], kinds)
+            o = _linear(ext, [attn.o_proj], kinds)
+            gate_up = _linear(ext, [mlp.gate_proj, mlp.up_proj], kinds)
+            down = _linear(ext, [mlp.down_proj], kinds)
+            km.add_layer(layer.input_layernorm.weight.detach().float(), qkv, o,
+                         layer.post_attention_layernorm.weight.detach().float(), gate_up, down)
+        km.set_head(inner.norm.weight.detach().float(), _linear(ext, [model.lm_head], kinds))
+        if len(kinds) != 1:
+            raise ValueError(f"mixed linear kinds {kinds}: quantize all layers or none")
+        from adaspec.quant import Int8Linear
+
+        for mod in model.modules():  # the kernel holds its own copy; a cached int8 model reads it back on demand
+            if isinstance(mod, Int8Linear):
+                mod.release_int8()
+        _trim_heap()
+        dtype = kinds.pop()
         pool_tokens = pool_tokens or 8 * max_positions
         pool = BlockPool(len(inner.layers), Hkv, D, -(-pool_tokens // block_size), block_size)
-        return cls(km, num_layers=len(inner.layers), hidden_size=config.hidden_size, num_heads=Hq, num_kv_heads=Hkv,
-                   head_dim=D, vocab_size=vocab_size, max_positions=max_positions, dtype=dtype, pool=pool)
+        return cls(km, num_layers=len(inner.layers), hidden_size=H, num_heads=Hq, num_kv_heads=Hkv, head_dim=D,
+                   vocab_size=int(embed.shape[0] if model.lm_head is None else _out_features(model.lm_head)),
+                   max_positions=max_positions, dtype=dtype, pool=pool)
 
-    @torch.no_grad()
+    # ------------------------------------------------------------------ caches
+
+    def new_cache(self) -> LeanKVCache:
+        """An empty cache pinned to the current weights (see :meth:`swap_weights`)."""
+        return LeanKVCache(pool=self.pool, weights=self._km, weights_version=self.weights_version)
+
+    def _weights_of(self, cache: LeanKVCache):
+        return self._km if cache.weights is None else cache.weights
+
+    # ------------------------------------------------------------------ new weights
+
     def prepare_weights(self, model: nn.Module):
         """The kernel's copy of ``model``'s weights (same architecture, quantized alike), not yet served.
 
         Raises:
             ValueError: ``model`` has another shape or quantization than the served one.
         """
-        km, dtype, vocab_size = _kernel_model(model, self.max_positions, self.pool.block_size)
-        config = model.config
-        shape = (len(model.model.layers), config.hidden_size, config.num_attention_heads,
-                 getattr(config, "num_key_value_heads", None) or config.num_attention_heads, vocab_size)
-        served = (self.num_layers, self.hidden_size, self.num_heads, self.num_kv_heads, self.vocab_size)
+        block = self.pool.block_size
+        other = LeanDecoder.from_hf(model, self.max_positions, pool_tokens=block, block_size=block)
+        shape = (other.num_layers, other.hidden_size, other.num_heads, other.num_kv_heads, other.head_dim,
+                 other.vocab_size)
+        served = (self.num_layers, self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
+                  self.vocab_size)
         if shape != served:
-            raise ValueError(f"new weights have (layers, hidden, heads, kv heads, vocab) {shape}; the served "
-                             f"model has {served}")
-        if dtype != self.dtype:
-            raise ValueError(f"new weights are {dtype}; the served model is {self.dtype}")
-        return km
+            raise ValueError(f"new weights have (layers, hidden, heads, kv heads, head dim, vocab) {shape}; the "
+                             f"served model has {served}")
+        if other.dtype != self.dtype:
+            raise ValueError(f"new weights are {other.dtype}; the served model is {self.dtype}")
+        return other._km
 
     def swap_weights(self, prepared) -> int:
         """Serve :meth:`prepare_weights`' result from now on; returns the new weights version.
@@ -197,23 +244,6 @@ class LeanDecoder:
     def load_weights(self, model: nn.Module) -> int:
         """:meth:`prepare_weights` then :meth:`swap_weights`."""
         return self.swap_weights(self.prepare_weights(model))
-
-    # ------------------------------------------------------------------ caches
-
-    def new_cache(self) -> LeanKVCache:
-        """An empty cache pinned to the current weights (see :meth:`load_weights`)."""
-        return LeanKVCache(pool=self.pool, weights=self._km, weights_version=self.weights_version)
-
-    def _weights_of(self, cache: LeanKVCache):
-        return self._km if cache.weights is None else cache.weights
-
-    def copy_cache(self, cache: LeanKVCache) -> LeanKVCache:
-        """A new cache holding a copy of ``cache``'s positions, on the same weights (a group's shared prefill).
-
-        Raises:
-            PoolExhausted: not enough free blocks.
-        """
-        return cache.copy()
 
     # ------------------------------------------------------------------ forwards
 
@@ -278,7 +308,8 @@ class LeanDecoder:
             at += n
         return results
 
-    def _forward_by_weights(self, requests: Sequence[BatchRequest], logits: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _forward_by_weights(self, requests: Sequence[BatchRequest],
+                            logits: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """:meth:`forward_batch` split by the weights each cache is pinned to (results in request order)."""
         groups: dict[int, list[int]] = {}
         for q, r in enumerate(requests):
@@ -338,52 +369,6 @@ class LeanDecoder:
     def matmuls_only(self, rows: int) -> None:
         """Run every linear layer once over ``rows`` rows (the matmul floor of a forward)."""
         self._km.matmuls_only(rows)
-
-
-def _kernel_model(model: nn.Module, max_positions: int, block_size: int):
-    """``(kernel LeanModel, dtype, vocab size)`` holding ``model``'s weights (see :meth:`LeanDecoder.from_hf`)."""
-    reason = unsupported_reason(model)
-    if reason:
-        raise ValueError(f"lean decoder: {reason}")
-    from adaspec.model.build import lean_kernel
-
-    ext = lean_kernel()
-    config = model.config
-    inner = model.model
-    H = config.hidden_size
-    Hq = config.num_attention_heads
-    Hkv = getattr(config, "num_key_value_heads", None) or Hq
-    D = getattr(config, "head_dim", None) or H // Hq
-    I = config.intermediate_size
-    eps = float(inner.norm.variance_epsilon if hasattr(inner.norm, "variance_epsilon") else config.rms_norm_eps)
-    rot = inner.rotary_emb
-    pos = torch.arange(max_positions, dtype=torch.int64)
-    freqs = pos[:, None].float() * rot.inv_freq.float()[None, :]  # [P, D/2], as HF's rotary forward
-    emb = torch.cat((freqs, freqs), dim=-1)
-    scaling = float(getattr(rot, "attention_scaling", 1.0))
-    cos, sin = (emb.cos() * scaling).contiguous(), (emb.sin() * scaling).contiguous()
-    embed = inner.embed_tokens.weight.detach().float().contiguous()
-    km = ext.LeanModel(H, Hq, Hkv, D, I, eps, block_size, cos, sin, embed)
-    kinds = set()
-    for layer in inner.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv = _linear(ext, [attn.q_proj, attn.k_proj, attn.v_proj], kinds)
-        o = _linear(ext, [attn.o_proj], kinds)
-        gate_up = _linear(ext, [mlp.gate_proj, mlp.up_proj], kinds)
-        down = _linear(ext, [mlp.down_proj], kinds)
-        km.add_layer(layer.input_layernorm.weight.detach().float(), qkv, o,
-                     layer.post_attention_layernorm.weight.detach().float(), gate_up, down)
-    km.set_head(inner.norm.weight.detach().float(), _linear(ext, [model.lm_head], kinds))
-    if len(kinds) != 1:
-        raise ValueError(f"mixed linear kinds {kinds}: quantize all layers or none")
-    from adaspec.quant import Int8Linear
-
-    for mod in model.modules():  # the kernel holds its own copy; a cached int8 model reads it back on demand
-        if isinstance(mod, Int8Linear):
-            mod.release_int8()
-    _trim_heap()
-    dtype = kinds.pop()
-    return km, dtype, int(embed.shape[0] if model.lm_head is None else _out_features(model.lm_head))
 
 
 def _trim_heap() -> None:

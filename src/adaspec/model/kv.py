@@ -71,7 +71,7 @@ class LeanKVCache:
     pool: BlockPool
     length: int = 0
     blocks: list[int] = field(default_factory=list)
-    # The decoder weights this cache's entries were computed with (LeanDecoder.load_weights
+    # The decoder weights this cache's entries were computed with (LeanDecoder.swap_weights
     # swaps the current ones; a cache keeps its own until dropped). None: the decoder's current.
     weights: Any = field(default=None, repr=False, compare=False)
     weights_version: int = 0
