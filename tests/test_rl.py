@@ -442,6 +442,7 @@ def test_admin_weights_endpoint(rl_server, dirs, tmp_path) -> None:
     assert r.status_code == 400
     r = _post(rl_server, "/admin/weights", {"path": str(new)}, headers=auth)
     assert r.status_code == 200 and r.json()["policy_version"] == 1, r.text
+    assert httpx.get(rl_server.base_url + "/health").json()["policy_version"] == 1
     fresh = Engine(load_target(str(new), max_model_len=256), [])
     out = _post(rl_server, "/v1/completions", {"model": "tiny-rl", "prompt": PROMPT, "max_tokens": 12,
                                                "temperature": 0, "ignore_eos": True}).json()

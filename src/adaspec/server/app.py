@@ -236,7 +236,8 @@ def _install_routes(app: FastAPI, ctx: ServerState) -> None:
         """Liveness and load."""
         s = ctx.scheduler
         return {"status": "ok", "model": ctx.served_model_name,
-                "active_requests": s.active_count if s else 0, "queue_depth": s.queue_depth if s else 0}
+                "active_requests": s.active_count if s else 0, "queue_depth": s.queue_depth if s else 0,
+                "policy_version": getattr(ctx.engine, "policy_version", 0)}
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
