@@ -248,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_bench_arguments(bv)
     bv.set_defaults(func=serve_bench)
 
+    brl = bsub.add_parser("rl", help="GRPO rollouts, B prompts x G samples per round, a policy update every round")
+    from adaspec.bench.rl import add_rl_arguments, rl_from_args
+
+    add_rl_arguments(brl)
+    brl.set_defaults(func=rl_from_args)
+
     bt = bsub.add_parser("threads", help="--threads settings on a quiet machine and beside a busy core")
     from adaspec.bench.threads import add_threads_bench_arguments, threads_from_args
 

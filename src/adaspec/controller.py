@@ -114,6 +114,9 @@ class Controller:
     def stop_request(self, request_id: str) -> None:
         """The request finished or was cancelled."""
 
+    def on_policy_update(self, version: int) -> None:
+        """The target's weights changed (policy ``version``); default: nothing to do."""
+
     def state_dict(self) -> dict[str, Any]:
         """Learned state to persist (default: none)."""
         return {}
@@ -329,6 +332,27 @@ class ConfidenceAwareController(Controller):
 
     def on_verify(self, tokens_fed: int, forward_s: float) -> None:
         self.costs.observe_verify(tokens_fed, forward_s * 1000.0)
+
+    #: After a policy update every acceptance estimate keeps this share of its evidence
+    #: (pseudo-counts scaled, prior included), so the next observations move it faster.
+    POLICY_UPDATE_KEEP = 0.25
+
+    def accept_probs(self, draft: DraftProposal, tenant: str, temperature: float) -> list[float]:
+        """Per-position acceptance estimates of ``draft`` (each conditional on the earlier positions):
+        its speculator's calibrated confidence, or its position estimates where the confidence says
+        nothing (no confidence, or a draft sampled from ``draft_probs`` in a sampled request)."""
+        mode = "greedy" if is_greedy(temperature) else "sampled"
+        est = self.estimator(draft.speculator, tenant, mode)
+        if draft.confidence and not (mode == "sampled" and draft.draft_probs is not None):
+            return est.calibrated(draft.confidence)
+        return est.position_probs(draft.num_draft_tokens)
+
+    def on_policy_update(self, version: int) -> None:
+        """The target's weights changed: shrink every acceptance estimate's evidence to
+        :attr:`POLICY_UPDATE_KEEP` of itself (its mean stays; the next judged drafts weigh
+        ~1/keep times more). The cost model is kept (the weights' shapes did not change)."""
+        for est in self._estimators.values():
+            est.shrink(self.POLICY_UPDATE_KEEP)
 
     def decide(self, ctx: ProposeContext, max_lookahead: int) -> Decision:
         """Not used: this controller must see the adaptive draft first (see :meth:`propose`)."""

@@ -19,6 +19,7 @@ output) except the newest, which the next step feeds first.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import time
@@ -100,6 +101,7 @@ class RequestState:
     prefill_len: int = 0
     prefix_tokens_reused: int = 0  # of them, from the prefix cache
     prefix_looked_up: bool = False
+    policy_version: int = 0  # the target weights version the request runs on (its KV cache's), start to end
 
     @property
     def finished(self) -> bool:
@@ -162,6 +164,9 @@ class Engine:
         # Committed prompt prefixes -> cached KV (adaspec.prefix_cache.PrefixCache); None: off.
         self.prefix_cache = None
         self.last_batch = (0, 0)  # (requests, rows fed) of the last step_batch forward
+        self._live: set[str] = set()  # request ids started and not yet released
+        # Shared prefills of request groups (``start(share_prefill=...)``): key -> _SharedPrefill.
+        self._shared_prefills: dict[str, _SharedPrefill] = {}
 
     # ----------------------------------------------------------- lifecycle
     def encode_prompt(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
@@ -200,6 +205,7 @@ class Engine:
         tenant: str = DEFAULT_TENANT,
         request_id: Optional[str] = None,
         prefill: bool = True,
+        share_prefill: Optional[tuple[str, int]] = None,
     ) -> RequestState:
         """Validate, prefill, and register a request.
 
@@ -212,6 +218,13 @@ class Engine:
                 (chunked, batched with other requests' steps) or the first :meth:`step`;
                 the prefix cache is then looked up when the prefill begins, so a
                 request queued behind another with the same prefix reuses it.
+            share_prefill: ``(group key, group size)`` for the members of a group
+                that sample one prompt several times (OpenAI's ``n``, RL groups):
+                the first member's prefill is kept and the others copy its KV
+                cache instead of running the prompt again (bitwise the same
+                entries: same tokens, same weights). The kept copy is dropped
+                once ``group size`` members started (or the weights changed).
+                Implies ``prefill``.
 
         Raises:
             ValueError: invalid params, an empty prompt on a model without BOS,
@@ -247,10 +260,10 @@ class Engine:
             constraint=constraint,
             prefill_len=len(ids) - 1,
         )
-        if prefill and state.prefilling:
-            self._reuse_prefix(state)
-            out = self.target.forward(state.kv, ids[state.prefill_pos:-1], last_only=True)
-            self._prefilled(state, out.hidden[-1])
+        if (prefill or share_prefill is not None) and state.prefilling:
+            self._prefill(state, share_prefill)
+        state.policy_version = getattr(state.kv, "weights_version", self.policy_version)
+        self._live.add(request_id)
         for spec in self.speculators.values():
             if params.learn:
                 spec.start_request(request_id, ids, tenant)
@@ -281,8 +294,12 @@ class Engine:
         """The KV is complete: keep the hidden state, offer the prefix to the prefix cache."""
         state.prefill_pos = state.prefill_len
         state.hidden_state = hidden
-        if self.prefix_cache is not None and state.params.learn:
+        if self.prefix_cache is not None and state.params.learn and self._on_current_weights(state):
             self.prefix_cache.insert(state.tenant, state.token_ids[:state.prefill_len], state.kv)
+
+    def _on_current_weights(self, state: RequestState) -> bool:
+        """Whether the request's KV was computed with the weights served now (prefix-cache entries must be)."""
+        return getattr(state.kv, "weights_version", 0) == self.policy_version
 
     def preempt(self, state: RequestState) -> None:
         """Free a live request's KV cache (memory ran short); it is not failed.
@@ -297,9 +314,121 @@ class Engine:
         if hasattr(kv, "release"):
             kv.release()
         state.kv = self.target.new_cache()
+        if hasattr(kv, "weights"):  # recomputed with the weights the request started on, never newer ones
+            state.kv.weights, state.kv.weights_version = kv.weights, kv.weights_version
         state.prefill_pos, state.prefill_len = 0, len(state.token_ids) - 1
+    def _prefill(self, state: RequestState, share_prefill: Optional[tuple[str, int]]) -> None:
+        """Feed the prompt but its last token (after any cached prefix); with ``share_prefill``, copy a group member's instead."""
+        key, size = share_prefill if share_prefill is not None else (None, 1)
+        shared = self._shared_prefills.get(key) if key is not None else None
+        if shared is not None and (shared.prompt_ids != state.prompt_ids
+                                   or shared.version != self.policy_version):
+            del self._shared_prefills[key]  # another prompt under the key, or stale weights
+            shared = None
+        if shared is not None:
+            state.kv = _copy_cache(shared.kv)
+            state.hidden_state = shared.hidden_state
+            state.prefill_pos = state.prefill_len
+            state.prefix_looked_up = True
+            shared.remaining -= 1
+            if shared.remaining <= 0:
+                del self._shared_prefills[key]
+            return
+        self._reuse_prefix(state)
+        out = self.target.forward(state.kv, state.prompt_ids[state.prefill_pos:-1], last_only=True)
+        self._prefilled(state, out.hidden[-1])
+        if key is not None and size > 1:
+            while len(self._shared_prefills) >= MAX_SHARED_PREFILLS:  # members that never came: oldest first
+                del self._shared_prefills[next(iter(self._shared_prefills))]
+            self._shared_prefills[key] = _SharedPrefill(list(state.prompt_ids), _copy_cache(state.kv),
+                                                        state.hidden_state, size - 1, self.policy_version)
+
+    def fork(self, state: RequestState, request_id: Optional[str] = None, seed: Optional[int] = None) -> RequestState:
+        """A new request that continues ``state``'s prompt from a copy of its KV cache (no prefill).
+
+        For a group of samples of one prompt (RL rollouts): ``state`` must not
+        have stepped yet. The fork has its own generator (``seed``, default
+        fresh entropy), runs on ``state``'s weights, and is registered with the
+        controller and every speculator like a started request.
+
+        Raises:
+            ValueError: ``state`` has already produced output or finished.
+        """
+        if state.output_ids or state.finished:
+            raise ValueError("fork a request before its first step")
+        request_id = request_id or f"req-{os.getpid()}-{next(_request_counter)}"
+        params = state.params if seed is None else dataclasses.replace(state.params, seed=seed)
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        constraint = None
+        if params.constrained:
+            constraint = RequestConstraint(params.grammar, self.tokenizer, self.target.vocab_size,
+                                           sorted(self.eos_token_ids), params.logit_bias,
+                                           params.presence_penalty, params.frequency_penalty)
+        child = RequestState(request_id=request_id, prompt_ids=list(state.prompt_ids), params=params,
+                             tenant=state.tenant, kv=_copy_cache(state.kv),
+                             generator=torch.Generator().manual_seed(seed), token_ids=list(state.token_ids),
+                             logprobs=[] if params.logprobs is not None else None, constraint=constraint,
+                             hidden_state=state.hidden_state, policy_version=state.policy_version)
+        for spec in self.speculators.values():
+            if params.learn:
+                spec.start_request(request_id, child.prompt_ids, child.tenant)
+            else:
+                spec.start_request_private(request_id, child.prompt_ids, child.tenant)
+        self.controller.start_request(request_id, child.prompt_ids, child.tenant)
+        self._live.add(request_id)
+        return child
+
+    # ----------------------------------------------------------- policy weights
+    @property
+    def policy_version(self) -> int:
+        """The target's weights version: 0 as loaded, +1 per :meth:`update_weights`."""
+        from adaspec.weights import policy_version
+
+        return policy_version(self.target)
+
+    @property
+    def num_live_requests(self) -> int:
+        return len(self._live)
+
+    def update_weights(self, source, calibration: str = "initial") -> int:
+        """Load new policy weights into the running target (RL); returns the new version.
+
+        :func:`adaspec.weights.prepare_weights` then :meth:`apply_weights`.
+        Requests started before keep the weights they started on (lean core).
+
+        Args:
+            source: a safetensors file or folder, or a state dict (transformers names).
+            calibration: int8: "initial" (the initial policy's activation statistics) or "recalibrate".
+
+        Raises:
+            ValueError: bad source or tensors (nothing changes then).
+            RuntimeError: transformers runtime with live requests.
+        """
+        from adaspec.weights import prepare_weights
+
+        return self.apply_weights(prepare_weights(self.target, source, calibration))
+
+    def apply_weights(self, prepared) -> int:
+        """Serve :func:`adaspec.weights.prepare_weights`' result and tell the controller and
+        every speculator (``on_policy_update``); call between steps. Returns the new version."""
+        from adaspec.weights import apply_weights
+
+        version = apply_weights(self.target, prepared, live_requests=len(self._live))
+        self.notify_policy_update(version)
+        return version
+
+    def notify_policy_update(self, version: int) -> None:
+        """Tell the controller and every speculator that the target's weights changed
+        (:meth:`apply_weights` does; call it on other engines sharing the target)."""
+        self._shared_prefills.clear()
+        if self.prefix_cache is not None:  # cached prefixes hold the old weights' KV
+            self.prefix_cache.evict_all()
+        self.controller.on_policy_update(version)
+        for spec in self.speculators.values():  # the controller's own included
+            spec.on_policy_update(version)
 
     def _release(self, state: RequestState) -> None:
+        self._live.discard(state.request_id)
         for spec in self.speculators.values():
             spec.stop_request(state.request_id)
         self.controller.stop_request(state.request_id)
@@ -843,6 +972,30 @@ class Engine:
         piece = text[state.streamed_text_len : safe] if safe > state.streamed_text_len else ""
         state.streamed_text_len = max(state.streamed_text_len, safe)
         return StreamDelta(text=piece, token_ids=new_ids, logprobs=lps)
+
+
+@dataclass
+class _SharedPrefill:
+    """A group's prefilled prompt, kept for the members still to start."""
+
+    prompt_ids: list[int]
+    kv: KVCache
+    hidden_state: Optional[torch.Tensor]
+    remaining: int
+    version: int
+
+
+# Most group prefills kept at once (members that never start must not pin KV blocks forever).
+MAX_SHARED_PREFILLS = 16
+
+
+def _copy_cache(kv: KVCache) -> KVCache:
+    """An independent copy of a request's KV cache (lean: copied blocks on the same weights)."""
+    if hasattr(kv, "copy") and hasattr(kv, "pool"):
+        return kv.copy()
+    import copy
+
+    return KVCache(cache=copy.deepcopy(kv.cache), length=kv.length)
 
 
 def _sanitize(proposal: DraftProposal, lookahead: int, vocab_size: int) -> DraftProposal:

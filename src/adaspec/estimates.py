@@ -236,6 +236,11 @@ class _Beta:
         self.accepted = self.accepted * decay + (1.0 if accepted else 0.0)
         self.rejected = self.rejected * decay + (0.0 if accepted else 1.0)
 
+    def shrink(self, keep: float) -> None:
+        """Keep ``keep`` of the evidence (both counts scaled: the mean is unchanged)."""
+        self.accepted *= keep
+        self.rejected *= keep
+
 
 class AcceptanceEstimator:
     """Online, decayed acceptance estimates for one speculator and tenant.
@@ -288,6 +293,18 @@ class AcceptanceEstimator:
             self.position[min(position, len(self.position) - 1)].update(accepted, self.decay)
         if confidence is not None:
             self.calibration[self._bucket(confidence)].update(accepted, self.decay)
+
+    def shrink(self, keep: float) -> None:
+        """Scale every estimate's evidence by ``keep`` in (0, 1] (means unchanged, later observations
+        weigh more): after the target's weights changed.
+
+        Raises:
+            ValueError: ``keep`` outside (0, 1].
+        """
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"keep must be in (0, 1], got {keep}")
+        for b in self.position + self.calibration:
+            b.shrink(keep)
 
     def observe(self, num_judged: int, num_accepted: int, confidences: Optional[Sequence[float]]) -> None:
         """Record a draft whose first ``num_judged`` positions were judged, ``num_accepted`` accepted.

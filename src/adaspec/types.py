@@ -390,6 +390,10 @@ class StepResult:
         return len(self.token_ids)
 
 
+# Most samples of one prompt in one call (OpenAI's ``n``; an RL group's G).
+MAX_N = 64
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling and stopping settings.

@@ -129,6 +129,7 @@ class LeanDecoder:
         self.max_positions = max_positions
         self.dtype = dtype
         self.pool = pool
+        self.weights_version = 0  # +1 per swap_weights
 
     # ------------------------------------------------------------------ building
 
@@ -201,7 +202,48 @@ class LeanDecoder:
     # ------------------------------------------------------------------ caches
 
     def new_cache(self) -> LeanKVCache:
-        return LeanKVCache(pool=self.pool)
+        """An empty cache pinned to the current weights (see :meth:`swap_weights`)."""
+        return LeanKVCache(pool=self.pool, weights=self._km, weights_version=self.weights_version)
+
+    def _weights_of(self, cache: LeanKVCache):
+        return self._km if cache.weights is None else cache.weights
+
+    # ------------------------------------------------------------------ new weights
+
+    def prepare_weights(self, model: nn.Module):
+        """The kernel's copy of ``model``'s weights (same architecture, quantized alike), not yet served.
+
+        Raises:
+            ValueError: ``model`` has another shape or quantization than the served one.
+        """
+        block = self.pool.block_size
+        other = LeanDecoder.from_hf(model, self.max_positions, pool_tokens=block, block_size=block)
+        shape = (other.num_layers, other.hidden_size, other.num_heads, other.num_kv_heads, other.head_dim,
+                 other.vocab_size)
+        served = (self.num_layers, self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
+                  self.vocab_size)
+        if shape != served:
+            raise ValueError(f"new weights have (layers, hidden, heads, kv heads, head dim, vocab) {shape}; the "
+                             f"served model has {served}")
+        if other.dtype != self.dtype:
+            raise ValueError(f"new weights are {other.dtype}; the served model is {self.dtype}")
+        return other._km
+
+    def swap_weights(self, prepared) -> int:
+        """Serve :meth:`prepare_weights`' result from now on; returns the new weights version.
+
+        Caches created from now on (:meth:`new_cache`) run on the new weights;
+        a cache created before keeps the weights it was created with until it is
+        dropped, so no request runs on a mix of old and new weights (its KV
+        entries were computed by the old ones). The KV pool is kept.
+        """
+        self._km = prepared
+        self.weights_version += 1
+        return self.weights_version
+
+    def load_weights(self, model: nn.Module) -> int:
+        """:meth:`prepare_weights` then :meth:`swap_weights`."""
+        return self.swap_weights(self.prepare_weights(model))
 
     # ------------------------------------------------------------------ forwards
 
@@ -228,6 +270,9 @@ class LeanDecoder:
             return []
         if len({id(r.cache) for r in requests}) != len(requests):
             raise ValueError("each request of a batch needs its own cache")
+        kms = {id(self._weights_of(r.cache)): self._weights_of(r.cache) for r in requests}
+        if len(kms) > 1:  # caches pinned to different weights versions: one forward per version
+            return self._forward_by_weights(requests, logits)
         ids, positions, rows, prefix, vis_ptr, vis_idx, logit_rows = [], [], [0], [], [0], [], []
         for r in requests:
             T = len(r.token_ids)
@@ -252,14 +297,27 @@ class LeanDecoder:
         for q, r in enumerate(requests):
             table[q, :len(r.cache.blocks)] = torch.tensor(r.cache.blocks, dtype=torch.int64)
         t = lambda xs: torch.tensor(xs, dtype=torch.int64)  # noqa: E731
-        out_logits, hidden = self._km.forward(t(ids), t(positions), t(rows), t(prefix), table, t(vis_ptr), t(vis_idx),
-                                              self.pool.keys, self.pool.values, t(logit_rows), logits)
+        km = next(iter(kms.values()))
+        out_logits, hidden = km.forward(t(ids), t(positions), t(rows), t(prefix), table, t(vis_ptr), t(vis_idx),
+                                        self.pool.keys, self.pool.values, t(logit_rows), logits)
         results, at = [], 0
         for r in requests:
             n = 1 if r.last_only else len(r.token_ids)
             results.append((out_logits[at:at + n], hidden[at:at + n]))
             r.cache.length += len(r.token_ids)
             at += n
+        return results
+
+    def _forward_by_weights(self, requests: Sequence[BatchRequest],
+                            logits: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`forward_batch` split by the weights each cache is pinned to (results in request order)."""
+        groups: dict[int, list[int]] = {}
+        for q, r in enumerate(requests):
+            groups.setdefault(id(self._weights_of(r.cache)), []).append(q)
+        results: list = [None] * len(requests)
+        for members in groups.values():
+            for q, res in zip(members, self.forward_batch([requests[q] for q in members], logits)):
+                results[q] = res
         return results
 
     def forward(self, cache: LeanKVCache, token_ids: Sequence[int], last_only: bool = False,

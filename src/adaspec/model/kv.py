@@ -20,6 +20,7 @@ requests actually use.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -70,6 +71,27 @@ class LeanKVCache:
     pool: BlockPool
     length: int = 0
     blocks: list[int] = field(default_factory=list)
+    # The decoder weights this cache's entries were computed with (LeanDecoder.swap_weights
+    # swaps the current ones; a cache keeps its own until dropped). None: the decoder's current.
+    weights: Any = field(default=None, repr=False, compare=False)
+    weights_version: int = 0
+
+    def copy(self) -> "LeanKVCache":
+        """A new cache with its own blocks holding a copy of positions ``[0, length)``, same weights.
+
+        Raises:
+            PoolExhausted: not enough free blocks (nothing is allocated then).
+        """
+        other = LeanKVCache(pool=self.pool, weights=self.weights, weights_version=self.weights_version)
+        other.reserve(self.length)
+        n = -(-self.length // self.pool.block_size)
+        if n:
+            src = torch.tensor(self.blocks[:n], dtype=torch.int64)
+            dst = torch.tensor(other.blocks[:n], dtype=torch.int64)
+            self.pool.keys[:, dst] = self.pool.keys[:, src]  # whole blocks: slots past length are never read
+            self.pool.values[:, dst] = self.pool.values[:, src]
+        other.length = self.length
+        return other
 
     def reserve(self, length: int) -> None:
         """Make sure slots ``[0, length)`` have blocks.

@@ -32,6 +32,8 @@ shutting down.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -78,7 +80,7 @@ from adaspec.server.schemas import (
 )
 from adaspec.server.tools import ToolStreamParser, parse_tool_calls, render_messages, tools_listed
 from adaspec import constraints
-from adaspec.types import DEFAULT_TENANT, SamplingParams, is_greedy
+from adaspec.types import DEFAULT_TENANT, MAX_N, SamplingParams, is_greedy
 from adaspec.server.snapshots import (
     DEFAULT_SNAPSHOT_INTERVAL_S,
     DEFAULT_SNAPSHOT_TOKENS,
@@ -245,7 +247,8 @@ def _install_routes(app: FastAPI, ctx: ServerState) -> None:
         """Liveness and load."""
         s = ctx.scheduler
         return {"status": "ok", "model": ctx.served_model_name,
-                "active_requests": s.active_count if s else 0, "queue_depth": s.queue_depth if s else 0}
+                "active_requests": s.active_count if s else 0, "queue_depth": s.queue_depth if s else 0,
+                "policy_version": getattr(ctx.engine, "policy_version", 0)}
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
@@ -271,6 +274,9 @@ def _install_routes(app: FastAPI, ctx: ServerState) -> None:
         params = _sampling_params(req, ctx, max_tokens, logprobs=req.logprobs)
         job = Job(request_id=f"cmpl-{uuid.uuid4().hex}", params=params, prompt=prompt, tenant=tenant,
                   stream=req.stream, timeout_s=ctx.request_timeout_s, endpoint="completions")
+        n = _num_choices(req)
+        if n > 1:
+            return await _run_n(request, ctx, _fan_out(job, n), req, lambda j: _CompletionFormat(ctx, j, req))
         return await _run(request, ctx, job, req, _CompletionFormat(ctx, job, req))
 
     @app.post("/v1/chat/completions", openapi_extra=_request_body("ChatCompletionRequest"))
@@ -312,6 +318,9 @@ def _install_routes(app: FastAPI, ctx: ServerState) -> None:
             messages = render_messages(messages, None)
         job = Job(request_id=f"chatcmpl-{uuid.uuid4().hex}", params=params, messages=messages, tenant=tenant,
                   stream=req.stream, timeout_s=ctx.request_timeout_s, endpoint="chat")
+        n = _num_choices(req)
+        if n > 1:
+            return await _run_n(request, ctx, _fan_out(job, n), req, lambda j: _ChatFormat(ctx, j, req, tool_names))
         return await _run(request, ctx, job, req, _ChatFormat(ctx, job, req, tool_names))
 
     @app.delete("/admin/tenants/{tenant}/state")
@@ -328,6 +337,18 @@ def _install_routes(app: FastAPI, ctx: ServerState) -> None:
         if ctx.snapshots is not None:  # the files on disk lose the tenant now, not at the next interval
             written = await anyio.to_thread.run_sync(ctx.snapshots.snapshot)
         return {"tenant": tenant, "deleted": True, "forgotten_records": forgotten, "snapshot_written": written}
+
+    @app.post("/admin/weights")
+    async def update_weights(request: Request) -> dict[str, Any]:
+        """Load new policy weights into the running target (admin key; RL trainers).
+
+        Body: JSON ``{"path": FILE_OR_FOLDER, "calibration": "initial"|"recalibrate"}``
+        (a safetensors file or folder readable by the server), or the
+        safetensors bytes themselves with ``Content-Type: application/octet-stream``.
+        Requests running keep the weights they started on; later ones get the new.
+        """
+        _check_admin(request, ctx)
+        return await _update_weights(request, ctx)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -430,6 +451,193 @@ def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
+# ---------------------------------------------------------------- n choices, weight updates
+def _num_choices(req: Any) -> int:
+    """``n`` as an int in 1..MAX_N (None: 1); anything else is a 400 naming ``n``."""
+    n = req.n
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise ApiError(400, f"n must be an integer, got {_short_repr(n)}", param="n", code="invalid_value")
+    if not 1 <= n <= MAX_N:
+        raise ApiError(400, f"n must be in [1, {MAX_N}], got {n}", param="n", code="invalid_value")
+    return n
+
+
+def _short_repr(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _fan_out(job: Job, n: int) -> list[Job]:
+    """``n`` jobs for one request's ``n`` choices: one prefill shared, choice i seeded ``seed + i``."""
+    jobs = []
+    for i in range(n):
+        params = job.params if job.params.seed is None else dataclasses.replace(job.params, seed=job.params.seed + i)
+        jobs.append(dataclasses.replace(job, request_id=f"{job.request_id}-{i}", params=params,
+                                        share_prefill=(job.request_id, n), group_id=job.request_id,
+                                        events=None, loop=None, cancelled=threading.Event()))
+    return jobs
+
+
+async def _run_n(request: Request, ctx: ServerState, jobs: list[Job], req: Any,
+                 make_format: Callable[[Job], "_Format"]) -> Response:
+    """:func:`_run` for the ``n`` jobs of one request: choices by index, usage summed once."""
+    scheduler = ctx.scheduler
+    submitted: list[Job] = []
+    try:
+        for job in jobs:
+            job.bind()
+            scheduler.submit(job)
+            submitted.append(job)
+    except QueueFull:
+        for job in submitted:
+            scheduler.cancel(job)
+        raise ApiError(429, f"the server is busy: {len(jobs)} choices do not fit the queue ({scheduler.max_queue} "
+                       "waiting at most); retry later or lower n", type="rate_limit_error", code="queue_full",
+                       headers={"Retry-After": str(RETRY_AFTER_S)})
+    except ShuttingDown:
+        for job in submitted:
+            scheduler.cancel(job)
+        raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
+    fmts = [make_format(job) for job in jobs]
+    try:
+        prompt_tokens = 0
+        for job in jobs:
+            prompt_tokens = (await _wait(request, ctx, job, Started)).prompt_tokens
+        if req.stream:
+            return StreamingResponse(_sse_n(ctx, jobs, fmts, req, prompt_tokens), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        finals = [await _wait(request, ctx, job, Chunk) for job in jobs]
+    except _ClientGone:
+        for job in jobs:
+            scheduler.cancel(job)
+        return Response(status_code=499)
+    except BaseException:
+        for job in jobs:
+            scheduler.cancel(job)
+        raise
+    bodies = [fmt.full(final, prompt_tokens) for fmt, final in zip(fmts, finals)]
+    body = bodies[0]
+    body["choices"] = [_reindex_choice(b["choices"][0], i) for i, b in enumerate(bodies)]
+    completion = sum(b["usage"]["completion_tokens"] for b in bodies)
+    body["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                     "total_tokens": prompt_tokens + completion}
+    body["adaspec"] = {**bodies[0]["adaspec"], "choices": [b["adaspec"] for b in bodies]}
+    return JSONResponse(body)
+
+
+def _reindex_choice(choice: dict[str, Any], index: int) -> dict[str, Any]:
+    choice["index"] = index
+    return choice
+
+
+async def _sse_n(ctx: ServerState, jobs: list[Job], fmts: list["_Format"], req: Any,
+                 prompt_tokens: int) -> AsyncIterator[str]:
+    """Server-sent events of ``n`` jobs merged as they come: each chunk's choice carries its index,
+    one usage chunk (summed) at the end when asked for, one ``[DONE]``."""
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, job: Job) -> None:
+        while True:
+            ev = await job.events.get()
+            await merged.put((i, ev))
+            if isinstance(ev, Failed) or (isinstance(ev, Chunk) and ev.finish_reason is not None):
+                return
+
+    tasks = [asyncio.ensure_future(pump(i, job)) for i, job in enumerate(jobs)]
+    try:
+        for i, fmt in enumerate(fmts):
+            for payload in fmt.stream_start():
+                payload["choices"] = [_reindex_choice(c, i) for c in payload["choices"]]
+                yield _event(payload)
+        finished, completion, last_adaspec = 0, 0, None
+        while finished < len(jobs):
+            i, ev = await merged.get()
+            if isinstance(ev, Failed):
+                err = ev.error if isinstance(ev.error, ApiError) else ApiError(
+                    500, f"internal error: {type(ev.error).__name__}", type="server_error", code="internal_error")
+                yield _event(err.body())
+                break
+            if not isinstance(ev, Chunk):
+                continue
+            for payload in fmts[i].stream_chunk(ev, prompt_tokens):
+                if not payload["choices"] and "usage" in payload:  # the per-job usage chunk: summed below
+                    completion += payload["usage"]["completion_tokens"]
+                    last_adaspec = payload.get("adaspec")
+                    continue
+                payload["choices"] = [_reindex_choice(c, i) for c in payload["choices"]]
+                yield _event(payload)
+            if ev.finish_reason is not None:
+                finished += 1
+        else:
+            if req.include_usage:
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                         "total_tokens": prompt_tokens + completion}
+                yield _event({**fmts[0]._head(fmts[0].object_chunk), "choices": [], "usage": usage,
+                              "adaspec": last_adaspec})
+        yield "data: [DONE]\n\n"
+    finally:
+        for t in tasks:
+            t.cancel()
+        for job in jobs:
+            ctx.scheduler.cancel(job)
+
+
+async def _update_weights(request: Request, ctx: ServerState) -> dict[str, Any]:
+    """``POST /admin/weights``: prepare the new weights off the worker, swap them between steps."""
+    from adaspec.weights import CALIBRATIONS, prepare_weights
+
+    engine = ctx.engine
+    raw = await request.body()
+    calibration = "initial"
+    if (request.headers.get("content-type") or "").split(";")[0].strip() == "application/octet-stream":
+        try:
+            from safetensors.torch import load as load_safetensors
+
+            source: Any = load_safetensors(raw)
+        except Exception as e:
+            raise ApiError(400, f"the body is not a safetensors file: {e}", param="body", code="invalid_weights")
+        calibration = request.query_params.get("calibration", "initial")
+    else:
+        body = _parse_json_object(raw)
+        unknown = sorted(set(body) - {"path", "calibration"})
+        if unknown:
+            raise ApiError(400, f"unknown field {unknown[0]!r} (expected path, calibration)", param=unknown[0])
+        source = body.get("path")
+        calibration = body.get("calibration", "initial")
+        if not isinstance(source, str) or not source:
+            raise ApiError(400, "path must be a safetensors file or folder on the server", param="path")
+    if calibration not in CALIBRATIONS:
+        raise ApiError(400, f"calibration must be one of {list(CALIBRATIONS)}, got {_short_repr(calibration)}",
+                       param="calibration", code="invalid_value")
+    lock = ctx.__dict__.setdefault("weights_lock", asyncio.Lock())  # one update at a time
+    async with lock:
+        try:
+            prepared = await anyio.to_thread.run_sync(prepare_weights, engine.target, source, calibration)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="path", code="invalid_weights")
+        try:
+            version = await anyio.to_thread.run_sync(
+                lambda: ctx.scheduler.run_between_steps(lambda: engine.apply_weights(prepared)).result(300.0))
+        except RuntimeError as e:  # the transformers runtime with requests running
+            raise ApiError(409, str(e), type="invalid_request_error", code="requests_running")
+    return {"policy_version": version, "tensors": prepared.num_tensors, "calibration": calibration,
+            "dtype": engine.target.dtype}
+
+
+def _parse_json_object(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        raise ApiError(400, "the request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json")
+    if not isinstance(obj, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    return obj
+
+
 # ---------------------------------------------------------------- response shapes
 class _Format:
     """Builds one endpoint's response bodies and stream chunks."""
@@ -444,7 +652,7 @@ class _Format:
         self.created = int(time.time())
 
     def _head(self, obj: str) -> dict[str, Any]:
-        return {"id": self.job.request_id, "object": obj, "created": self.created,
+        return {"id": self.job.group_id or self.job.request_id, "object": obj, "created": self.created,
                 "model": self.ctx.served_model_name}
 
     def _usage(self, final: Chunk, prompt_tokens: int) -> dict[str, int]:
@@ -632,6 +840,7 @@ def _parse(raw: bytes, model: type[BaseModel]) -> Any:
 
 def _check_common(req: Any, ctx: ServerState) -> None:
     _check_model(req.model, ctx, param="model")
+    _num_choices(req)
     bad = req.unsupported()
     if bad:
         names = ", ".join(name for name, _ in bad)

@@ -122,6 +122,8 @@ class Job:
         stream: push a chunk after every step (else only the final one).
         timeout_s: wall-clock limit from submit; None for no limit.
         endpoint: "completions" or "chat" (metrics label).
+        share_prefill: ``(group key, group size)`` of the ``n`` jobs of one request:
+            they share one prefill (``Engine.start(share_prefill=...)``).
     """
 
     request_id: str
@@ -132,6 +134,8 @@ class Job:
     stream: bool = False
     timeout_s: Optional[float] = None
     endpoint: str = "completions"
+    share_prefill: Optional[tuple[str, int]] = None
+    group_id: Optional[str] = None  # the request's id when this job is one of its n choices
     events: Optional[asyncio.Queue] = None
     loop: Optional[asyncio.AbstractEventLoop] = None
     submitted_s: float = field(default_factory=time.perf_counter)
@@ -362,7 +366,10 @@ class Scheduler:
                 ids = self.engine.apply_chat_template(job.messages)
             else:
                 ids = self.engine.encode_prompt(job.prompt)
-            if self.batching:  # prefilled in chunks by the batched steps
+            if job.share_prefill:  # the n samples of one prompt: one prefill now, copied to the others
+                job.state = self.engine.start(ids, job.params, tenant=job.tenant, request_id=job.request_id,
+                                              share_prefill=job.share_prefill)
+            elif self.batching:  # prefilled in chunks by the batched steps
                 job.state = self.engine.start(ids, job.params, tenant=job.tenant, request_id=job.request_id,
                                               prefill=False)
             else:

@@ -164,7 +164,6 @@ class ChatMessage(_Strict):
 # name -> (the only accepted values, reason shown in the 400). Values compare with ==.
 _Table = dict[str, tuple[tuple[Any, ...], str]]
 _UNSUPPORTED_COMMON: _Table = {
-    "n": ((None, 1), "only n=1 is supported"),
     "repetition_penalty": ((None, 1, 1.0), "repetition_penalty is not supported (presence_penalty and "
                            "frequency_penalty are)"),
     "min_tokens": ((None, 0), "min_tokens is not supported"),
@@ -229,8 +228,9 @@ class _RequestBase(_Strict):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]]] = None
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    # Known OpenAI parameters accepted only at their no-op value (see unsupported()).
+    # Choices per request, 1..MAX_N (checked by the server: see app._num_choices).
     n: Optional[Any] = None
+    # Known OpenAI parameters accepted only at their no-op value (see unsupported()).
     repetition_penalty: Optional[Any] = None
     min_tokens: Optional[Any] = None
     service_tier: Optional[Any] = None

@@ -169,6 +169,14 @@ class Speculator:
     def stop_request(self, request_id: str) -> None:
         """The request finished or was cancelled; release its per-request state."""
 
+    def on_policy_update(self, version: int) -> None:
+        """The target's weights changed (an RL policy update; ``version`` counts them from 0 at load).
+
+        What was learned from older versions' outputs predicts the new policy
+        less well: a speculator that learns from traffic weights it down.
+        Default: nothing to do.
+        """
+
     # Governance of learned state. Defaults suit speculators that learn nothing from
     # request text (n-gram over the request itself, draft heads, draft models); a
     # speculator that keeps text across requests overrides all three.

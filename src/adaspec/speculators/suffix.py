@@ -69,6 +69,8 @@ from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext, TokenTr
 __all__ = ["SuffixSpeculator", "SuffixTrie", "Match", "StoredSequence", "MAX_TOKEN_ID", "STATE_FORMAT",
            "STATE_VERSION"]
 
+# Most continuations a sampled draft token is drawn from (the most frequent ones; renormalised).
+SAMPLED_CONTINUATIONS = 64
 STATE_FORMAT = "adaspec.suffix"
 STATE_VERSION = 1
 
@@ -90,11 +92,14 @@ class _Corpus:
         self.learned_unix: dict[int, float] = {}  # sequence key -> when last written (retention)
         self._next_key = 0
         self.live = 0  # live requests feeding this corpus
+        self.policy_version = 0  # the target's weights version new sequences are learned under
+        self.versions: dict[int, int] = {}  # sequence key -> policy version it was learned under
 
     def add(self, tokens: Sequence[int], live: bool) -> StoredSequence:
         seq = StoredSequence(self._next_key)
         self._next_key += 1
         self.seqs[seq.key] = seq
+        self.versions[seq.key] = self.policy_version
         for t in tokens:
             self.append(seq, t)
             if seq.removed:
@@ -145,6 +150,8 @@ class _Draft:
     confidence: list[float]
     expected_accepted: float  # sum of cumulative confidences
     match_length: int
+    # Sampled drafts: per token, the (token ids, frequencies) it was drawn from; None: the walk took the mode.
+    rows: Optional[list[tuple[list[int], list[float]]]] = None
 
 
 class SuffixSpeculator(Speculator):
@@ -193,6 +200,19 @@ class SuffixSpeculator(Speculator):
             requests is evicted beyond it. Default 64.
         enable_shared: keep a shared structure fed by ``shareable`` requests.
             Default True.
+        policy_memory: after a policy update (:meth:`on_policy_update`), keep what
+            the newest this-many target weights versions wrote. Default 3.
+        sample_drafts: for sampled requests, draw each draft token from the
+            observed continuation frequencies (``count(child) / cont(node)``)
+            and return them as ``draft_probs``, instead of taking the most
+            frequent one. Rejection sampling then accepts
+            ``sum_x min(target(x), freq(x))`` per token instead of
+            ``target(mode)``: more where the stored continuations (an RL
+            group's other samples) follow the target's distribution. Needs
+            ``vocab_size``. Seeded requests draw with the coupled verifier's
+            noise. Default False (deterministic drafts).
+        vocab_size: the target's vocabulary size V (width of ``draft_probs``).
+        seed: the generator of unseeded requests' sampled drafts.
 
     Raises:
         ValueError: on an out-of-range setting.
@@ -213,6 +233,10 @@ class SuffixSpeculator(Speculator):
         max_request_nodes: int = 131072,
         max_tenants: int = 64,
         enable_shared: bool = True,
+        policy_memory: int = 3,
+        sample_drafts: bool = False,
+        vocab_size: Optional[int] = None,
+        seed: int = 0,
     ) -> None:
         if max_depth < 2:
             raise ValueError(f"max_depth must be >= 2, got {max_depth}")
@@ -243,6 +267,18 @@ class SuffixSpeculator(Speculator):
         self.max_request_nodes = max_request_nodes
         self.max_tenants = max_tenants
         self.enable_shared = enable_shared
+        if not isinstance(policy_memory, int) or policy_memory < 1:
+            raise ValueError(f"policy_memory must be an integer >= 1, got {policy_memory!r}")
+        self.policy_memory = policy_memory
+        self.policy_version = 0
+        if sample_drafts and not (isinstance(vocab_size, int) and vocab_size > 0):
+            raise ValueError("sample_drafts needs the target's vocab_size")
+        self.sample_drafts = sample_drafts
+        self.vocab_size = vocab_size
+        self.provides_draft_probs = sample_drafts
+        import torch
+
+        self._draft_gen = torch.Generator().manual_seed(seed)
         self._tenants: "OrderedDict[str, _Corpus]" = OrderedDict()  # least recently used first
         self._shared = self._new_corpus()
         self._requests: dict[str, _Request] = {}
@@ -250,7 +286,9 @@ class SuffixSpeculator(Speculator):
         self._lock = threading.RLock()
 
     def _new_corpus(self) -> _Corpus:
-        return _Corpus(self.max_depth, self.max_tokens_per_tenant, self.max_nodes_per_tenant)
+        corpus = _Corpus(self.max_depth, self.max_tokens_per_tenant, self.max_nodes_per_tenant)
+        corpus.policy_version = getattr(self, "policy_version", 0)
+        return corpus
 
     def _tenant(self, tenant: str, create: bool) -> Optional[_Corpus]:
         corpus = self._tenants.get(tenant)
@@ -392,16 +430,43 @@ class SuffixSpeculator(Speculator):
         context = _after_invalid(_tail_ints(ctx.token_ids, self.max_match_len))
         tenant = ctx.tenant or DEFAULT_TENANT
         best: Optional[_Draft] = None
+        sample = self._sampler(ctx) if self.sample_drafts and not ctx.greedy else None
         with self._lock:
             tries = self._structures(ctx.request_id, tenant)
             for trie, seq in tries:
-                d = self._draft(trie, seq, context, max_draft_tokens)
+                d = self._draft(trie, seq, context, max_draft_tokens, sample)
                 # Ties go to the earlier structure: the request's own context first.
                 if d is not None and (best is None or d.expected_accepted > best.expected_accepted):
                     best = d
         if best is None:
             return DraftProposal(token_ids=[], confidence=[], speculator=self.name)
-        return DraftProposal(token_ids=best.token_ids, confidence=best.confidence, speculator=self.name)
+        probs = None
+        if best.rows is not None:
+            import torch
+
+            probs = torch.zeros(len(best.rows), self.vocab_size)  # [k, V]
+            for i, (toks, freqs) in enumerate(best.rows):
+                probs[i, toks] = torch.tensor(freqs)
+        return DraftProposal(token_ids=best.token_ids, confidence=best.confidence, speculator=self.name,
+                             draft_probs=probs)
+
+    def _sampler(self, ctx: ProposeContext):
+        """``pick(tokens, freqs, step) -> index``: a draw from the frequencies (coupled for a seeded request)."""
+        import torch
+
+        from adaspec.speculators.base import coupled_draft
+
+        def pick(tokens: list[int], freqs: list[float], step: int) -> int:
+            if len(tokens) == 1:
+                return 0
+            if ctx.seed is not None:
+                row = torch.zeros(self.vocab_size)
+                row[tokens] = torch.tensor(freqs)
+                tok = coupled_draft(row, ctx, step, self.vocab_size)
+                return tokens.index(tok)
+            return int(torch.multinomial(torch.tensor(freqs), 1, generator=self._draft_gen))
+
+        return pick
 
     def _structures(self, request_id: str, tenant: str) -> list[tuple[SuffixTrie, Optional[StoredSequence]]]:
         """The tries a draft may come from, the request's own context first, each with the
@@ -479,11 +544,15 @@ class SuffixSpeculator(Speculator):
         return tree
 
     def _draft(
-        self, trie: SuffixTrie, seq: Optional[StoredSequence], context: list[int], max_draft_tokens: int
+        self, trie: SuffixTrie, seq: Optional[StoredSequence], context: list[int], max_draft_tokens: int,
+        sample=None,
     ) -> Optional[_Draft]:
         """Greedy walk of the most frequent continuation after the longest match.
 
         ``seq`` is the request's own sequence in ``trie`` (None if not indexed there).
+        With ``sample`` (see :meth:`_sampler`) each token is drawn from the
+        continuation frequencies instead (the draft budget and the stopping rule
+        still follow the most frequent continuation's confidence).
         """
         usable, m = trie.live_match(seq, context, self.max_match_len) if seq is not None else (False, None)
         if not usable:
@@ -496,8 +565,24 @@ class SuffixSpeculator(Speculator):
         confidence: list[float] = []
         cumulative = 1.0
         expected = 0.0
+        rows: Optional[list[tuple[list[int], list[float]]]] = [] if sample is not None else None
         while len(draft) < budget:
-            step = trie.next_token(m)
+            if sample is not None:
+                conts = trie.continuations(m, SAMPLED_CONTINUATIONS)
+                if conts:
+                    total = sum(c for _, c, _ in conts)
+                    toks, freqs = [t for t, _, _ in conts], [c / total for _, c, _ in conts]
+                    j = sample(toks, freqs, len(draft))
+                    if cumulative * conts[0][1] < self.min_confidence:
+                        break
+                    cumulative *= conts[0][1]
+                    expected += cumulative
+                    draft.append(toks[j])
+                    confidence.append(freqs[j])
+                    rows.append((toks, freqs))
+                    m = conts[j][2]
+                    continue
+            step = trie.next_token(m) if sample is None else None
             if step is None:
                 # Only the depth limit (not the data) ended the walk: re-match on
                 # context + draft; the new match length caps what may follow.
@@ -519,7 +604,7 @@ class SuffixSpeculator(Speculator):
             confidence.append(conf)
         if not draft:
             return None
-        return _Draft(draft, confidence, expected, match_length)
+        return _Draft(draft, confidence, expected, match_length, rows)
 
     # -- state ---------------------------------------------------------------
 
@@ -589,6 +674,29 @@ class SuffixSpeculator(Speculator):
                 if tenant and not corpus.seqs and corpus.live == 0:
                     del self._tenants[tenant]
         return dropped
+
+    def on_policy_update(self, version: int) -> None:
+        """The target's weights changed: drop what older policies wrote.
+
+        Sequences learned under the newest ``policy_memory`` versions (this one
+        included) are kept; older finished ones are removed from the trie, so
+        the counts, and so the drafts and confidences, follow the recent
+        policies (an RL group's samples and the last rounds' samples of the
+        same prompt). Live requests' sequences are kept until they finish.
+        """
+        with self._lock:
+            self.policy_version = version
+            oldest = version - self.policy_memory + 1
+            for tenant, corpus in list(self._tenants.items()) + [("", self._shared)]:
+                corpus.policy_version = version
+                for key, seq in list(corpus.seqs.items()):
+                    if seq.closed and corpus.versions.get(key, version) < oldest:
+                        del corpus.seqs[key]
+                        if not seq.removed:
+                            corpus.trie.remove(seq)
+                for key in [k for k in corpus.versions if k not in corpus.seqs]:
+                    del corpus.versions[key]
+                    corpus.learned_unix.pop(key, None)
 
     def memory_stats(self) -> dict[str, Any]:
         """Stored tokens and trie records per tenant, for bounds checks and metrics."""
