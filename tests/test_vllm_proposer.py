@@ -165,3 +165,12 @@ def test_client_reports_a_missing_vllm_environment(tmp_path):
 
     with pytest.raises(VllmUnavailable, match="does not exist"):
         find_vllm_python(str(tmp_path / "nope"))
+
+
+def test_only_rank_zero_writes_snapshots(tmp_path):
+    cfg = SimpleNamespace(parallel_config=SimpleNamespace(rank=1))
+    prop = AdaspecSuffixProposer(cfg, state_dir=str(tmp_path), snapshot_interval_s=0)
+    arr, n = batch([[1, 2, 3, 4]])
+    prop.propose([[4]], n, arr)
+    prop.close()
+    assert prop.snapshots == 0 and not (tmp_path / "suffix.snap").exists()

@@ -37,7 +37,9 @@ bounds the loss. A request that sees no step for ``IDLE_STOP_S`` seconds is
 taken as finished (vLLM calls the hook every step while anything runs), so
 what an idle server learned last is in the next snapshot.
 ``ADASPEC_TENANT`` names the tenant whose state is used (vLLM passes no
-request metadata to the hook). Default "default".
+request metadata to the hook). Default "default". Under tensor parallelism
+each rank's worker runs an identical proposer; all load the snapshot and
+only rank 0 writes it.
 """
 
 from __future__ import annotations
@@ -141,6 +143,9 @@ class AdaspecSuffixProposer:
         if snapshot_interval_s < 0:
             raise ValueError(f"snapshot interval must be >= 0 seconds, got {snapshot_interval_s}")
         self.snapshot_interval_s = float(snapshot_interval_s)
+        # Under tensor parallelism every rank's worker runs its own, identical proposer:
+        # all of them load the snapshot, only rank 0 writes it.
+        self.rank = int(getattr(getattr(vllm_config, "parallel_config", None), "rank", 0) or 0)
         if state_dir:
             self._open_store(state_dir)
 
@@ -170,7 +175,7 @@ class AdaspecSuffixProposer:
             with nothing new, or when the write failed (logged; the previous
             snapshot stays).
         """
-        if self._store is None:
+        if self._store is None or self.rank != 0:
             return False
         with self._lock:
             if not force and self._learned == self._saved_mark:
