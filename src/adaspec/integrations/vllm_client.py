@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 
 VLLM_PYTHON_ENV = "ADASPEC_VLLM_PYTHON"
 VLLM_VENV = ".venv-vllm"
+DEFAULT_KV_GIB = "1"  # VLLM_CPU_KVCACHE_SPACE unless set
 START_TIMEOUT_S = 900.0  # model load (eager: ~1 min on 2 cores; with --compile several)
 
 
@@ -60,7 +61,7 @@ class VllmWorker:
         k: speculative tokens per step. Default 8.
         max_model_len: context window. Default 2048.
         max_num_seqs: vLLM's batch cap (0: vLLM's default).
-        num_kv_blocks: KV cache blocks (0: from ``VLLM_CPU_KVCACHE_SPACE``, 2 GiB here).
+        num_kv_blocks: KV cache blocks (0: from ``VLLM_CPU_KVCACHE_SPACE``; 1 GiB unless set).
         env: extra environment for the child (e.g. ``ADASPEC_STATE_DIR``).
         python: vLLM's Python (see :func:`find_vllm_python`).
         threads: ``OMP_NUM_THREADS`` for the child. Default 1.
@@ -76,8 +77,10 @@ class VllmWorker:
                  python: Optional[str] = None, threads: int = 1) -> None:
         py = find_vllm_python(python)
         src = str(Path(__file__).resolve().parents[2])  # this checkout's adaspec, whatever vLLM's env has
+        # 1 GiB of KV cache (~23k tokens of this model) per engine: a benchmark keeps several
+        # engines alive at once, and each costs ~1.5 GB besides (2 GiB each ran out of 24 GB).
         child_env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_KVCACHE_SPACE":
-                     os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), **(env or {})}
+                     os.environ.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KV_GIB), **(env or {})}
         child_env["PYTHONPATH"] = src + (os.pathsep + child_env["PYTHONPATH"] if child_env.get("PYTHONPATH") else "")
         cmd = [str(py), "-m", "adaspec.integrations.vllm_runner", "--model", str(model_dir), "--method", method,
                "--k", str(k), "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs),
@@ -111,7 +114,8 @@ class VllmWorker:
         """Send one request and wait for its reply.
 
         Raises:
-            VllmUnavailable: the engine died or did not answer in ``timeout_s``.
+            VllmUnavailable: the engine died or did not answer in ``timeout_s``
+                (the message ends with its last stderr lines).
             ValueError: the engine refused the request (its error message).
         """
         if self.proc.poll() is not None:
@@ -125,7 +129,10 @@ class VllmWorker:
             raise VllmUnavailable(f"vLLM ({self.method}) gave no reply in {timeout_s:.0f} s:\n"
                                   + "".join(self.stderr_tail))
         if not reply.get("ok"):
-            raise ValueError(reply.get("error", "vLLM refused the request"))
+            error = reply.get("error", "vLLM refused the request")
+            if "EngineDead" in error or self.proc.poll() is not None:  # the cause is in vLLM's log
+                raise VllmUnavailable(f"vLLM ({self.method}) failed: {error}\n" + "".join(self.stderr_tail))
+            raise ValueError(error)
         return reply
 
     def generate(self, prompts: Sequence[Sequence[int]], max_tokens: int | Sequence[int] = 64,

@@ -164,7 +164,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--num-kv-blocks", type=int, default=0, help="KV blocks (0: sized from VLLM_CPU_KVCACHE_SPACE)")
     p.add_argument("--compile", action="store_true", help="let vLLM torch.compile the model (minutes at start)")
     args = p.parse_args(argv)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; as vllm_client.DEFAULT_KV_GIB
     # Replies get the real stdout; everything vLLM prints goes to stderr.
     reply_fd = os.dup(1)
     os.dup2(2, 1)
