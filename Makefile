@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test browser peers clean
+.PHONY: setup model demo test browser peers vllm clean
 
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -41,5 +41,19 @@ peers: setup
 	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
 		$(PY) -m pip install -q --no-binary llama-cpp-python "$(LLAMA_CPP_PYTHON)"
 
+# Optional peer: vLLM's CPU build in its own environment (it pins torch 2.13.0+cpu and
+# transformers < 5.20, below adaspec's pins), with adaspec installed into it without its
+# pins, so `vllm serve` can load adaspec's proposers and the in-vLLM tests
+# (tests/test_vllm_inside.py) and `bench drift`'s vllm-* systems can run it. About 3 GB.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+$(VLLM_STAMP): requirements-vllm.lock pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -r requirements-vllm.lock
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import types
 
 import pytest
 
@@ -243,33 +241,46 @@ def test_learning_systems_are_built_empty(tiny_target):
     assert sa.memory_stats() == sb.memory_stats()
 
 
-def test_vllm_systems_glue_with_a_stand_in(tiny_target, monkeypatch):
-    """vLLM is optional; check the glue against a stand-in module with vLLM's offline API."""
+def test_vllm_systems_glue_with_a_stand_in(tiny_target, monkeypatch, tmp_path):
+    """vLLM runs in its own environment; check the glue against a stand-in worker (tests/test_vllm_inside.py runs the real one)."""
+    from adaspec.integrations import vllm_client
+
     made = []
 
-    class LLM:
-        def __init__(self, model, **kw):
-            made.append(kw)
+    class Worker:
+        def __init__(self, model_dir, method, k, max_model_len, threads):
+            made.append((method, k))
 
-        def generate(self, prompts, params, use_tqdm=True):
-            n = params.max_tokens
-            out = types.SimpleNamespace(token_ids=list(prompts[0]["prompt_token_ids"][:n]))
-            return [types.SimpleNamespace(outputs=[out])]
+        def generate(self, prompts, max_tokens, temperature, seed):
+            return {"outputs": [{"token_ids": list(prompts[0][:max_tokens])}], "seconds": 0.25}
 
-    class SamplingParams:
-        def __init__(self, max_tokens, temperature, seed):
-            self.max_tokens = max_tokens
+        def close(self):
+            pass
 
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
-    built = build_systems(tiny_target, ["vllm-plain", "vllm-ngram"], SystemOptions(prompt_lookup_tokens=5))
-    assert [s.name for s in built] == ["vllm-plain", "vllm-ngram"]
-    assert "speculative_config" not in made[0]
-    assert made[1]["speculative_config"]["method"] == "ngram"
-    assert made[1]["speculative_config"]["num_speculative_tokens"] == 5
+    fake_python = tmp_path / "python"
+    fake_python.touch()
+    monkeypatch.setenv(vllm_client.VLLM_PYTHON_ENV, str(fake_python))
+    monkeypatch.setattr(vllm_client, "VllmWorker", Worker)
+    import adaspec.models
+
+    monkeypatch.setattr(adaspec.models, "resolve_model", lambda name: tmp_path)
+    built = build_systems(tiny_target, ["vllm-plain", "vllm-ngram", "vllm-adaspec-suffix"],
+                          SystemOptions(prompt_lookup_tokens=5, lookahead=7))
+    assert [s.name for s in built] == ["vllm-plain", "vllm-ngram", "vllm-adaspec-suffix"]
+    assert made == [("plain", 7), ("ngram", 5), ("adaspec-suffix", 7)]
     from adaspec.types import SamplingParams as Params
 
     out = built[0].run([5, 6, 7, 8], Params(max_tokens=2))
-    assert out.token_ids == [5, 6] and out.stats is None
+    assert out.token_ids == [5, 6] and out.stats is None and out.seconds == 0.25
+
+
+def test_vllm_systems_skip_without_vllms_environment(tiny_target, monkeypatch, tmp_path):
+    from adaspec.integrations import vllm_client
+
+    monkeypatch.setenv(vllm_client.VLLM_PYTHON_ENV, str(tmp_path / "missing" / "python"))
+    messages: list[str] = []
+    assert build_systems(tiny_target, ["vllm-plain"], log=messages.append) == []
+    assert messages and "does not exist" in messages[0]
 
 
 # --------------------------------------------------------------- summary arithmetic

@@ -28,9 +28,13 @@ Systems are a registry of factories ``factory(target, options) -> BenchSystem``
   the default list;
 - ``nothing`` / ``random`` / ``atlas-random``: speed-floor systems that never
   pay (FAULT_CASES.md F15; see ``_floor_factory``), not in the default list;
-- ``vllm-plain`` / ``vllm-ngram`` / ``vllm-suffix``: vLLM's offline ``LLM`` on
-  the same model folder, listed only when ``vllm`` (and for suffix
-  ``arctic_inference``) imports; otherwise skipped with the reason printed.
+- ``vllm-plain`` / ``vllm-ngram`` / ``vllm-suffix`` / ``vllm-adaspec-suffix`` /
+  ``vllm-adaspec-atlas``: vLLM's CPU engine (float32) on the same model folder,
+  plain, with its own n-gram and suffix methods, and with adaspec's suffix and
+  atlas proposers in its ``custom_class`` hook; run in vLLM's own environment
+  (``make vllm``, :mod:`adaspec.integrations.vllm_client`), listed only where
+  that exists (and, for ``vllm-suffix``, ``arctic_inference`` imports in it);
+  otherwise skipped with the reason printed. Only with ``--dtype float32``.
 
 Outputs (in ``out_dir``): ``drift.jsonl`` (one :class:`RequestRecord` per
 system and request, written as the run goes), ``summary.md``, ``drift.png``,
@@ -41,7 +45,6 @@ system and request, written as the run goes), ``summary.md``, ``drift.png``,
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -64,7 +67,8 @@ from adaspec.types import SamplingParams, SpeculationStats, common_prefix_len
 
 DEFAULT_PHASES = ("python", "rust", "chat", "sql", "tools")  # "noise" is opt-in (the speed-floor check)
 DEFAULT_SYSTEMS = ("plain", "hf-plain", "hf-prompt-lookup", "ngram", "suffix", "static", "atlas",
-                   "vllm-plain", "vllm-ngram", "vllm-suffix")  # vllm-* skipped, with the reason, where unavailable
+                   "vllm-plain", "vllm-ngram", "vllm-suffix", "vllm-adaspec-suffix",
+                   "vllm-adaspec-atlas")  # vllm-* skipped, with the reason, where unavailable
 DEFAULT_PHASE_LENGTH = 20
 DEFAULT_MAX_TOKENS = 64
 DEFAULT_LOOKAHEAD = config.DEFAULT_LOOKAHEAD
@@ -276,35 +280,44 @@ class HFSystem:
 
 
 class VllmSystem:
-    """vLLM's offline ``LLM`` on the target's model folder (float32 only; no speculation counters).
+    """vLLM's CPU engine (float32) on the target's model folder, in vLLM's own environment.
+
+    Runs :class:`adaspec.integrations.vllm_client.VllmWorker` (a child process
+    under ``.venv-vllm``, see ``make vllm``), one request at a time like every
+    other system; the time is ``LLM.generate``'s, measured inside that process.
+    Learned state (vLLM's suffix method, adaspec's proposers) starts empty and
+    persists across the run's requests.
 
     Args:
-        speculative_config: vLLM's ``speculative_config`` dict, or None for plain.
+        method: a :data:`adaspec.integrations.vllm_runner.METHODS` name.
+        k: speculative tokens per step.
 
     Raises:
         SystemUnavailable: the target is not float32 (vLLM's CPU build would
-            not run the same precision).
+            not run the same precision), or vLLM's engine did not start.
     """
 
-    def __init__(self, name: str, target: TargetModel, speculative_config: Optional[dict]) -> None:
+    def __init__(self, name: str, target: TargetModel, method: str, k: int) -> None:
         if target.dtype != "float32":
             raise SystemUnavailable(f"vLLM runs float32 here and the target is {target.dtype}: not the same precision")
-        from vllm import LLM
+        import atexit
 
+        import torch
+
+        from adaspec.integrations.vllm_client import VllmUnavailable, VllmWorker
         from adaspec.models import resolve_model
 
         self.name = name
-        kw = {"speculative_config": speculative_config} if speculative_config else {}
-        self.llm = LLM(model=str(resolve_model(target.name)), dtype="float32", max_model_len=target.max_model_len,
-                       seed=0, **kw)
+        try:
+            self.worker = VllmWorker(resolve_model(target.name), method, k=k, max_model_len=target.max_model_len,
+                                     threads=torch.get_num_threads())
+        except VllmUnavailable as e:
+            raise SystemUnavailable(str(e)) from e
+        atexit.register(self.worker.close)
 
     def run(self, prompt_ids: list[int], params: SamplingParams) -> SystemOutput:
-        from vllm import SamplingParams as VllmParams
-
-        vp = VllmParams(max_tokens=params.max_tokens, temperature=params.temperature, seed=params.seed)
-        t0 = time.perf_counter()
-        out = self.llm.generate([{"prompt_token_ids": list(prompt_ids)}], vp, use_tqdm=False)
-        return SystemOutput(list(out[0].outputs[0].token_ids), time.perf_counter() - t0)
+        r = self.worker.generate([prompt_ids], params.max_tokens, params.temperature, params.seed)
+        return SystemOutput(r["outputs"][0]["token_ids"], r["seconds"])
 
 
 def _engine(name: str, *speculators) -> Callable[[TargetModel, SystemOptions], BenchSystem]:
@@ -387,41 +400,54 @@ SYSTEMS.update({name: _floor_factory(name) for name in ("nothing", "random", "at
 SYSTEMS.update({"static": _static_factory, "atlas": _atlas_factory, "atlas-tree": _atlas_tree_factory})
 
 
-def _vllm_factory(name: str, method: Optional[str]) -> SystemFactory:
+def _vllm_factory(name: str, method: str) -> SystemFactory:
     def factory(target: TargetModel, opts: SystemOptions) -> BenchSystem:
-        cfg = None
-        if method == "ngram":
-            cfg = {"method": "ngram", "num_speculative_tokens": opts.prompt_lookup_tokens,
-                   "prompt_lookup_max": 3, "prompt_lookup_min": 1}
-        elif method == "suffix":
-            cfg = {"method": "suffix", "num_speculative_tokens": opts.lookahead}
-        return VllmSystem(name, target, cfg)
+        # vLLM's n-gram method gets transformers' prompt-lookup budget, the others this engine's k.
+        return VllmSystem(name, target, method, opts.prompt_lookup_tokens if method == "ngram" else opts.lookahead)
     return factory
 
 
-def _probe(module: str) -> Optional[str]:
-    """None when the optional ``module`` imports; else the reason."""
+def _vllm_probe(module: Optional[str] = None) -> Optional[str]:
+    """None when vLLM's environment exists (and ``module`` imports there); else the reason."""
+    import subprocess
+
+    from adaspec.integrations.vllm_client import VllmUnavailable, find_vllm_python
+
     try:
-        importlib.import_module(module)
-    except Exception as e:  # an optional extra: any import failure means "not here"
-        return f"{module} not importable ({type(e).__name__}: {e})"
+        py = find_vllm_python()
+    except VllmUnavailable as e:
+        return str(e)
+    if module:
+        try:
+            r = subprocess.run([str(py), "-c", f"import {module}"], capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"cannot run {py}: {e}"
+        if r.returncode:
+            return f"{module} not importable in {py} ({(r.stderr.strip().splitlines() or ['?'])[-1]})"
     return None
 
 
 # name -> (probe returning None or why not, factory); listed only when the probe passes.
 OPTIONAL_SYSTEMS: dict[str, tuple[Callable[[], Optional[str]], SystemFactory]] = {
-    "vllm-plain": (lambda: _probe("vllm"), _vllm_factory("vllm-plain", None)),
-    "vllm-ngram": (lambda: _probe("vllm"), _vllm_factory("vllm-ngram", "ngram")),
-    "vllm-suffix": (lambda: _probe("vllm") or _probe("arctic_inference"), _vllm_factory("vllm-suffix", "suffix")),
+    "vllm-plain": (_vllm_probe, _vllm_factory("vllm-plain", "plain")),
+    "vllm-ngram": (_vllm_probe, _vllm_factory("vllm-ngram", "ngram")),
+    "vllm-suffix": (lambda: _vllm_probe("arctic_inference"), _vllm_factory("vllm-suffix", "suffix")),
+    "vllm-adaspec-suffix": (_vllm_probe, _vllm_factory("vllm-adaspec-suffix", "adaspec-suffix")),
+    "vllm-adaspec-atlas": (_vllm_probe, _vllm_factory("vllm-adaspec-atlas", "adaspec-atlas")),
 }
 
 
-def available_systems() -> tuple[dict[str, SystemFactory], dict[str, str]]:
-    """(factories that can run here, {optional system: why it is not available})."""
+def available_systems(names: Optional[Sequence[str]] = None) -> tuple[dict[str, SystemFactory], dict[str, str]]:
+    """(factories that can run here, {optional system: why it is not available}).
+
+    Args:
+        names: probe only these optional systems (a probe may start vLLM's
+            Python); default all.
+    """
     ok = dict(SYSTEMS)
     missing: dict[str, str] = {}
     for name, (probe, factory) in OPTIONAL_SYSTEMS.items():
-        if name in ok:
+        if name in ok or (names is not None and name not in names):
             continue
         why = probe()
         if why is None:
@@ -439,10 +465,10 @@ def build_systems(target: TargetModel, names: Sequence[str], options: Optional[S
         ValueError: a name that is neither registered nor optional, or a repeated name.
     """
     options = options or SystemOptions()
-    ok, missing = available_systems()
-    unknown = [n for n in names if n not in ok and n not in missing]
+    ok, missing = available_systems(names)
+    unknown = [n for n in names if n not in ok and n not in missing and n not in OPTIONAL_SYSTEMS]
     if unknown:
-        raise ValueError(f"unknown systems {unknown}; choose from {sorted(set(ok) | set(missing))}")
+        raise ValueError(f"unknown systems {unknown}; choose from {sorted(set(ok) | set(missing) | set(OPTIONAL_SYSTEMS))}")
     if len(set(names)) != len(names):
         raise ValueError(f"systems repeated in {list(names)}")
     built: list[BenchSystem] = []
