@@ -517,3 +517,23 @@ def test_batching_metrics_and_lookahead_by_batch_size():
     b = m.snapshot()["batching"]
     assert b["forwards"] == 2 and b["mean_batch_size"] == 10.0 and b["mean_rows_fed"] == 26.0
     assert b["prefix_cache"] is None and "adaspec_prefix_cache" not in text  # off: no series
+
+
+def test_controller_does_not_draft_when_no_draft_can_pay_in_the_batch():
+    class Counting(Speculator):
+        name = "suffix"
+        calls = 0
+
+        def propose(self, ctx, k):
+            Counting.calls += 1
+            return DraftProposal(token_ids=[1] * k, confidence=[0.9] * k, speculator=self.name)
+
+    # a full batch: every extra row costs what an average token does -> nothing can pay
+    costs = CostModel({1: 6.5, 2: 13.0, 3: 19.5, 5: 32.5, 9: 58.5, 17: 110.5},
+                      batch_ms_table={17: 110.5, 32: 208.0, 64: 416.0, 128: 832.0})
+    ctl = ConfidenceAwareController(adaptive=Counting(), cost_model=costs, explore_every=0)
+    ctx = dict(request_id="r", token_ids=[1, 2, 3], num_prompt_tokens=3)
+    d = ctl.propose(ProposeContext(**ctx, batch_rows=15, batch_tokens=15.0), 16)
+    assert d.lookahead == 0 and Counting.calls == 0  # no drafting time spent under load
+    ctl.propose(ProposeContext(**ctx), 16)  # alone it always drafts (and decides from the draft)
+    assert Counting.calls == 1

@@ -403,7 +403,7 @@ class ConfidenceAwareController(Controller):
         verify_ms, base = self._batch_cost(ctx)
         plans: list[tuple[float, DraftProposal]] = []
 
-        if self.adaptive is not None and bound > 0:
+        if self.adaptive is not None and bound > 0 and not self._futile(ctx, mode, verify_ms, bound, base):
             t0 = _time.perf_counter()
             a = self._draft(self.adaptive, ctx, bound)
             dt = _time.perf_counter() - t0
@@ -454,6 +454,24 @@ class ConfidenceAwareController(Controller):
         return best
 
     _draft = staticmethod(draft_with)
+
+    def _futile(self, ctx: ProposeContext, mode: str, verify_ms, bound: int, base: float) -> bool:
+        """In a batched step: True when no adaptive draft can pay, even with every token at its best estimate.
+
+        The bound takes the highest acceptance any confidence bucket or position
+        of the adaptive speculator's estimates holds; when even drafts that good
+        do not raise the batch's tokens per second (a full batch, where a verify
+        row costs what a decode row does), the draft is not made at all, so
+        drafting time is not spent under load. Alone (``batch_rows == 0``) the
+        controller always drafts, as before.
+        """
+        if ctx.batch_rows <= 0:
+            return False
+        est = self.estimator(self.adaptive.name, ctx.tenant, mode)
+        p_hi = max([b.mean() for b in est.calibration] + [b.mean() for b in est.position])
+        k, _ = choose_lookahead([p_hi] * bound, self.costs.draft_ms_per_token(self.adaptive.name), verify_ms, bound,
+                                base_tokens=base)
+        return k == 0
 
     def _batch_cost(self, ctx: ProposeContext):
         """``(verify_ms(n), base_tokens)`` for a request feeding n rows beside ``ctx.batch_rows`` others.
