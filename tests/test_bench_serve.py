@@ -40,4 +40,5 @@ def test_percentiles():
 def test_sql_phase_shares_schemas():
     jobs = _sql_by_database(16, 2, seed=0)
     schemas = {m[-1]["content"].split("\n\nWrite one SQL query")[0] for _, m in jobs}
-    assert len(jobs) == 16 and len(schemas) <= 2
+    # 16 with the full Spider set; the shipped subset has at most 4 questions per database
+    assert 2 * 2 <= len(jobs) <= 16 and len(schemas) <= 2

@@ -282,6 +282,8 @@ def _sql_by_database(length: int, databases: int, seed: int) -> list:
         groups.setdefault(text.split("\n\nWrite one SQL query")[0], []).append(p)
     rng = random.Random(f"{seed}:sql-databases")
     names = sorted(g for g in groups if len(groups[g]) >= length // databases + 1)
+    if len(names) < databases:  # a small prompt set (the shipped subset): its largest databases
+        names = sorted(groups, key=lambda g: (-len(groups[g]), g))[:databases]
     picked = rng.sample(names, min(databases, len(names)))
     pool = [p for g in picked for p in groups[g]]
     rng.shuffle(pool)
