@@ -28,8 +28,8 @@ Systems, all on one target (the same weights, updated once per round):
 - ``plain``: plain decoding, the G samples one after another;
 - ``plain-batched``: plain decoding, the group's samples in one forward per token;
 - ``suffix``: the suffix speculator alone (fixed lookahead), sequential
-  (``--sampled-suffix``, the default: its drafts are draws from the stored
-  continuation frequencies, returned as ``draft_probs``, so rejection
+  (with ``--sampled-suffix`` its drafts, and atlas's, are draws from the
+  stored continuation frequencies, returned as ``draft_probs``, so rejection
   sampling accepts ``sum_x min(target(x), freq(x))`` per token);
 - ``atlas``: the confidence-aware controller (draft head + suffix), sequential;
 - ``atlas-batched``: atlas with the group's samples stepping together.
@@ -351,9 +351,10 @@ def add_rl_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookahead", type=int, default=config.ATLAS_LOOKAHEAD, help="atlas's largest lookahead")
     p.add_argument("--suffix-lookahead", type=int, default=8, help="the suffix speculator's fixed lookahead")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list (default: all)")
-    p.add_argument("--sampled-suffix", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--sampled-suffix", action=argparse.BooleanOptionalAction, default=False,
                    help="the suffix speculator draws its drafts from the stored continuation frequencies "
-                        "(draft_probs) instead of taking the most frequent (default: %(default)s)")
+                        "(draft_probs) instead of taking the most frequent (default: %(default)s; BENCHMARKS.md, "
+                        "issue 16 run 2: no gain for the suffix speculator, and atlas stopped drafting)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_out/rl", help="output folder (default: %(default)s)")
 
