@@ -424,6 +424,13 @@ async def _wait(request: Request, ctx: ServerState, job: Job, kind: type) -> Any
             return ev
 
 
+def _stream_error(ev: Failed) -> ApiError:
+    """The error object a stream ends with: the job's own ApiError, else a 500 naming only the exception type."""
+    if isinstance(ev.error, ApiError):
+        return ev.error
+    return ApiError(500, f"internal error: {type(ev.error).__name__}", type="server_error", code="internal_error")
+
+
 async def _sse(ctx: ServerState, job: Job, fmt: "_Format", prompt_tokens: int) -> AsyncIterator[str]:
     """Server-sent events; cancelling this generator (client gone) cancels the job."""
     try:
@@ -432,9 +439,7 @@ async def _sse(ctx: ServerState, job: Job, fmt: "_Format", prompt_tokens: int) -
         while True:
             ev = await job.events.get()
             if isinstance(ev, Failed):
-                err = ev.error if isinstance(ev.error, ApiError) else ApiError(
-                    500, f"internal error: {type(ev.error).__name__}", type="server_error", code="internal_error")
-                yield _event(err.body())
+                yield _event(_stream_error(ev).body())
                 break
             if not isinstance(ev, Chunk):
                 continue
@@ -555,9 +560,7 @@ async def _sse_n(ctx: ServerState, jobs: list[Job], fmts: list["_Format"], req: 
         while finished < len(jobs):
             i, ev = await merged.get()
             if isinstance(ev, Failed):
-                err = ev.error if isinstance(ev.error, ApiError) else ApiError(
-                    500, f"internal error: {type(ev.error).__name__}", type="server_error", code="internal_error")
-                yield _event(err.body())
+                yield _event(_stream_error(ev).body())
                 break
             if not isinstance(ev, Chunk):
                 continue
