@@ -150,6 +150,8 @@ class Engine:
         for s in given + [s for s in self.controller.speculators if s not in given]:
             if self.speculators.setdefault(s.name, s) is not s:
                 raise ValueError(f"two speculators are named {s.name!r}")
+        # Speculators that learn from the target's features at committed positions.
+        self._feature_observers = [s for s in self.speculators.values() if getattr(s, "wants_features", False)]
         self.eos_token_ids = target.eos_token_ids
         self.tokenizer = target.tokenizer
         if getattr(self.controller, "tree", False) and not getattr(target, "supports_trees", False):
@@ -531,6 +533,7 @@ class Engine:
         # Count what was committed: a stop condition may cut the step's tokens.
         state.stats.record(step.speculator, step.num_draft_tokens, min(step.num_accepted, step.num_emitted),
                            step.num_emitted)
+        self._capture_features(state, out, list(range(len(committed))))
         self._after_verify(state, len(fed) if report_cost else 0, forward_s, committed, result.num_accepted,
                            proposal.num_draft_tokens,
                            self._controller_view(state, committed, result.num_accepted, proposal.num_draft_tokens))
@@ -621,6 +624,16 @@ class Engine:
         for spec in self.speculators.values():
             spec.on_verify(fed_rows, forward_s)
         return [done.get(id(s)) for s in states]
+
+    def _capture_features(self, state: RequestState, out, rows: list[int]) -> None:
+        """Hand the features of the committed positions (fed ``rows``) to the speculators that learn from them."""
+        if not self._feature_observers or not rows:
+            return
+        idx = torch.tensor(rows, dtype=torch.long)
+        hidden = out.hidden.index_select(0, idx)  # [n, H]
+        argmax = out.logits.index_select(0, idx).argmax(dim=-1)  # [n]
+        for spec in self._feature_observers:
+            spec.observe_features(state.request_id, hidden, argmax)
 
     def _after_verify(self, state: RequestState, num_fed: int, forward_s: float, committed: list[int],
                       num_accepted: int, num_draft_tokens: int, controller_view=None) -> None:
@@ -734,6 +747,7 @@ class Engine:
         state.stats.draft_time_s += draft_s
         state.stats.verify_time_s += forward_s
         state.stats.record_tree(tree.num_nodes, tree.max_depth, sources, len(committed))
+        self._capture_features(state, out, rows[:len(committed)])
         self._after_verify(state, len(fed) if report_cost else 0, forward_s, committed, result.num_accepted,
                            tree.num_nodes)
         return step

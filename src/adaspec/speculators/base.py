@@ -127,11 +127,15 @@ class Speculator:
         name: short identifier used in stats and the CLI (e.g. "ngram").
         needs_hidden_states: True if ``propose`` reads ``ctx.hidden_state``.
         provides_draft_probs: True if proposals carry ``draft_probs``.
+        wants_features: True if the engine should call ``observe_features``
+            after every verify step (a speculator that learns from the target's
+            features, e.g. :class:`adaspec.online.learned.LearnedHeadSpeculator`).
     """
 
     name: str = "base"
     needs_hidden_states: bool = False
     provides_draft_probs: bool = False
+    wants_features: bool = False
 
     def start_request(self, request_id: str, prompt_ids: Sequence[int], tenant: str = DEFAULT_TENANT) -> None:
         """A request begins with ``prompt_ids``; default: nothing to do."""
@@ -158,6 +162,20 @@ class Speculator:
                 recovered or bonus token; may be cut short by a stop condition).
             num_accepted: drafts accepted this step.
             num_draft_tokens: drafts proposed this step.
+        """
+
+    def observe_features(self, request_id: str, hidden: torch.Tensor, target_argmax: torch.Tensor) -> None:
+        """The target's features at the positions this step committed (only when ``wants_features``).
+
+        Called just before ``observe`` for the same step.
+
+        Args:
+            request_id: the request.
+            hidden: ``[n, H]`` float32, n = tokens committed this step: row i is
+                the feature (last-layer hidden state after the final norm) that
+                predicted the i-th committed token.
+            target_argmax: ``[n]`` int64, the target's greedy token at each row
+                (from its raw logits, before sampling settings or grammar).
         """
 
     def on_verify(self, tokens_fed: int, verify_s: float) -> None:

@@ -1,0 +1,308 @@
+"""Online learning (issue 15): labels, buffer, trainer, publication, hot swap, rollback, tenants.
+
+Tiny random llamas stand in for the target and a tiny head for the static
+one; the trainer process test starts the real ``python -m adaspec.online.trainer``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from adaspec.controller import FixedController
+from adaspec.engine import Engine
+from adaspec.online.buffer import LabelBuffer, TrafficDoc, doc_from_capture
+from adaspec.online.learned import LearnedHeadSpeculator
+from adaspec.online.trainer import OnlineConfig, OnlineTrainer, load_replay, save_replay
+from adaspec.online.versions import (head_digest, list_versions, load_version, publish, read_current, set_current,
+                                     tenant_key, trained_state)
+from adaspec.speculators.draft_head import new_draft_head, save_draft_head, target_embedding_weight
+from adaspec.types import SamplingParams
+
+PROMPT = "def fibonacci(n):\n    # return the n-th Fibonacci number\n"
+
+
+class Sink:
+    """Stands in for the trainer client: keeps what the speculator sends."""
+
+    def __init__(self):
+        self.sent = []
+        self.errors = []
+        self.alive = False
+
+    def send(self, msg):
+        self.sent.append(msg)
+
+    def poll(self):
+        return []
+
+    def close(self):
+        pass
+
+
+def case_prompts(target, n=10):
+    return [target.tokenizer.encode(PROMPT + f"# case {i}\n") for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def vocab(tiny_target):
+    """A draft vocabulary holding every token the tiny target says after the test prompts."""
+    seen = []
+    for p in case_prompts(tiny_target) + [tiny_target.tokenizer.encode(PROMPT)]:
+        for t in Engine(tiny_target).generate(p, SamplingParams(max_tokens=40, ignore_eos=True)).token_ids:
+            if t not in seen:
+                seen.append(t)
+    return seen + [t for t in range(512) if t not in seen][: max(0, 512 - len(seen))]
+
+
+@pytest.fixture(scope="module")
+def head(tiny_target, vocab):
+    return new_draft_head(tiny_target, vocab, intermediate_size=64, seed=3)
+
+
+@pytest.fixture
+def head_path(head, tmp_path):
+    return save_draft_head(head, tmp_path / "static.safetensors", dtype=torch.float32)
+
+
+def learned(tiny_target, head, head_path, root, **kw):
+    spec = LearnedHeadSpeculator(head, target_embedding_weight(tiny_target).float(), head_path, root=root,
+                                 train=False, **kw)
+    spec.client = Sink()
+    return spec
+
+
+def plain_ids(target, prompt, n):
+    return Engine(target).generate(prompt, SamplingParams(max_tokens=n, ignore_eos=True)).token_ids
+
+
+def traffic(tiny_target, spec, prompts, n=24, tenant="default"):
+    """Run greedy requests through an engine that only captures (plain decoding); returns the docs sent."""
+    eng = Engine(tiny_target, speculators=[spec], controller=FixedController(None, 0))
+    for p in prompts:
+        eng.generate(p, SamplingParams(max_tokens=n, ignore_eos=True), tenant=tenant)
+    return [m[2] for m in spec.client.sent if m[0] == "doc"]
+
+
+# ---------------------------------------------------------------- labels
+def test_captured_labels_are_the_targets_features(tiny_target, head, head_path, tmp_path):
+    spec = learned(tiny_target, head, head_path, tmp_path / "v")
+    prompt = tiny_target.tokenizer.encode(PROMPT)
+    (doc,) = traffic(tiny_target, spec, [prompt], n=20)
+    P = len(prompt)
+    assert doc.num_prompt_tokens == P and doc.token_ids[:P].tolist() == prompt
+    assert doc.num_labels == 20  # features at positions P-1 .. P+18 predicted the 20 generated tokens
+    # Reference: one teacher-forced forward over the same tokens.
+    kv = tiny_target.new_cache()
+    out = tiny_target.forward(kv, doc.token_ids.tolist())
+    ref = out.hidden[P - 1:]  # [T - P + 1, H]
+    assert torch.allclose(doc.hidden.float(), ref[: doc.num_labels], atol=2e-2, rtol=1e-2)
+    # Greedy traffic: the target's argmax at each labelled position is the next token.
+    assert doc.target_argmax[:-1].tolist() == doc.token_ids[P:].tolist()
+
+
+def test_private_requests_are_not_captured(tiny_target, head, head_path, tmp_path):
+    spec = learned(tiny_target, head, head_path, tmp_path / "v")
+    eng = Engine(tiny_target, speculators=[spec], controller=FixedController(None, 0))
+    prompt = tiny_target.tokenizer.encode(PROMPT)
+    eng.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True, learn=False))
+    assert spec.client.sent == []
+
+
+def test_buffer_budgets_heldout_and_reservoir():
+    H = 4
+
+    def doc(n, i):
+        return TrafficDoc(torch.arange(n + 2), 3, torch.zeros(n, H, dtype=torch.float16), torch.zeros(n, dtype=torch.long), str(i))
+
+    buf = LabelBuffer(max_recent_positions=30, max_reservoir_positions=20, heldout_every=3, max_heldout_positions=25)
+    where = [buf.add(doc(10, i)) for i in range(30)]
+    assert where.count("heldout") == 10 and where[2] == "heldout" and where[0] == "recent"
+    assert buf.recent_positions <= 30 and buf.reservoir_positions <= 20 and buf.heldout_positions <= 25
+    assert len(buf.reservoir) == 2 and buf.positions_seen == 300
+    assert buf.new_positions == 200
+    with pytest.raises(ValueError):
+        buf.add(TrafficDoc(torch.arange(5), 3, torch.zeros(2, H), torch.zeros(3, dtype=torch.long)))
+    with pytest.raises(ValueError):
+        LabelBuffer(heldout_every=1)
+    assert doc_from_capture([1, 2, 3], 3, [], []) is None
+
+
+def test_replay_file_roundtrip(tmp_path):
+    docs = [TrafficDoc(torch.arange(7), 3, torch.randn(5, 4).half(), torch.arange(5), "a"),
+            TrafficDoc(torch.arange(4), 1, torch.randn(4, 4).half(), torch.arange(4), "b")]
+    back = load_replay(save_replay(tmp_path / "r.safetensors", docs))
+    assert [d.token_ids.tolist() for d in back] == [d.token_ids.tolist() for d in docs]
+    assert all(torch.equal(a.hidden, b.hidden) and torch.equal(a.target_argmax, b.target_argmax)
+               for a, b in zip(back, docs))
+
+
+def test_shipped_replay_has_no_drift_domains():
+    from adaspec.online.trainer import shipped_replay_path
+
+    path = shipped_replay_path("smollm2-135m-instruct")
+    assert path.is_file() and path.stat().st_size < 10e6
+    docs = load_replay(path)
+    assert sum(d.num_labels for d in docs) > 2000
+
+
+# ---------------------------------------------------------------- versions
+def test_publish_versions_atomically_and_keep_the_newest(head, tmp_path):
+    base = head_digest(head)
+    for i in range(4):
+        with torch.no_grad():
+            head.fc_in.weight.add_(0.0)  # same weights, new version each time
+        assert publish(tmp_path, "acme", head, base, info={"i": i}, keep=3) == i + 1
+    assert list_versions(tmp_path, "acme") == [2, 3, 4]
+    cur = read_current(tmp_path, "acme")
+    assert cur["version"] == 4 and cur["info"] == {"i": 3}
+    net = load_version(tmp_path, "acme", 4, head)
+    for k, v in trained_state(head).items():
+        assert torch.equal(trained_state(net)[k], v.half().float()), k
+    set_current(tmp_path, "acme", 3)
+    assert read_current(tmp_path, "acme")["version"] == 3
+    with pytest.raises(FileNotFoundError):
+        set_current(tmp_path, "acme", 1)
+    # A crash mid-publish leaves a temp file and maybe a newer version not yet current: current still loads.
+    folder = tmp_path / tenant_key("acme")
+    (folder / ".v000005.safetensors.tmp-1-ab").write_bytes(b"partial")
+    assert read_current(tmp_path, "acme")["version"] == 3
+    (folder / "current.json").write_text("{not json")
+    assert read_current(tmp_path, "acme") is None
+    with pytest.raises(ValueError, match="another static head"):
+        changed = type(head)(head.config)
+        changed.load_state_dict(head.state_dict())
+        with torch.no_grad():
+            changed.lm_head.add_(1.0)
+        load_version(tmp_path, "acme", 4, changed)
+
+
+def test_tenant_keys_are_safe_and_distinct():
+    keys = {tenant_key(t) for t in ("a/b", "a_b", "../x", "", "Ω")}
+    assert len(keys) == 5 and all("/" not in k and not k.startswith(".") for k in keys)
+
+
+# ---------------------------------------------------------------- the trainer
+def test_trainer_learns_the_tenants_traffic_and_publishes(tiny_target, head, head_path, tmp_path):
+    spec = learned(tiny_target, head, head_path, tmp_path / "v")
+    prompts = case_prompts(tiny_target)
+    docs = traffic(tiny_target, spec, prompts, n=32)
+    cfg = OnlineConfig(min_new_positions=32, min_heldout_positions=8, steps_per_round=40, lr=3e-3,
+                       heldout_every=5, batch_size=32)
+    tr = OnlineTrainer(head, target_embedding_weight(tiny_target).float(), tmp_path / "v", cfg)
+    for d in docs:
+        tr.add_doc("acme", d)
+    assert tr.next_tenant() == "acme"
+    r = tr.train_round("acme")
+    assert r.candidate_acceptance_length > r.static_acceptance_length
+    assert r.published == 1 and read_current(tmp_path / "v", "acme")["version"] == 1
+    assert tr.next_tenant() is None  # no new data since the round
+    assert tr.stats()["acme"]["serving_version"] == 1
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="keep_versions"):
+        OnlineConfig(keep_versions=1).validate()
+    with pytest.raises(ValueError, match="mix"):
+        OnlineConfig(mix=(0, 0, 0)).validate()
+    with pytest.raises(ValueError, match="lr"):
+        OnlineConfig(lr=float("nan")).validate()
+
+
+# ---------------------------------------------------------------- serving: swap, pin, rollback, tenants
+def _trained_version(tiny_target, head, root, tenant, seed=0):
+    net = new_draft_head(tiny_target, head.draft_to_target.tolist(), intermediate_size=64, seed=seed)
+    net.lm_head.copy_(head.lm_head)
+    net.draft_to_target.copy_(head.draft_to_target)
+    return publish(root, tenant, net, head_digest(head))
+
+
+def test_hot_swap_mid_request_keeps_output_and_pins_the_version(tiny_target, head, head_path, tmp_path):
+    root = tmp_path / "v"
+    _trained_version(tiny_target, head, root, "default", seed=5)
+    spec = learned(tiny_target, head, head_path, root)
+    assert spec.current_version() == 1  # loaded from disk at start
+    swaps = []
+    spec.on_swap = lambda t, v, info: swaps.append((t, v))
+    prompt = tiny_target.tokenizer.encode(PROMPT)
+    plain = plain_ids(tiny_target, prompt, 40)
+    eng = Engine(tiny_target, controller=FixedController(spec, 4))
+    state = eng.start(prompt, SamplingParams(max_tokens=40, ignore_eos=True))
+    for _ in range(3):
+        eng.step(state)
+    v2 = _trained_version(tiny_target, head, root, "default", seed=6)
+    spec._swap("default", v2, spec._prepare(load_version(root, "default", v2, head)), {})
+    assert swaps == [("default", 2)] and spec.current_version() == 2
+    assert spec._captures[state.request_id].version == 1  # the request keeps the version it started with
+    while not state.finished:
+        eng.step(state)
+    r = eng.result(state)
+    assert r.token_ids == plain and r.speculation.proposed > 0
+    state2 = eng.start(prompt, SamplingParams(max_tokens=8, ignore_eos=True))
+    assert spec._captures[state2.request_id].version == 2
+    eng.abort(state2)
+
+
+def test_a_tenant_never_drafts_with_another_tenants_head(tiny_target, head, head_path, tmp_path):
+    root = tmp_path / "v"
+    _trained_version(tiny_target, head, root, "a")
+    spec = learned(tiny_target, head, head_path, root)
+    prompt = tiny_target.tokenizer.encode(PROMPT)
+    eng = Engine(tiny_target, controller=FixedController(spec, 4))
+    ra = eng.generate(prompt, SamplingParams(max_tokens=12, ignore_eos=True), tenant="a")
+    rb = eng.generate(prompt, SamplingParams(max_tokens=12, ignore_eos=True), tenant="b")
+    assert ra.speculation.proposed > 0 and rb.speculation.proposed == 0
+    assert ra.token_ids == rb.token_ids == plain_ids(tiny_target, prompt, 12)
+    assert spec.forget_tenant("a") == 1 and spec.current_version("a") == 0
+    assert not (root / tenant_key("a")).exists()
+
+
+def test_live_acceptance_drop_rolls_back(tiny_target, head, head_path, tmp_path):
+    root = tmp_path / "v"
+    spec = learned(tiny_target, head, head_path, root, rollback_min_drafts=8, rollback_margin=0.1)
+    events = []
+    spec.on_swap = lambda t, v, info: events.append((v, info))
+    v1 = _trained_version(tiny_target, head, root, "default", seed=1)
+    spec._swap("default", v1, spec._prepare(load_version(root, "default", v1, head)), {})
+    cap = spec._captures.setdefault("r1", None)
+    from adaspec.online.learned import _Capture
+
+    cap = _Capture("default", 1, [0], v1, None)
+    for _ in range(4):
+        spec._judge(cap, [1, 2, 3], [1, 2, 3, 4])  # v1 accepts everything
+    v2 = _trained_version(tiny_target, head, root, "default", seed=2)
+    spec._swap("default", v2, spec._prepare(load_version(root, "default", v2, head)), {})
+    cap2 = _Capture("default", 1, [0], v2, None)
+    for _ in range(4):
+        spec._judge(cap2, [9, 9, 9], [1, 2, 3, 4])  # v2 accepts nothing
+    assert spec.current_version() == v1 and spec.rollbacks == 1
+    assert events[-1] == (v1, {"rollback_from": v2})
+    assert ("rollback", "default", v1) in spec.client.sent
+
+
+# ---------------------------------------------------------------- the real process
+def test_trainer_process_trains_publishes_and_the_speculator_swaps(tiny_target, head, head_path, tmp_path):
+    root = tmp_path / "v"
+    cfg = OnlineConfig(min_new_positions=32, min_heldout_positions=8, steps_per_round=20, lr=3e-3,
+                       heldout_every=5, batch_size=32)
+    spec = LearnedHeadSpeculator(head, target_embedding_weight(tiny_target).float(), head_path, root=root,
+                                 config=cfg, train=True)
+    try:
+        prompts = case_prompts(tiny_target)
+        eng = Engine(tiny_target, speculators=[spec], controller=FixedController(None, 0))
+        for p in prompts:
+            eng.generate(p, SamplingParams(max_tokens=32, ignore_eos=True))
+        assert spec.docs_sent == 10
+        deadline = time.time() + 120
+        while time.time() < deadline and spec.current_version() == 0:
+            spec.poll_trainer()
+            time.sleep(0.2)
+        assert spec.client.alive, list(spec.client.errors)
+        assert spec.rounds and spec.rounds[-1]["published"] == 1, (list(spec.rounds), list(spec.client.errors))
+        assert spec.current_version() == 1
+        assert spec.stats()["published"] == 1
+    finally:
+        spec.close()
+    assert not spec.client.alive
