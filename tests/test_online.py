@@ -302,7 +302,23 @@ def test_trainer_process_trains_publishes_and_the_speculator_swaps(tiny_target, 
         assert spec.client.alive, list(spec.client.errors)
         assert spec.rounds and spec.rounds[-1]["published"] == 1, (list(spec.rounds), list(spec.client.errors))
         assert spec.current_version() == 1
-        assert spec.stats()["published"] == 1
+        assert spec.online_stats()["published"] == 1
     finally:
         spec.close()
     assert not spec.client.alive
+
+
+def test_metrics_and_dashboard_show_the_trainers_state(tiny_target, head, head_path, tmp_path):
+    from adaspec.server.metrics import ServerMetrics
+
+    root = tmp_path / "v"
+    _trained_version(tiny_target, head, root, "acme")
+    spec = learned(tiny_target, head, head_path, root)
+    spec.rounds.append({"tenant": "acme", "candidate_acceptance_length": 2.5, "serving_acceptance_length": 2.0,
+                        "static_acceptance_length": 1.8, "published": 1, "buffer": {"recent_positions": 300}})
+    m = ServerMetrics(speculators=lambda: {"learned_head": spec})
+    text = m.render().decode()
+    assert 'adaspec_online_head_version{speculator="learned_head",tenant="acme"} 1.0' in text
+    assert 'adaspec_online_heldout_acceptance_length{head="static",speculator="learned_head",tenant="acme"} 1.8' in text
+    assert 'adaspec_online_buffer_positions{part="recent",speculator="learned_head",tenant="acme"} 300.0' in text
+    assert m.snapshot()["online_learning"]["learned_head"]["versions"] == {"acme": 1}

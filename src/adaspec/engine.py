@@ -274,6 +274,16 @@ class Engine:
         self.controller.start_request(request_id, ids, tenant)
         return state
 
+    def close(self) -> None:
+        """Stop what the speculators run in the background (e.g. the online trainer process); idempotent.
+
+        What they learned stays where they keep it (a learned head's published versions).
+        """
+        for spec in self.speculators.values():
+            close = getattr(spec, "close", None)
+            if callable(close):
+                close()
+
     def abort(self, state: RequestState, reason: str = "abort") -> None:
         """Cancel a request and free its state (KV cache, speculator state)."""
         if not state.finished:

@@ -485,7 +485,7 @@ class LearnedHeadSpeculator(DraftHeadSpeculator):
         if state and not isinstance(state.get("versions"), dict):
             raise ValueError("not a learned_head snapshot (no 'versions')")
 
-    def stats(self) -> dict[str, Any]:
+    def online_stats(self) -> dict[str, Any]:
         """What the dashboard and ``/metrics`` show: versions, trainer state, live acceptance."""
         last = self.rounds[-1] if self.rounds else None
         live = {f"{t}:v{v}": {"drafted": s.drafted, "accepted": s.accepted} for (t, v), s in self._vstats.items()}

@@ -123,6 +123,7 @@ class RoundResult:
         published: the new version number, or None when the candidate did not win.
         serving_version: the version served after the round (0: the static head).
         train_s / eval_s: seconds spent training and evaluating.
+        buffer: the tenant's buffer sizes after the round (:meth:`LabelBuffer.stats`).
     """
 
     tenant: str
@@ -136,6 +137,7 @@ class RoundResult:
     serving_version: int
     train_s: float
     eval_s: float
+    buffer: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -376,6 +378,7 @@ class OnlineTrainer:
                              n_held, published, st.serving_version, round(train_s, 3), round(eval_s, 3))
         st.history.append(result.to_dict())
         del st.history[:-50]
+        result.buffer = buf.stats()
         return result
 
     def stats(self) -> dict:

@@ -229,6 +229,8 @@ def create_app(
             if saver is not None:
                 await anyio.to_thread.run_sync(saver.stop)
                 await anyio.to_thread.run_sync(saver.snapshot)  # the worker has stopped: read directly
+            if callable(getattr(engine, "close", None)):
+                await anyio.to_thread.run_sync(engine.close)  # e.g. the online trainer process
 
     app = FastAPI(title="adaspec", version=_version(), lifespan=lifespan,
                   description="OpenAI-compatible API over adaspec's speculative decoding engine.")

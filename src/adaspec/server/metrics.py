@@ -162,6 +162,7 @@ class ServerMetrics:
         Gauge("adaspec_active_requests", "Requests being decoded", registry=r).set_function(
             lambda: self.active_requests())
         r.register(_LearnedStateCollector(lambda: self.speculators()))
+        r.register(_OnlineLearningCollector(lambda: self.speculators()))
         # continuous batching
         self.batch_size = Histogram("adaspec_batch_size", "Requests in one batched target forward",
                                     buckets=BATCH_SIZE_BUCKETS, registry=r)
@@ -310,7 +311,18 @@ class ServerMetrics:
                              "mean_batch_size": self._batch_requests / self._batches if self._batches else None,
                              "mean_rows_fed": self._batch_rows / self._batches if self._batches else None,
                              "prefix_cache": _prefix_dict(self.prefix_cache())},
+                "online_learning": self._online(),
             }
+
+    def _online(self) -> dict[str, Any]:
+        """Per learning speculator, its ``online_stats()`` (empty when none learns online)."""
+        out = {}
+        for name, spec in _sources(self.speculators() or {}, "online_stats"):
+            try:
+                out[name] = spec.online_stats()
+            except Exception:
+                continue
+        return out
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this app's registry."""
@@ -378,6 +390,75 @@ class _PrefixCacheCollector:
         yield GaugeMetricFamily("adaspec_prefix_cache_tokens_held", "KV positions the cached prefixes hold",
                                 value=d["tokens_held"])
         yield GaugeMetricFamily("adaspec_prefix_cache_entries", "Cached prefixes", value=d["entries"])
+
+
+class _OnlineLearningCollector:
+    """The online trainer's state (``adaspec_online_*``), read from learning speculators at scrape time.
+
+    A speculator takes part when it has ``online_stats()``
+    (:meth:`adaspec.online.learned.LearnedHeadSpeculator.online_stats`).
+    """
+
+    def __init__(self, speculators: Callable[[], dict[str, Any]]) -> None:
+        self._speculators = speculators
+
+    def describe(self) -> Iterable:
+        return []
+
+    def collect(self) -> Iterable:
+        version = GaugeMetricFamily("adaspec_online_head_version", "Learned-head version new requests draft with "
+                                    "(0: none published yet)", labels=["speculator", "tenant"])
+        alive = GaugeMetricFamily("adaspec_online_trainer_alive", "1 while the background trainer process runs",
+                                  labels=["speculator"])
+        counts = GaugeMetricFamily("adaspec_online_events", "Documents sent to the trainer, versions published, "
+                                   "rollbacks, since start", labels=["speculator", "event"])
+        heldout = GaugeMetricFamily("adaspec_online_heldout_acceptance_length", "Held-out greedy mean acceptance "
+                                    "length of the last round's heads", labels=["speculator", "tenant", "head"])
+        buffer = GaugeMetricFamily("adaspec_online_buffer_positions", "Labelled positions in the trainer's buffer "
+                                   "after the last round", labels=["speculator", "tenant", "part"])
+        live = GaugeMetricFamily("adaspec_online_live_acceptance_rate", "Judged acceptance rate of each served "
+                                 "learned-head version", labels=["speculator", "tenant", "version"])
+        for name, spec in _sources(self._speculators() or {}, "online_stats"):
+            try:
+                s = spec.online_stats()
+            except Exception:
+                continue
+            alive.add_metric([name], 1.0 if s.get("trainer_alive") else 0.0)
+            for event in ("docs_sent", "published", "rollbacks"):
+                counts.add_metric([name, event], float(s.get(event, 0)))
+            for tenant, v in (s.get("versions") or {}).items():
+                version.add_metric([name, str(tenant)], float(v))
+            last = s.get("last_round") or {}
+            if last:
+                t = str(last.get("tenant", ""))
+                for head in ("candidate", "serving", "static"):
+                    x = last.get(f"{head}_acceptance_length")
+                    if isinstance(x, (int, float)) and x == x:
+                        heldout.add_metric([name, t, head], float(x))
+                for part in ("recent", "reservoir", "heldout"):
+                    buffer.add_metric([name, t, part], float((last.get("buffer") or {}).get(f"{part}_positions", 0)))
+            for key, d in (s.get("live") or {}).items():
+                tenant, _, v = key.rpartition(":v")
+                if d.get("drafted"):
+                    live.add_metric([name, tenant, v], d["accepted"] / d["drafted"])
+        yield from (version, alive, counts, heldout, buffer, live)
+
+
+def _sources(speculators: dict[str, Any], method: str) -> list[tuple[str, Any]]:
+    """Speculators with ``method()``, looking inside composites (their ``children``, e.g. atlas)."""
+    out: list[tuple[str, Any]] = []
+    seen: set[int] = set()
+    stack = list(speculators.items())
+    while stack:
+        name, spec = stack.pop(0)
+        if id(spec) in seen:
+            continue
+        seen.add(id(spec))
+        if callable(getattr(spec, method, None)):
+            out.append((name, spec))
+        for child in (getattr(spec, "children", None) or []) + (getattr(spec, "speculators", None) or []):
+            stack.append((getattr(child, "name", type(child).__name__), child))
+    return out
 
 
 def _memory_sources(speculators: dict[str, Any]) -> list[tuple[str, Any]]:
