@@ -156,7 +156,12 @@ def test_cache_resyncs_after_rejections(tiny_target, draft_dirs):
 
 
 def test_cli_static_with_draft_model(tiny_model_dir):
-    """`adaspec generate --speculator static --draft-model M` drafts with a model and stays exact."""
+    """`adaspec generate --speculator static --draft-model M` runs the model under the controller and stays exact.
+
+    The controller drafts with it only where its measured cost pays; the target
+    drafting for itself costs a target forward per draft token, so it may decode
+    plainly here (F11's full acceptance at a fixed k: tests/test_exactness.py).
+    """
     import json
     import subprocess
     import sys
@@ -168,4 +173,6 @@ def test_cli_static_with_draft_model(tiny_model_dir):
     drafted = json.loads(subprocess.run(base + ["--speculator", "static", "--draft-model", str(tiny_model_dir)],
                                         capture_output=True, text=True, check=True).stdout)
     assert drafted["token_ids"] == plain["token_ids"]
-    assert drafted["speculation"]["acceptance_rate"] == 1.0  # the target drafting for itself (F11)
+    spec = drafted["speculation"]
+    assert spec["accepted"] == spec["proposed"]  # every verified draft of the target drafting for itself (F11)
+    assert set(spec["steps_by_speculator"]) <= {"draft_model", "none"}

@@ -42,9 +42,14 @@ CALIBRATION_TOKENS_FED = (1, 2, 3, 5, 9, 13, 17)
 CALIBRATION_BATCH_ROWS = (17, 32, 64, 128)
 
 
+#: Speculators run by the confidence-aware controller, which picks k per step (up to the lookahead).
+CONTROLLED = ("static", "atlas", "atlas-tree")
+
+
 def default_lookahead(speculator: str) -> int:
-    """k when none is given: :data:`ATLAS_LOOKAHEAD` for atlas / atlas-tree (its controller picks k per step), else 8."""
-    return ATLAS_LOOKAHEAD if speculator in ("atlas", "atlas-tree") else DEFAULT_LOOKAHEAD
+    """k when none is given: :data:`ATLAS_LOOKAHEAD` where the controller picks k per step
+    (:data:`CONTROLLED`), else 8."""
+    return ATLAS_LOOKAHEAD if speculator in CONTROLLED else DEFAULT_LOOKAHEAD
 
 
 @dataclass
@@ -133,13 +138,14 @@ def add_threads_argument(p: argparse.ArgumentParser, default: int | str = THREAD
 def add_speculator_arguments(p: argparse.ArgumentParser, state_help: str) -> None:
     """``--speculator``, ``--lookahead``, ``--draft-model``, ``--state-dir``."""
     p.add_argument("--speculator", default=DEFAULT_SPECULATOR, choices=SPECULATORS,
-                   help="draft proposer; none decodes plainly; atlas is the confidence-aware controller over the "
-                        "static and the adaptive speculator; atlas-tree verifies one token tree per step merging "
-                        "every speculator's candidates (lean core; chains on the transformers runtime) "
-                        "(default: %(default)s)")
+                   help="draft proposer; none decodes plainly; static is the draft head (or --draft-model) "
+                        "under the confidence-aware controller, which drafts only where it pays; atlas is that "
+                        "controller over the static and the adaptive speculator; atlas-tree verifies one token "
+                        "tree per step merging every speculator's candidates (lean core; chains on the "
+                        "transformers runtime) (default: %(default)s)")
     p.add_argument("--lookahead", type=int, default=None,
-                   help=f"most draft tokens per step, k (default: {DEFAULT_LOOKAHEAD}; {ATLAS_LOOKAHEAD} for atlas, "
-                        "whose controller picks k per step)")
+                   help=f"most draft tokens per step, k (default: {DEFAULT_LOOKAHEAD}; {ATLAS_LOOKAHEAD} for static, "
+                        "atlas and atlas-tree, whose controller picks k per step)")
     p.add_argument("--draft-model", default=None,
                    help="with --speculator static: a smaller causal LM with the target's tokenizer instead of the "
                         "draft head")
@@ -256,17 +262,22 @@ def build_controller(cfg: EngineConfig, target: "TargetModel") -> "Controller":
 
         return FixedController(SuffixSpeculator(), k)
     if name == "static":
+        # The static speculator alone under the confidence-aware controller: its own
+        # estimates and confidence decide how far to draft, and when not to draft at all.
         if cfg.draft_model:
             from adaspec.speculators.draft_model import DraftModelSpeculator
 
-            return FixedController(DraftModelSpeculator.from_pretrained(cfg.draft_model, target), k)
-        from adaspec.speculators.draft_head import load_static_speculator
+            spec = DraftModelSpeculator.from_pretrained(cfg.draft_model, target)
+        else:
+            from adaspec.speculators.draft_head import load_static_speculator
 
-        try:
-            return FixedController(load_static_speculator(target), k)
-        except FileNotFoundError:
-            raise ValueError("no static speculator is available for this model "
-                             "(train one with `adaspec train-speculator`, or give --draft-model)") from None
+            try:
+                spec = load_static_speculator(target)
+            except FileNotFoundError:
+                raise ValueError("no static speculator is available for this model "
+                                 "(train one with `adaspec train-speculator`, or give --draft-model)") from None
+        costs = calibrated_cost_model(target) if cfg.calibrate else CostModel()
+        return ConfidenceAwareController(static=spec, cost_model=costs, max_lookahead=k)
     raise ValueError(f"unknown speculator {name!r}; choose from {', '.join(SPECULATORS)}")
 
 

@@ -9,9 +9,10 @@ runs inside this engine and, wrapped as one drafter, inside vLLM's
 ``custom_class`` proposer hook (:mod:`adaspec.integrations.vllm_proposer`).
 
 - :class:`FixedController`: one named speculator, one lookahead (``--speculator
-  ngram|suffix|static``).
+  ngram|suffix``).
 - :class:`ConfidenceAwareController`: the confidence-aware controller
-  (``--speculator atlas``); its math (expected emitted tokens, the cost model,
+  (``--speculator atlas``; with the static speculator alone, ``--speculator
+  static``); its math (expected emitted tokens, the cost model,
   acceptance estimates) lives in :mod:`adaspec.estimates`.
 
 The engine tells every speculator about every request and committed token
@@ -117,6 +118,14 @@ class Controller:
     def on_policy_update(self, version: int) -> None:
         """The target's weights changed (policy ``version``); default: nothing to do."""
 
+    def reset_estimate(self, speculator: str, tenant: Optional[str] = None,
+                       prior: float | Sequence[float] | None = None, mode: Optional[str] = None) -> None:
+        """A new version of ``speculator`` was published (or rolled back): forget its acceptance history.
+
+        Default: nothing to forget (a controller without estimates). See
+        :meth:`ConfidenceAwareController.reset_estimate` for the arguments.
+        """
+
     def state_dict(self) -> dict[str, Any]:
         """Learned state to persist (default: none)."""
         return {}
@@ -201,13 +210,18 @@ class ConfidenceAwareController(Controller):
     1. the **adaptive** speculator (cheap, model-free) drafts up to the bound;
        its per-token confidences are calibrated by this tenant's decayed
        acceptance history into acceptance probabilities;
-    2. the **static** speculator's expected acceptance per position comes from
-       its decayed history; it is asked to draft only if that beats the
-       adaptive draft after its measured drafting cost; its own draft
-       probabilities (confidence) then cut the draft where extending no longer
-       pays;
+    2. the model-based **heads**, the **static** speculator and, when given,
+       the **learned** one (a draft head fine-tuned online, :mod:`adaspec.online`):
+       each one's expected acceptance per position comes from its own decayed
+       history and, with its own measured drafting cost, gives its expected
+       tokens per second; only the best of them is asked to draft, and only if
+       that beats the adaptive draft (ties go to the static head, the floor);
+       its own draft probabilities (confidence) then cut the draft where
+       extending no longer pays. A head that returns an empty draft (e.g. no
+       learned version for this tenant yet) is not available this step: the
+       next best head drafts instead, and nothing is judged;
     3. the better plan, by expected tokens per second, is returned; plain
-       decoding wins when neither beats ``1 / verify_ms(1)``.
+       decoding wins when none beats ``1 / verify_ms(1)``.
 
     Estimates are kept per speculator, tenant and mode (greedy or sampled
     requests): a deterministic draft token is accepted with the target's p(x),
@@ -223,6 +237,17 @@ class ConfidenceAwareController(Controller):
     rising while the static one carries the load - that is how the controller
     shifts to the adaptive speculator as it learns, and back after a drift.
 
+    Exploration: a head whose estimates were not fed for ``explore_every``
+    steps of a tenant drafts ``explore_tokens`` tokens beside the step's plan
+    (one head per step, the one idle longest), judged in the shadow, so a head
+    that went low in one domain, or a learned head that improved, is found
+    again; one that worsens is dropped by the same judging. Under sampling a
+    draft drawn from ``draft_probs`` cannot be judged in the shadow, so such an
+    exploration draft (a head's, or the adaptive speculator's when its sampled
+    drafts stopped paying) is verified instead, as that step's draft: sampled
+    estimates recover too. :meth:`reset_estimate` re-primes one speculator's
+    estimates when a new version of it is published or rolled back.
+
     Args:
         static: the static speculator (e.g. the draft head), or None.
         adaptive: the adaptive speculator (e.g. suffix), or None.
@@ -231,11 +256,13 @@ class ConfidenceAwareController(Controller):
             (e.g. its held-out acceptance rate). Default 0.5.
         max_lookahead: the most draft tokens in any step. Default 16.
         decay: per-observation decay of the acceptance estimates. Default 0.98.
-        explore_every: when the static speculator has not drafted for this many
-            steps of a tenant, it drafts ``explore_tokens`` tokens in the shadow
-            (judged, not verified), so an estimate that went low in one domain
-            can recover in the next. 0 disables. Default 32 (one short draft
-            every 32 steps: a small share of decode time, see BENCHMARKS.md).
+        explore_every: when a head's estimates (static or learned) were not fed
+            for this many steps of a tenant, it drafts ``explore_tokens`` tokens
+            in the shadow (judged, not verified; verified under sampling when
+            drawn from ``draft_probs``, see Exploration above), so an estimate
+            that went low in one domain can recover in the next. 0 disables.
+            Default 32 (one short draft every 32 steps: a small share of decode
+            time, see BENCHMARKS.md).
         explore_tokens: length of an exploration draft. Default 4.
         tree: tree mode (``--speculator atlas-tree``): every step merges the
             speculators' candidates into one token tree (see
@@ -246,11 +273,22 @@ class ConfidenceAwareController(Controller):
             static speculator's tree. Default 3.
         max_tree_nodes: the most nodes of a tree (besides the engine's bound).
             Default 16.
+        learned: a second model-based head beside ``static`` (the learned
+            adaptive speculator, e.g. ``"learned_head"``), judged exactly like
+            it with its own estimates and drafting cost, or None. It never
+            replaces the static head: both stay candidates every step.
+        learned_prior: prior acceptance per position for the learned head.
+            Default 0.5.
+
+    Raises:
+        ValueError: no speculator at all, two with one name, ``explore_every < 0``,
+            ``explore_tokens < 1``, ``tree_width < 1`` or ``max_tree_nodes < 1``.
 
     Tree mode, per step: the adaptive speculator's speculation tree (its most
     frequent continuations), prompt lookup's matches, and, when its estimates
-    say it pays (as in chain mode), the static speculator's dynamic tree
-    (EAGLE-2) are merged (a shared prefix is one node). Each node's value is
+    say it pays (as in chain mode), the best head's dynamic tree (EAGLE-2;
+    the static or the learned head, one per step, the other by exploration)
+    are merged (a shared prefix is one node). Each node's value is
     the probability that it is accepted: the product along its path of the
     calibrated acceptance estimate of each node (the best of its claims;
     siblings exclude each other, so their estimates are scaled to sum to at
@@ -280,24 +318,30 @@ class ConfidenceAwareController(Controller):
         lookup: Optional[Speculator] = None,
         tree_width: int = 3,
         max_tree_nodes: int = 16,
+        learned: Optional[Speculator] = None,
+        learned_prior: float = 0.5,
     ) -> None:
-        if static is None and adaptive is None:
-            raise ValueError("ConfidenceAwareController needs a static or an adaptive speculator")
-        self.static, self.adaptive = static, adaptive
-        self.children = [s for s in (static, adaptive) if s is not None]
+        if static is None and adaptive is None and learned is None:
+            raise ValueError("ConfidenceAwareController needs a static, an adaptive or a learned speculator")
+        named = [s.name for s in (static, adaptive, learned, lookup) if s is not None]
+        if len(set(named)) != len(named):
+            raise ValueError(f"the controller's speculators need distinct names, got {named}")
+        self.static, self.adaptive, self.learned = static, adaptive, learned
+        self.children = [s for s in (static, adaptive, learned) if s is not None]
         self.lookup = lookup
         self.speculators = self.children + ([lookup] if lookup is not None else [])
         if tree_width < 1 or max_tree_nodes < 1:
             raise ValueError("tree_width and max_tree_nodes must be >= 1")
         self.tree, self.tree_width, self.max_tree_nodes = tree, tree_width, max_tree_nodes
         self.costs = cost_model or CostModel()
-        self.static_prior = static_prior
+        self.static_prior, self.learned_prior = static_prior, learned_prior
         self.max_lookahead = max_lookahead
         self.decay = decay
         if explore_every < 0 or explore_tokens < 1:
             raise ValueError("explore_every must be >= 0 and explore_tokens >= 1")
         self.explore_every, self.explore_tokens = explore_every, explore_tokens
-        self._static_idle: dict[str, int] = {}  # tenant -> steps since the static speculator last drafted
+        # (speculator, tenant) -> steps since its estimates were last fed (verified or judged in the shadow)
+        self._idle: dict[tuple[str, str], int] = {}
         self._estimators: dict[tuple[str, str, str], AcceptanceEstimator] = {}  # (speculator, tenant, mode)
         self._tenant_of: dict[str, str] = {}
         self._pending: dict[str, list[_PendingDraft]] = {}
@@ -316,11 +360,80 @@ class ConfidenceAwareController(Controller):
             est = self._estimators[key] = self._new_estimator(speculator)
         return est
 
-    def _new_estimator(self, speculator: str, max_positions: Optional[int] = None) -> AcceptanceEstimator:
-        prior = self.static_prior if self.static is not None and speculator == self.static.name else 0.3
+    def _default_prior(self, speculator: str) -> float:
         if speculator.endswith(ALT_SUFFIX):  # a tree's alternatives start doubtful
-            prior = 0.1
-        return AcceptanceEstimator(prior=prior, decay=self.decay, max_positions=max_positions or self.max_lookahead)
+            return 0.1
+        if self.static is not None and speculator == self.static.name:
+            return self.static_prior
+        if self.learned is not None and speculator == self.learned.name:
+            return self.learned_prior
+        return 0.3
+
+    def _new_estimator(self, speculator: str, max_positions: Optional[int] = None) -> AcceptanceEstimator:
+        return AcceptanceEstimator(prior=self._default_prior(speculator), decay=self.decay,
+                                   max_positions=max_positions or self.max_lookahead)
+
+    @property
+    def heads(self) -> list[Speculator]:
+        """The model-based drafters, static first (the floor), then the learned one; at most one drafts per step."""
+        return [s for s in (self.static, self.learned) if s is not None]
+
+    def reset_estimate(self, speculator: str, tenant: Optional[str] = None,
+                       prior: float | Sequence[float] | None = None, mode: Optional[str] = None) -> None:
+        """Forget ``speculator``'s acceptance history and start again from ``prior``.
+
+        For a learner that publishes a new version of a speculator (or rolls one
+        back) under the same name: the old version's history must not stick to
+        the new one. Both views are re-primed (per-position acceptance to
+        ``prior``, confidence calibration to its fresh prior, each with the
+        prior's pseudo-count of 2), tree mode's alternatives estimate
+        (``speculator + ":alt"``) too, and the drafts of that speculator still
+        waiting to be judged are dropped. The speculator is then due for
+        exploration, so its next steps judge the new version even where another
+        drafter carries the load.
+
+        Args:
+            speculator: the speculator's name (e.g. ``"learned_head"``).
+            tenant: whose estimates; None for every tenant that has some (tenants
+                without estimates start from the constructor's prior anyway).
+            prior: acceptance per draft position, each conditional on the earlier
+                positions accepted: one float for every position, or a list
+                (position i gets ``prior[i]``, positions past its end its last
+                value); each in [0, 1]. None: the constructor's prior for this
+                speculator (``static_prior``, ``learned_prior``, else 0.3).
+            mode: "greedy" or "sampled"; None for both.
+
+        Raises:
+            ValueError: a prior outside [0, 1], an empty prior list, or an unknown mode.
+        """
+        if mode not in (None, "greedy", "sampled"):
+            raise ValueError(f"mode must be 'greedy', 'sampled' or None, got {mode!r}")
+        if prior is None:
+            priors: list[float] = [self._default_prior(speculator)]
+        elif isinstance(prior, (int, float)):
+            priors = [float(prior)]
+        else:
+            priors = [float(p) for p in prior]
+        if not priors or not all(0.0 <= p <= 1.0 for p in priors):
+            raise ValueError(f"prior must be in [0, 1] (a float or a non-empty list), got {prior!r}")
+        modes = ("greedy", "sampled") if mode is None else (mode,)
+        tenants = ({te for (sp, te, _) in self._estimators if sp == speculator} | {te for (_, te) in self._idle})
+        tenants = tenants if tenant is None else {tenant}
+        for te in tenants:
+            for mo in modes:
+                est = self._new_estimator(speculator)
+                for i, b in enumerate(est.position):
+                    p = priors[min(i, len(priors) - 1)]
+                    b.accepted, b.rejected = p * est.prior_weight, (1.0 - p) * est.prior_weight
+                self._estimators[(speculator, te, mo)] = est
+                alt = (speculator + ALT_SUFFIX, te, mo)
+                if alt in self._estimators:
+                    self._estimators[alt] = self._new_estimator(alt[0])
+            if self.explore_every > 0:
+                self._idle[(speculator, te)] = self.explore_every
+        for rid, pend in self._pending.items():
+            if tenant is None or self._tenant_of.get(rid, DEFAULT_TENANT) == tenant:
+                pend[:] = [p for p in pend if getattr(p, "speculator", None) != speculator]
 
     # ---------------------------------------------------------------- lifecycle
     def start_request(self, request_id: str, prompt_ids: Sequence[int], tenant: str = DEFAULT_TENANT) -> None:
@@ -389,6 +502,7 @@ class ConfidenceAwareController(Controller):
         # confidence q(x) that says nothing about min(1, p/q): position estimates
         # then replace the confidence calibration.
         mode = "greedy" if is_greedy(ctx.temperature) else "sampled"
+        tenant = ctx.tenant
 
         def accept_probs(est: AcceptanceEstimator, d: DraftProposal) -> list[float]:
             if d.confidence and not (mode == "sampled" and d.draft_probs is not None):
@@ -401,7 +515,11 @@ class ConfidenceAwareController(Controller):
         pending: list[_PendingDraft] = []
         self._pending[ctx.request_id] = pending
         verify_ms, base = self._batch_cost(ctx)
+        plain_rate = 1000.0 * (base + 1.0) / max(verify_ms(1), 1e-6)
         plans: list[tuple[float, DraftProposal]] = []
+        # An exploration draft sampled from draft_probs cannot be judged in the
+        # shadow (see observe): it is verified instead, as this step's draft.
+        forced: Optional[DraftProposal] = None
 
         if self.adaptive is not None and bound > 0 and not self._futile(ctx, mode, verify_ms, bound, base):
             t0 = _time.perf_counter()
@@ -411,47 +529,106 @@ class ConfidenceAwareController(Controller):
             self.costs.observe_draft(self.adaptive.name, max(1, a.num_draft_tokens), dt * 1000)
             pending.append(pend(self.adaptive.name, a))
             if a.num_draft_tokens:
-                est = self.estimator(self.adaptive.name, ctx.tenant, mode)
+                est = self.estimator(self.adaptive.name, tenant, mode)
                 probs = accept_probs(est, a)
                 k, rate = choose_lookahead(probs, self.costs.draft_ms_per_token(self.adaptive.name), verify_ms,
                                            a.num_draft_tokens, base_tokens=base)
                 if k > 0:
                     plans.append((rate, _truncate(a, k, expected_emitted(probs[:k]))))
+                elif pending[-1].sampled_draft and self._due(self.adaptive.name, tenant):
+                    forced = _truncate(a, min(self.explore_tokens, a.num_draft_tokens))
 
-        if self.static is not None and bound > 0:
-            est = self.estimator(self.static.name, ctx.tenant, mode)
-            draft_ms = self.costs.draft_ms_per_token(self.static.name, default=2.0)
-            k, rate = choose_lookahead(est.position_probs(bound), draft_ms, verify_ms, bound, base_tokens=base)
-            best_other = max((r for r, _ in plans), default=1000.0 * (base + 1.0) / max(verify_ms(1), 1e-6))
-            idle = self._static_idle.get(ctx.tenant, 0)
-            pays = k > 0 and rate > best_other
-            explore = not pays and self.explore_every > 0 and idle >= self.explore_every
-            self._static_idle[ctx.tenant] = 0 if (pays or explore) else idle + 1
-            if explore:
-                k = min(self.explore_tokens, bound)
-            if pays or explore:
-                t0 = _time.perf_counter()
-                s = self._draft(self.static, ctx, k)
-                dt = _time.perf_counter() - t0
-                self._child_s += dt
-                self.costs.observe_draft(self.static.name, max(1, s.num_draft_tokens), dt * 1000)
-                # Not chosen, it is still judged in the shadow (see observe).
-                pending.append(pend(self.static.name, s))
-                if s.num_draft_tokens:
-                    probs = accept_probs(est, s)
-                    # drafting already paid
-                    k2, rate2 = choose_lookahead(probs, 0.0, verify_ms, s.num_draft_tokens, base_tokens=base)
-                    if k2 > 0:
-                        plans.append((rate2, _truncate(s, k2, expected_emitted(probs[:k2]))))
+        heads = self.heads
+        if heads and bound > 0:
+            # The model-based heads (static, learned): each one's expected tokens per
+            # second from its position estimates and measured drafting cost. At most
+            # one drafts for real, the best that beats every other plan; ties go to
+            # the static head (the floor). The others keep a chance by exploration.
+            best_other = max((r for r, _ in plans), default=plain_rate)
+            scored = []
+            for rank, h in enumerate(heads):
+                est = self.estimator(h.name, tenant, mode)
+                k, rate = choose_lookahead(est.position_probs(bound), self._head_draft_ms(h), verify_ms, bound,
+                                           base_tokens=base)
+                scored.append((rate, -rank, k, h))
+            payers = [(k, h) for rate, _, k, h in sorted(scored, key=lambda s: (s[0], s[1]), reverse=True)
+                      if k > 0 and rate > best_other]
+            first = payers[0][1] if payers else None
+            explorer = None
+            if self.explore_every > 0:
+                due = [h for h in heads if h is not first and self._due(h.name, tenant)]
+                if due:  # one exploration per step at most: the head idle longest
+                    explorer = max(due, key=lambda h: self._idle.get((h.name, tenant), 0))
 
-        if not plans:
+            def head_plan(h: Speculator, s: DraftProposal) -> None:
+                probs = accept_probs(self.estimator(h.name, tenant, mode), s)
+                # drafting already paid
+                k2, rate2 = choose_lookahead(probs, 0.0, verify_ms, s.num_draft_tokens, base_tokens=base)
+                if k2 > 0:
+                    plans.append((rate2, _truncate(s, k2, expected_emitted(probs[:k2]))))
+
+            explored = None
+            if explorer is not None:
+                e = self._draft_head(explorer, ctx, min(self.explore_tokens, bound))
+                if e.num_draft_tokens:  # empty: not available this step
+                    explored = explorer
+                    pending.append(pend(explorer.name, e))
+                    if pending[-1].sampled_draft:
+                        forced = e
+                    else:  # judged in the shadow; verified only if its draft beats every other plan
+                        head_plan(explorer, e)
+            if forced is None:
+                for k, h in payers:
+                    if h is explored:
+                        continue
+                    s = self._draft_head(h, ctx, k)
+                    if not s.num_draft_tokens:
+                        continue  # not available this step (e.g. no learned version for this tenant yet)
+                    # Not chosen, it is still judged in the shadow (see observe).
+                    pending.append(pend(h.name, s))
+                    head_plan(h, s)
+                    break  # one head drafts for real per step
+
+        best: Optional[DraftProposal] = None
+        if forced is not None:
+            best = forced
+        elif plans:
+            best = max(plans, key=lambda p: p[0])[1]
+        for p in pending:
+            p.chosen = best is not None and p.speculator == best.speculator
+        # Steps since each speculator's estimates were last fed (verified, or judged in the shadow).
+        fed = {p.speculator for p in pending if p.chosen or (p.token_ids and not p.sampled_draft)}
+        for s in ([self.adaptive] if self.adaptive is not None else []) + heads:
+            key = (s.name, tenant)
+            self._idle[key] = 0 if s.name in fed else self._idle.get(key, 0) + 1
+        if best is None:
             self.choices[NO_SPECULATOR] = self.choices.get(NO_SPECULATOR, 0) + 1
             return DraftProposal(speculator=NO_SPECULATOR)
-        _, best = max(plans, key=lambda p: p[0])
-        for p in pending:
-            p.chosen = p.speculator == best.speculator
         self.choices[best.speculator] = self.choices.get(best.speculator, 0) + 1
         return best
+
+    def _due(self, name: str, tenant: str) -> bool:
+        """Exploration is due: ``name``'s estimates for ``tenant`` were not fed for ``explore_every`` steps."""
+        return self.explore_every > 0 and self._idle.get((name, tenant), 0) >= self.explore_every
+
+    def _head_draft_ms(self, head: Speculator) -> float:
+        """Measured drafting ms per token of a model-based head. Before its first draft: the static
+        head's (the learned head has the same network), else 0 (optimistic, so that a head is measured
+        by drafting once rather than priced out by a guess: a draft model can cost a target forward)."""
+        default = 0.0
+        if self.static is not None and head is not self.static:
+            default = self.costs.draft_ms_per_token(self.static.name, default=0.0)
+        return self.costs.draft_ms_per_token(head.name, default=default)
+
+    def _draft_head(self, head: Speculator, ctx: ProposeContext, k: int) -> DraftProposal:
+        """Draft ``k`` tokens with a head, timed; an empty draft (not available) is not priced."""
+        t0 = _time.perf_counter()
+        d = self._draft(head, ctx, k)
+        dt = _time.perf_counter() - t0
+        self._child_s += dt
+        if d.num_draft_tokens:
+            self.costs.observe_draft(head.name, d.num_draft_tokens, dt * 1000)
+        return d
 
     _draft = staticmethod(draft_with)
 
@@ -515,26 +692,41 @@ class ConfidenceAwareController(Controller):
                 part = TokenTree.from_chain(self._timed(spec.name, lambda d: d.num_draft_tokens,
                                                         lambda: self._draft(spec, ctx, depth_cap)))
             tree.merge(part)
-        if self.static is not None:
-            est = self.estimator(self.static.name, ctx.tenant, mode)
-            draft_ms = self.costs.draft_ms_per_token(self.static.name, default=2.0)
-            k, rate = choose_lookahead(est.position_probs(depth_cap), draft_ms, verify_ms, depth_cap, base_tokens=base)
+        heads = self.heads
+        if heads:
+            # As in chain mode: at most one head's tree joins for real, the best by its
+            # estimates and drafting cost that beats the tree so far (ties: the static
+            # head); another head joins by exploration, judged with the whole tree.
             _, rate_now = size_tree(self._tree_values(tree, ctx.tenant, mode), tree.parents, verify_ms, node_bound,
                                     base_tokens=base)
-            idle = self._static_idle.get(ctx.tenant, 0)
-            pays = k > 0 and rate > rate_now
-            explore = not pays and self.explore_every > 0 and idle >= self.explore_every
-            self._static_idle[ctx.tenant] = 0 if (pays or explore) else idle + 1
-            if pays or explore:
-                depth = k if pays else min(self.explore_tokens, depth_cap)
-                static = self.static
-                if hasattr(static, "propose_tree"):
-                    part = self._timed(static.name, lambda t: t.max_depth,
-                                       lambda: static.propose_tree(ctx, max_depth=depth, width=self.tree_width))
-                else:
-                    part = TokenTree.from_chain(self._timed(static.name, lambda d: d.num_draft_tokens,
-                                                            lambda: self._draft(static, ctx, depth)))
-                tree.merge(part)
+            scored = []
+            for rank, h in enumerate(heads):
+                est = self.estimator(h.name, ctx.tenant, mode)
+                k, rate = choose_lookahead(est.position_probs(depth_cap), self._head_draft_ms(h), verify_ms,
+                                           depth_cap, base_tokens=base)
+                scored.append((rate, -rank, k, h))
+            payers = [(k, h) for rate, _, k, h in sorted(scored, key=lambda s: (s[0], s[1]), reverse=True)
+                      if k > 0 and rate > rate_now]
+            first = payers[0][1] if payers else None
+            due = [h for h in heads if h is not first and self._due(h.name, ctx.tenant)]
+            explorer = max(due, key=lambda h: self._idle.get((h.name, ctx.tenant), 0)) if due else None
+            merged: set[str] = set()
+            if explorer is not None:
+                part = self._head_tree(explorer, ctx, min(self.explore_tokens, depth_cap))
+                if part.num_nodes:  # empty: not available this step
+                    tree.merge(part)
+                    merged.add(explorer.name)
+            for k, h in payers:
+                if h is explorer:
+                    continue
+                part = self._head_tree(h, ctx, k)
+                if part.num_nodes:
+                    tree.merge(part)
+                    merged.add(h.name)
+                    break  # one head drafts for real per step
+            for h in heads:
+                key = (h.name, ctx.tenant)
+                self._idle[key] = 0 if h.name in merged else self._idle.get(key, 0) + 1
         values = self._tree_values(tree, ctx.tenant, mode)
         keep, _ = size_tree(values, tree.parents, verify_ms, node_bound, base_tokens=base)
         if not keep:
@@ -548,6 +740,22 @@ class ConfidenceAwareController(Controller):
         self._pending[ctx.request_id] = [_PendingTree(tree, mode)]  # type: ignore[list-item]
         self.choices["tree"] = self.choices.get("tree", 0) + 1
         return DraftProposal(speculator="tree", tree=sub, expected_tokens=1.0 + sum(values[i] for i in keep))
+
+    def _head_tree(self, head: Speculator, ctx: ProposeContext, depth: int) -> TokenTree:
+        """A head's candidate tree of ``depth`` levels (its chain where it has no ``propose_tree``), timed;
+        an empty one (not available) is not priced."""
+        t0 = _time.perf_counter()
+        if hasattr(head, "propose_tree"):
+            part = head.propose_tree(ctx, max_depth=depth, width=self.tree_width)
+            levels = part.max_depth
+        else:
+            chain = self._draft(head, ctx, depth)
+            part, levels = TokenTree.from_chain(chain), chain.num_draft_tokens
+        dt = _time.perf_counter() - t0
+        self._child_s += dt
+        if part.num_nodes:
+            self.costs.observe_draft(head.name, max(1, levels), dt * 1000)
+        return part
 
     def _tree_values(self, tree: TokenTree, tenant: str, mode: str) -> list[float]:
         """Per node: the estimated probability that it is accepted (product of per-node estimates along its path)."""

@@ -17,8 +17,10 @@ Systems are a registry of factories ``factory(target, options) -> BenchSystem``
   same weights, plain and with ``prompt_lookup_num_tokens`` (default 10);
 - ``ngram``: prompt lookup in this engine (no learned state);
 - ``suffix``: the adaptive suffix speculator only (learns across requests);
-- ``static``: the draft head only (``adaspec.speculators.draft_head``),
-  skipped when the model has no checkpoint;
+- ``static``: the draft head only (``adaspec.speculators.draft_head``) under
+  the confidence-aware controller, which drafts with it only where its
+  estimates say it pays (``adaspec generate --speculator static``; before
+  issue 15, the head at a fixed k), skipped when the model has no checkpoint;
 - ``atlas``: the confidence-aware controller
   (``adaspec.controller.ConfidenceAwareController``) over the static and an
   empty suffix speculator, built by :func:`adaspec.config.build_controller`
@@ -203,7 +205,8 @@ class SystemOptions:
         prompt_lookup_tokens: transformers' ``prompt_lookup_num_tokens`` and
             vLLM's n-gram ``num_speculative_tokens``. Default 10.
         atlas_lookahead: the most draft tokens the controller may choose per
-            step (as ``adaspec generate --speculator atlas``). Default 16.
+            step (as ``adaspec generate --speculator atlas``; the ``static``
+            system runs under the controller too). Default 16.
     """
 
     lookahead: int = DEFAULT_LOOKAHEAD
@@ -342,13 +345,14 @@ def register_system(name: str, factory: SystemFactory) -> None:
 
 
 def _static_factory(target: TargetModel, opts: SystemOptions) -> BenchSystem:
-    from adaspec.speculators.draft_head import load_static_speculator
-
+    # What `adaspec generate --speculator static` runs: the draft head alone under the
+    # confidence-aware controller (its estimates decide k and when not to draft).
     try:
-        spec = load_static_speculator(target)
-    except (FileNotFoundError, ValueError) as e:
+        controller = config.build_controller(
+            config.EngineConfig(model=target.name, speculator="static", lookahead=opts.atlas_lookahead), target)
+    except ValueError as e:  # no checkpoint for this model, or one that does not fit it
         raise SystemUnavailable(f"no draft head for {target.name}: {e}") from e
-    return EngineSystem("static", Engine(target, [spec], lookahead=opts.lookahead))
+    return EngineSystem("static", Engine(target, controller=controller))
 
 
 def _atlas_factory(target: TargetModel, opts: SystemOptions) -> BenchSystem:
