@@ -16,7 +16,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from adaspec.controller import ATLAS_MAX_LOOKAHEAD
 from adaspec.models import DEFAULT_MODEL
@@ -78,6 +78,11 @@ class EngineConfig:
             transformers), "lean" or "transformers".
         calibrate: measure the verify cost at start-up for the controller
             (``atlas``; ~3 s); False starts from a flat cost model.
+        online_learning: with ``atlas`` / ``atlas-tree``: add the learned head
+            (:mod:`adaspec.online`), a copy of the static head that a background
+            trainer process fine-tunes on each tenant's traffic and hot-swaps in,
+            as a third candidate of the controller; its versions persist under
+            ``<state_dir>/learned_head``. Default False.
     """
 
     model: str = DEFAULT_MODEL
@@ -91,6 +96,7 @@ class EngineConfig:
     threads: int | str = THREADS_AUTO
     runtime: str = "auto"
     calibrate: bool = True
+    online_learning: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
@@ -106,6 +112,8 @@ class EngineConfig:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.draft_model and self.speculator != "static":
             raise ValueError("--draft-model needs --speculator static")
+        if self.online_learning and self.speculator not in ("atlas", "atlas-tree"):
+            raise ValueError(f"--online-learning needs --speculator atlas or atlas-tree, got {self.speculator!r}")
         from adaspec.threads import parse_threads
 
         parse_threads(self.threads)
@@ -150,6 +158,11 @@ def add_speculator_arguments(p: argparse.ArgumentParser, state_help: str) -> Non
                    help="with --speculator static: a smaller causal LM with the target's tokenizer instead of the "
                         "draft head")
     p.add_argument("--state-dir", default=None, help=state_help)
+    p.add_argument("--online-learning", action="store_true",
+                   help="with atlas / atlas-tree: a learned draft head, fine-tuned on each tenant's traffic by a "
+                        "background trainer process (lowest CPU priority, one thread) and hot-swapped in as a "
+                        "third candidate beside the static and adaptive speculators; its versions persist under "
+                        "STATE_DIR/learned_head")
 
 
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -160,7 +173,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
     """
     cfg = EngineConfig()
     for name in ("model", "dtype", "speculator", "lookahead", "draft_model", "max_model_len", "state_dir",
-                 "tenant", "threads", "runtime"):
+                 "tenant", "threads", "runtime", "online_learning"):
         if hasattr(args, name):
             setattr(cfg, name, getattr(args, name))
     cfg.validate()
@@ -231,6 +244,30 @@ def static_speculator_or_none(target: "TargetModel") -> Optional["Speculator"]:
         return None
 
 
+def learned_speculator(cfg: EngineConfig, target: "TargetModel", draft_before_first_version: bool = False):
+    """The learned head for ``target`` (:func:`adaspec.online.learned.load_learned_speculator`), training online.
+
+    Raises:
+        ValueError: the model has no static head to start from.
+    """
+    from adaspec.online.learned import load_learned_speculator
+
+    try:
+        return load_learned_speculator(target, state_dir=cfg.state_dir,
+                                       draft_before_first_version=draft_before_first_version)
+    except FileNotFoundError:
+        raise ValueError(f"online learning starts from the static draft head, and {target.name} has none "
+                         "(train one with `adaspec train-speculator`)") from None
+
+
+def connect_learned(learned: Any, controller: "Controller") -> None:
+    """On every hot swap or rollback of ``learned``, re-prime the controller's estimates for it."""
+    def on_swap(tenant: str, version: int, info: dict) -> None:
+        controller.reset_estimate(learned.name, tenant)
+
+    learned.on_swap = on_swap
+
+
 def build_controller(cfg: EngineConfig, target: "TargetModel") -> "Controller":
     """The controller (with its speculators) that ``cfg.speculator`` names.
 
@@ -245,12 +282,19 @@ def build_controller(cfg: EngineConfig, target: "TargetModel") -> "Controller":
         from adaspec.speculators.suffix import SuffixSpeculator
 
         costs = calibrated_cost_model(target) if cfg.calibrate else CostModel()
+        learned = learned_speculator(cfg, target) if cfg.online_learning else None
         if name == "atlas":
-            return ConfidenceAwareController(static=static_speculator_or_none(target), adaptive=SuffixSpeculator(),
-                                             cost_model=costs, max_lookahead=k)
-        return ConfidenceAwareController(static=static_speculator_or_none(target), adaptive=SuffixSpeculator(),
-                                         cost_model=costs, max_lookahead=k, tree=True, lookup=NgramSpeculator(),
-                                         max_tree_nodes=k)
+            controller = ConfidenceAwareController(static=static_speculator_or_none(target),
+                                                   adaptive=SuffixSpeculator(), learned=learned, cost_model=costs,
+                                                   max_lookahead=k)
+        else:
+            controller = ConfidenceAwareController(static=static_speculator_or_none(target),
+                                                   adaptive=SuffixSpeculator(), learned=learned, cost_model=costs,
+                                                   max_lookahead=k, tree=True, lookup=NgramSpeculator(),
+                                                   max_tree_nodes=k)
+        if learned is not None:
+            connect_learned(learned, controller)
+        return controller
     if name == "none":
         return FixedController(None, 0)
     if name == "ngram":

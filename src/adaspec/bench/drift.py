@@ -25,6 +25,11 @@ Systems are a registry of factories ``factory(target, options) -> BenchSystem``
   (``adaspec.controller.ConfidenceAwareController``) over the static and an
   empty suffix speculator, built by :func:`adaspec.config.build_controller`
   exactly as ``adaspec generate --speculator atlas`` builds it;
+- ``atlas-learn``: ``atlas`` with online learning (``--online-learning``):
+  the learned head, fine-tuned by a background trainer process on this
+  system's own requests, is a third candidate of the controller;
+- ``learned``: the learned head alone under the controller, starting from the
+  static head's weights;
 - ``atlas-tree``: the same controller in tree mode (one token tree per
   step; :func:`adaspec.config.build_controller` with ``atlas-tree``), not in
   the default list;
@@ -401,7 +406,43 @@ def _floor_factory(name: str) -> SystemFactory:
 
 
 SYSTEMS.update({name: _floor_factory(name) for name in ("nothing", "random", "atlas-random")})
-SYSTEMS.update({"static": _static_factory, "atlas": _atlas_factory, "atlas-tree": _atlas_tree_factory})
+def _atlas_learn_factory(target: TargetModel, opts: SystemOptions) -> BenchSystem:
+    # What `adaspec generate --speculator atlas --online-learning` runs: atlas plus the
+    # learned head, trained by a background process on this system's own requests.
+    try:
+        controller = config.build_controller(config.EngineConfig(
+            model=target.name, speculator="atlas", lookahead=opts.atlas_lookahead, online_learning=True), target)
+    except ValueError as e:
+        raise SystemUnavailable(str(e)) from e
+    return _closing(EngineSystem("atlas-learn", Engine(target, controller=controller)))
+
+
+def _learned_factory(target: TargetModel, opts: SystemOptions) -> BenchSystem:
+    # The learned head alone under the controller: it starts as the static head's weights
+    # and is fine-tuned online on this system's own requests.
+    from adaspec.controller import ConfidenceAwareController
+
+    try:
+        learned = config.learned_speculator(config.EngineConfig(model=target.name), target,
+                                            draft_before_first_version=True)
+    except ValueError as e:
+        raise SystemUnavailable(str(e)) from e
+    controller = ConfidenceAwareController(learned=learned, cost_model=config.calibrated_cost_model(target),
+                                           max_lookahead=opts.atlas_lookahead)
+    config.connect_learned(learned, controller)
+    return _closing(EngineSystem("learned", Engine(target, controller=controller)))
+
+
+def _closing(system: EngineSystem) -> EngineSystem:
+    """Stop the system's background work (the online trainer) when the benchmark process exits."""
+    import atexit
+
+    atexit.register(system.engine.close)
+    return system
+
+
+SYSTEMS.update({"static": _static_factory, "atlas": _atlas_factory, "atlas-tree": _atlas_tree_factory,
+                "atlas-learn": _atlas_learn_factory, "learned": _learned_factory})
 
 
 def _vllm_factory(name: str, method: str) -> SystemFactory:

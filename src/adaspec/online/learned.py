@@ -228,6 +228,10 @@ class LearnedHeadSpeculator(DraftHeadSpeculator):
         rollback_min_drafts: judged draft tokens of a new version before a
             rollback is considered. Default 128.
         rollback_margin: acceptance-rate drop (absolute) that rolls back. Default 0.1.
+        draft_before_first_version: a tenant without a published version drafts
+            with the static head's weights (version 0) instead of not at all; for
+            running the learned head alone. Default False (beside the static
+            head, a copy of it adds nothing).
         seed / int8: as for :class:`DraftHeadSpeculator`.
 
     Attributes:
@@ -245,7 +249,8 @@ class LearnedHeadSpeculator(DraftHeadSpeculator):
     def __init__(self, static_net: DraftHeadNet, embed_weight: torch.Tensor, static_path: str | Path,
                  root: Optional[str | Path] = None, config: Optional[OnlineConfig] = None,
                  replay_path: Optional[str | Path] = None, train: bool = True, rollback_min_drafts: int = 128,
-                 rollback_margin: float = 0.1, seed: int = 0, int8: bool = True) -> None:
+                 rollback_margin: float = 0.1, draft_before_first_version: bool = False, seed: int = 0,
+                 int8: bool = True) -> None:
         self.config = config or OnlineConfig()
         self.config.validate()
         self._static_float = copy.deepcopy(static_net).eval()
@@ -268,6 +273,8 @@ class LearnedHeadSpeculator(DraftHeadSpeculator):
         self.rollbacks = 0
         self.docs_sent = 0
         self._loading: set[tuple[str, int]] = set()
+        self._loaded: list[tuple[str, int, DraftHeadNet, dict]] = []  # swaps ready, applied on the engine's thread
+        self._version0 = self.net if draft_before_first_version else None  # the static weights' drafting copy
         self._load_published()
 
     # ---------------------------------------------------------------- versions
@@ -325,7 +332,8 @@ class LearnedHeadSpeculator(DraftHeadSpeculator):
         def load() -> None:
             try:
                 net = self._prepare(load_version(self.root, tenant, version, self._static_float))
-                self._swap(tenant, version, net, info)
+                with self._lock:
+                    self._loaded.append((tenant, version, net, info))
             except Exception as e:  # a bad file must not stop serving: keep the current version
                 log.warning("learned head v%d of %r not loaded: %s", version, tenant, e)
             finally:
@@ -334,7 +342,12 @@ class LearnedHeadSpeculator(DraftHeadSpeculator):
         threading.Thread(target=load, name="adaspec-learned-load", daemon=True).start()
 
     def poll_trainer(self) -> None:
-        """Take the trainer's reports; start loading newly published versions (never blocks)."""
+        """Apply versions loaded since the last call; take the trainer's reports and start loading
+        newly published versions (never blocks). Called on the engine's thread, at request start."""
+        with self._lock:
+            ready, self._loaded = self._loaded, []
+        for tenant, version, net, info in ready:
+            self._swap(tenant, version, net, info)
         if self.client is None:
             return
         for msg in self.client.poll():
@@ -361,7 +374,7 @@ class LearnedHeadSpeculator(DraftHeadSpeculator):
         super().start_request(request_id, prompt_ids, tenant)
         cur = self._current.get(tenant)
         self._captures[request_id] = _Capture(tenant, len(prompt_ids), [int(t) for t in prompt_ids],
-                                              cur[0] if cur else 0, cur[1] if cur else None, private)
+                                              cur[0] if cur else 0, cur[1] if cur else self._version0, private)
 
     def observe_features(self, request_id: str, hidden: torch.Tensor, target_argmax: torch.Tensor) -> None:
         """The target's features at this step's committed positions.
@@ -510,7 +523,7 @@ class LearnedHeadSpeculator(DraftHeadSpeculator):
 
 def load_learned_speculator(target: Any, state_dir: Optional[str | Path] = None,
                             config: Optional[OnlineConfig] = None, train: bool = True,
-                            int8: bool = True) -> LearnedHeadSpeculator:
+                            draft_before_first_version: bool = False, int8: bool = True) -> LearnedHeadSpeculator:
     """The learned-head speculator for a loaded target, from its shipped static head and replay data.
 
     Args:
@@ -518,6 +531,7 @@ def load_learned_speculator(target: Any, state_dir: Optional[str | Path] = None,
         state_dir: where versions persist (``<state_dir>/learned_head``); None: a temporary folder.
         config: the trainer's settings.
         train: run the background trainer.
+        draft_before_first_version: see :class:`LearnedHeadSpeculator`.
 
     Raises:
         FileNotFoundError: no shipped static head for this target.
@@ -533,4 +547,5 @@ def load_learned_speculator(target: Any, state_dir: Optional[str | Path] = None,
     replay = shipped_replay_path(str(target.name))
     root = Path(state_dir) / "learned_head" if state_dir else None
     return LearnedHeadSpeculator(net, target_embedding_weight(target).float(), path, root=root, config=config,
-                                 replay_path=replay if replay.is_file() else None, train=train, int8=int8)
+                                 replay_path=replay if replay.is_file() else None, train=train,
+                                 draft_before_first_version=draft_before_first_version, int8=int8)
