@@ -187,3 +187,22 @@ def test_draw_follows_the_distribution_and_skips_zeros():
     for j, c in counts.items():
         assert abs(c / n - float(probs[j])) < 0.01, (j, c / n)
     assert draw(torch.tensor([0.0, 0.0, 1.0, 0.0]), g) == 2
+
+
+def test_seeded_noise_cache_changes_no_draft(tiny_target):
+    """A position drafted again reuses its cached noise: the same drafts as a speculator drafting it first."""
+    net = random_head(tiny_target, seed=8)
+    embed = target_embedding_weight(tiny_target)
+    prompt, hidden = contexts(tiny_target, 1, seed=4)[0]
+    kw = dict(temperature=0.9, top_p=0.9, seed=21)
+    cached = DraftHeadSpeculator(net, embed)
+    first = cached.propose(ProposeContext("r", prompt, len(prompt), hidden_state=hidden, **kw), 6)
+    longer = prompt + first.token_ids[:2]  # two drafts accepted: positions 2.. are drafted again
+    h2 = tiny_target.forward(tiny_target.new_cache(), longer[:-1]).hidden[-1]
+    ctx2 = ProposeContext("r", longer, len(prompt), hidden_state=h2, **kw)
+    assert set(cached._requests["r"].noise) == set(range(6))
+    again = cached.propose(ctx2, 6)
+    assert min(cached._requests["r"].noise) == 2  # positions before the next output position dropped
+    fresh = DraftHeadSpeculator(net, embed).propose(ctx2, 6)
+    assert again.token_ids == fresh.token_ids
+    assert torch.equal(again.draft_probs, fresh.draft_probs)

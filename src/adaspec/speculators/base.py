@@ -45,8 +45,8 @@ def draft_sampler(request_state: Any, ctx: ProposeContext, default: torch.Genera
 
 
 def draft_token(logits: torch.Tensor, ctx: ProposeContext, generator: Optional[torch.Generator],
-                step: int = 0, vocab_size: Optional[int] = None,
-                vocab_ids: Optional[torch.Tensor] = None) -> tuple[int, float, Optional[torch.Tensor]]:
+                step: int = 0, vocab_size: Optional[int] = None, vocab_ids: Optional[torch.Tensor] = None,
+                noise_cache: Optional[dict] = None) -> tuple[int, float, Optional[torch.Tensor]]:
     """Pick one draft token from a model-based speculator's logits (draft head, draft model).
 
     Greedy requests (``ctx.greedy``) take the argmax; sampled ones draw from the
@@ -62,6 +62,7 @@ def draft_token(logits: torch.Tensor, ctx: ProposeContext, generator: Optional[t
             (:func:`coupled_draft`; ``step`` is the token's index in the chain,
             ``vocab_ids`` the target ids of the ``V'`` entries); without it, the
             draft is drawn from ``generator``.
+        noise_cache: passed to :func:`coupled_draft`.
 
     Returns:
         ``(index into V', confidence = its probability, processed row [V'] or None when greedy)``.
@@ -71,7 +72,7 @@ def draft_token(logits: torch.Tensor, ctx: ProposeContext, generator: Optional[t
         return j, float(torch.softmax(logits, dim=-1)[j]), None
     probs = processed_row(logits, ctx.temperature, ctx.top_k, ctx.top_p)  # [V']
     if ctx.seed is not None and vocab_size is not None:
-        j = coupled_draft(probs, ctx, step, vocab_size, vocab_ids)
+        j = coupled_draft(probs, ctx, step, vocab_size, vocab_ids, noise_cache)
     else:
         j = draw(probs, generator)
     return j, float(probs[j]), probs
@@ -155,7 +156,7 @@ def draft_probs_matrix(rows: Sequence[torch.Tensor], vocab_size: int, columns: A
 
 
 def coupled_draft(probs: torch.Tensor, ctx: ProposeContext, step: int, vocab_size: int,
-                  vocab_ids: Optional[torch.Tensor] = None) -> int:
+                  vocab_ids: Optional[torch.Tensor] = None, noise_cache: Optional[dict] = None) -> int:
     """A seeded request's draft token, coupled with the verifier's noise (Daliri et al. 2024).
 
     The engine verifies a seeded request with :func:`adaspec.verify.verify_coupled`:
@@ -173,13 +174,21 @@ def coupled_draft(probs: torch.Tensor, ctx: ProposeContext, step: int, vocab_siz
         vocab_size: the target's vocabulary size V (width of its logits), which
             the noise must have to match the verifier's.
         vocab_ids: ``[Vd]`` int64 target ids of ``probs``' entries, or None.
+        noise_cache: output position -> the noise at ``vocab_ids`` (``[Vd]``),
+            filled here: a position drafted again (after a rejection) reuses
+            it instead of drawing V uniforms again. The caller keeps one per
+            request, seed and ``vocab_ids``; None: no cache.
 
     Returns:
         The index into ``probs`` of the drafted token.
     """
     position = len(ctx.token_ids) - ctx.num_prompt_tokens + step
-    noise = position_exponentials(int(ctx.seed), position, vocab_size)  # [V]
-    noise = noise[vocab_ids] if vocab_ids is not None else noise[: probs.shape[-1]]
+    noise = noise_cache.get(position) if noise_cache is not None else None
+    if noise is None:
+        noise = position_exponentials(int(ctx.seed), position, vocab_size)  # [V]
+        noise = noise[vocab_ids] if vocab_ids is not None else noise[: probs.shape[-1]]
+        if noise_cache is not None:
+            noise_cache[position] = noise
     return race_argmax(probs, noise)
 
 

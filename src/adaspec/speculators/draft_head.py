@@ -59,7 +59,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -620,6 +620,8 @@ class _RequestState:
     tokens: list[int]
     index: ContextIndex
     generator: Optional[torch.Generator] = None  # a seeded request's draft sampler
+    noise: dict = field(default_factory=dict)  # output position -> coupled-draft noise (see _noise_cache)
+    noise_key: Optional[tuple] = None  # (runtime, seed) the noise is for
 
 
 class DraftHeadSpeculator(Speculator):
@@ -743,6 +745,21 @@ class DraftHeadSpeculator(Speculator):
     def _sampler(self, st: _RequestState, ctx: ProposeContext) -> torch.Generator:
         return draft_sampler(st, ctx, self._generator)
 
+    def _noise_cache(self, st: _RequestState, rt: _DraftRuntime, ctx: ProposeContext) -> Optional[dict]:
+        """The request's coupled-draft noise per output position (:func:`coupled_draft`'s cache), or None.
+
+        Kept for one runtime (its draft vocabulary) and seed; positions before
+        the next output position are dropped (never drafted again).
+        """
+        if ctx.greedy or ctx.seed is None or not self.couple_seeded:
+            return None
+        if st.noise_key is None or st.noise_key[0] is not rt or st.noise_key[1] != ctx.seed:
+            st.noise, st.noise_key = {}, (rt, ctx.seed)
+        first = len(ctx.token_ids) - ctx.num_prompt_tokens
+        for position in [p for p in st.noise if p < first]:
+            del st.noise[position]
+        return st.noise
+
     @torch.inference_mode()
     def propose(self, ctx: ProposeContext, max_draft_tokens: int) -> DraftProposal:
         """Draft up to ``max_draft_tokens`` tokens; nothing when ``ctx.hidden_state`` is None."""
@@ -751,6 +768,7 @@ class DraftHeadSpeculator(Speculator):
         rt = self._runtime_for(ctx)
         st = self._sync(ctx)
         sampler = None if ctx.greedy else self._sampler(st, ctx)
+        noise = self._noise_cache(st, rt, ctx)
         seq = list(st.tokens)  # committed tokens, then the chain
         overlay = ContextIndex(rt.config.context_ngram)  # n-grams ending at the newest token or later
         feature = ctx.hidden_state.float().reshape(1, -1)  # [1, H]
@@ -769,7 +787,7 @@ class DraftHeadSpeculator(Speculator):
             else:
                 j, c, row = draft_token(logits, ctx, sampler, step=len(ids),
                                         vocab_size=self.vocab_size if self.couple_seeded else None,
-                                        vocab_ids=rt.draft_to_target)
+                                        vocab_ids=rt.draft_to_target, noise_cache=noise)
                 rows.append(row)
             token = d2t[j]
             ids.append(token)
@@ -833,7 +851,8 @@ class DraftHeadSpeculator(Speculator):
             for f, (cum, node, seq, overlay, _) in enumerate(frontier):
                 picks = list(zip(top_j[f].tolist(), top_p[f].tolist()))
                 if ctx.seed is not None and not ctx.greedy and self.couple_seeded:
-                    j = coupled_draft(probs[f], ctx, depth, self.vocab_size, rt.draft_to_target)
+                    j = coupled_draft(probs[f], ctx, depth, self.vocab_size, rt.draft_to_target,
+                                      self._noise_cache(st, rt, ctx))
                     picks = [(j, float(probs[f, j]))] + [pj for pj in picks if pj[0] != j][: width - 1]
                 for j, pr in picks:
                     if pr <= 0.0:
