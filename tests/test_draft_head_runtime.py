@@ -6,6 +6,7 @@ plain module forward (float32) or Int8Linear's documented int8 math written
 out in torch (int8), chained with the same context successors.
 """
 
+import random
 from collections import Counter
 
 import pytest
@@ -169,11 +170,14 @@ def test_sampled_draft_probs_are_the_drawn_distribution(tiny_target, params):
 
 def test_processed_row_is_process_logits():
     g = torch.Generator().manual_seed(0)
-    for i in range(600):
-        V = (8192, 300, 17, 64)[i % 4]
-        logits = torch.randn(V, generator=g) * (0.3, 2.0, 8.0)[i % 3]
-        t, k, p = (0.5, 0.8, 1.0, 1.4)[i % 4], (0, 0, 7, 40)[i % 4], (0.5, 0.8, 0.9, 0.95, 0.99, 1.0)[i % 6]
-        assert torch.equal(processed_row(logits, t, k, p), process_logits(logits.unsqueeze(0), t, k, p)[0]), (V, t, k, p)
+    rng = random.Random(0)
+    for _ in range(600):
+        V = rng.choice((8192, 300, 17, 64))
+        logits = torch.randn(V, generator=g) * rng.choice((0.3, 2.0, 8.0))
+        t, k = rng.choice((0.5, 0.8, 1.0, 1.4)), rng.choice((0, 0, 7, 40))
+        p = rng.choice((0.5, 0.8, 0.9, 0.95, 0.99, 1.0))
+        want = process_logits(logits.unsqueeze(0), t, k, p)[0]
+        assert torch.equal(processed_row(logits, t, k, p), want), (V, t, k, p)
     with pytest.raises(ValueError):
         processed_row(torch.zeros(4), 1.0, 0, 0.0)
 

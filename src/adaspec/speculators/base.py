@@ -132,7 +132,7 @@ def draw(probs: torch.Tensor, generator: Optional[torch.Generator]) -> int:
     drawn (its cumulative sum equals its predecessor's); float64 keeps each
     index's probability within ~1e-16 of ``probs[i] / sum``.
     """
-    cdf = np.cumsum(probs.numpy(), dtype=np.float64)  # [V']
+    cdf = np.cumsum(probs.detach().cpu().numpy(), dtype=np.float64)  # [V']
     v = float(torch.rand(1, dtype=torch.float64, generator=generator)) * float(cdf[-1])
     j = int(np.searchsorted(cdf, v, side="right"))
     if j >= cdf.shape[0]:  # v rounded up to the total: the last index with mass

@@ -439,9 +439,12 @@ def _int8_linear(weight: torch.Tensor, ext: Any) -> tuple[Callable[[torch.Tensor
 
     The weight is quantized by :class:`adaspec.quant.Int8Linear` (per output
     channel; its bit widths). With the lean core's extension ``ext`` the lean
-    int8 GEMM runs it (an exact integer dot product with the same scales, so
-    bitwise the same result as fbgemm's, and several times cheaper at M = 1);
-    else, or where the lean kernel refuses the shape, fbgemm does.
+    int8 GEMM runs it: Int8Linear's documented math exactly (``x_q =
+    round(x / s)``, an exact integer dot product, the same scales) and several
+    times cheaper than fbgemm at M = 1. fbgemm rounds ``x / s + zp`` instead,
+    so where ``x / s`` lies within float rounding of a half the two differ by
+    one quantization level (int8 rounding, rare). Without ``ext``, or where the
+    lean kernel refuses the shape, fbgemm runs it.
 
     Raises:
         RuntimeError: no fbgemm quantized engine on this CPU (Int8Linear needs it).
@@ -472,12 +475,14 @@ class _DraftRuntime:
     the float modules' weights), the gated-MLP blocks' gate and up projections
     fused into one matmul where int8 (per output row the same integer dot
     product and scales, so bitwise equal to the separate layers), the match
-    embeddings as rows, and the draft vocabulary as a list and a tensor. It
-    keeps no mutable state, so several threads may draft with one runtime.
+    embeddings as rows, and the draft vocabulary as a list and a tensor. Its
+    only mutable state is a bounded cache of normalised token embeddings (per
+    token id, each computed once), so several threads may draft with one runtime.
 
-    Math: :meth:`DraftHeadNet.forward` and :meth:`DraftHeadNet.logits` op for op
-    (the float runtime is bitwise the float net; the int8 one bitwise
-    :func:`quantize_head`'s copy), without the module call overhead.
+    Math: :meth:`DraftHeadNet.forward` and :meth:`DraftHeadNet.logits` op for op,
+    without the module call overhead: the float runtime is bitwise the float
+    net; the int8 one is :func:`quantize_head`'s copy with each linear's math
+    as :func:`_int8_linear` runs it (bitwise that copy where fbgemm runs it).
 
     Attributes:
         net: the float32 head (eval mode, no gradients) this runtime was built from.
