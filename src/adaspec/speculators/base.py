@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
 from adaspec.sampling import position_exponentials, process_logits, race_argmax
@@ -44,8 +45,8 @@ def draft_sampler(request_state: Any, ctx: ProposeContext, default: torch.Genera
 
 
 def draft_token(logits: torch.Tensor, ctx: ProposeContext, generator: Optional[torch.Generator],
-                step: int = 0, vocab_size: Optional[int] = None,
-                vocab_ids: Optional[torch.Tensor] = None) -> tuple[int, float, Optional[torch.Tensor]]:
+                step: int = 0, vocab_size: Optional[int] = None, vocab_ids: Optional[torch.Tensor] = None,
+                noise_cache: Optional[dict] = None) -> tuple[int, float, Optional[torch.Tensor]]:
     """Pick one draft token from a model-based speculator's logits (draft head, draft model).
 
     Greedy requests (``ctx.greedy``) take the argmax; sampled ones draw from the
@@ -61,6 +62,7 @@ def draft_token(logits: torch.Tensor, ctx: ProposeContext, generator: Optional[t
             (:func:`coupled_draft`; ``step`` is the token's index in the chain,
             ``vocab_ids`` the target ids of the ``V'`` entries); without it, the
             draft is drawn from ``generator``.
+        noise_cache: passed to :func:`coupled_draft`.
 
     Returns:
         ``(index into V', confidence = its probability, processed row [V'] or None when greedy)``.
@@ -68,12 +70,74 @@ def draft_token(logits: torch.Tensor, ctx: ProposeContext, generator: Optional[t
     if ctx.greedy:
         j = int(torch.argmax(logits))
         return j, float(torch.softmax(logits, dim=-1)[j]), None
-    probs = process_logits(logits.unsqueeze(0), ctx.temperature, ctx.top_k, ctx.top_p)[0]  # [V']
+    probs = processed_row(logits, ctx.temperature, ctx.top_k, ctx.top_p)  # [V']
     if ctx.seed is not None and vocab_size is not None:
-        j = coupled_draft(probs, ctx, step, vocab_size, vocab_ids)
+        j = coupled_draft(probs, ctx, step, vocab_size, vocab_ids, noise_cache)
     else:
-        j = int(torch.multinomial(probs, 1, generator=generator))
+        j = draw(probs, generator)
     return j, float(probs[j]), probs
+
+
+# top-p looks for its nucleus among this many of the most likely tokens first (then 8x more, ...)
+_NUCLEUS_FIRST = 64
+_NUCLEUS_MARGIN = 1e-6  # > the float32 rounding of a cumulative sum near 1 (~1.2e-7)
+
+
+def processed_row(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """:func:`adaspec.sampling.process_logits` for one row, without sorting the whole row for top-p.
+
+    The nucleus is found among the ``m`` most likely tokens (``torch.topk``,
+    ``m`` = 64, then 8x more until the top ``m`` hold more than ``top_p`` of
+    the mass, at most the row): the cumulative sums of the sorted prefix are those of the
+    full sort, so the kept set is process_logits' (up to the order of tied
+    probabilities, which any sort leaves open), and the kept probabilities are
+    renormalised with the same operations, so the row equals process_logits'.
+
+    Args:
+        logits: ``[V']`` float32.
+        temperature / top_k / top_p: as :func:`~adaspec.sampling.process_logits` (temperature > 0).
+
+    Returns:
+        ``[V']`` float32 probabilities summing to 1, zero outside the kept set.
+
+    Raises:
+        ValueError: as :func:`~adaspec.sampling.process_logits`.
+    """
+    if top_p >= 1.0 or not 0.0 < top_p:
+        return process_logits(logits.unsqueeze(0), temperature, top_k, top_p)[0]
+    probs = process_logits(logits.unsqueeze(0), temperature, top_k, 1.0)[0]  # [V']: temperature, top-k, softmax
+    V = probs.shape[-1]
+    m = min(_NUCLEUS_FIRST, V)
+    while True:
+        top, idx = torch.topk(probs, m)  # [m], sorted, largest first
+        cum = torch.cumsum(top, dim=-1)
+        # Every token past the top m has at least cum[-1] of mass before it, so it is dropped once
+        # that reaches top_p; the margin covers process_logits' float32 rounding of (cum - p).
+        if m == V or float(cum[-1]) >= top_p + _NUCLEUS_MARGIN:
+            break
+        m = min(8 * m, V)
+    drop_sorted = (cum - top) >= top_p  # process_logits' rule: drop once the mass before a token reaches top_p
+    drop_sorted[0] = False
+    kept = idx[~drop_sorted]
+    out = torch.zeros(V)  # process_logits' masked row, built from the kept entries (fewer passes over V')
+    out[kept] = probs[kept]
+    return out / out.sum(dim=-1, keepdim=True)
+
+
+def draw(probs: torch.Tensor, generator: Optional[torch.Generator]) -> int:
+    """One index drawn from ``probs`` (``[V']`` float32, non-negative, positive sum) with ``generator``.
+
+    Inverse transform sampling in float64: one uniform u, the first index whose
+    cumulative sum exceeds ``u * sum``. A zero-probability index is never
+    drawn (its cumulative sum equals its predecessor's); float64 keeps each
+    index's probability within ~1e-16 of ``probs[i] / sum``.
+    """
+    cdf = np.cumsum(probs.detach().cpu().numpy(), dtype=np.float64)  # [V']
+    v = float(torch.rand(1, dtype=torch.float64, generator=generator)) * float(cdf[-1])
+    j = int(np.searchsorted(cdf, v, side="right"))
+    if j >= cdf.shape[0]:  # v rounded up to the total: the last index with mass
+        j = int(np.flatnonzero(cdf < cdf[-1]).max(initial=-1)) + 1
+    return j
 
 
 def draft_probs_matrix(rows: Sequence[torch.Tensor], vocab_size: int, columns: Any) -> Optional[torch.Tensor]:
@@ -92,7 +156,7 @@ def draft_probs_matrix(rows: Sequence[torch.Tensor], vocab_size: int, columns: A
 
 
 def coupled_draft(probs: torch.Tensor, ctx: ProposeContext, step: int, vocab_size: int,
-                  vocab_ids: Optional[torch.Tensor] = None) -> int:
+                  vocab_ids: Optional[torch.Tensor] = None, noise_cache: Optional[dict] = None) -> int:
     """A seeded request's draft token, coupled with the verifier's noise (Daliri et al. 2024).
 
     The engine verifies a seeded request with :func:`adaspec.verify.verify_coupled`:
@@ -110,13 +174,21 @@ def coupled_draft(probs: torch.Tensor, ctx: ProposeContext, step: int, vocab_siz
         vocab_size: the target's vocabulary size V (width of its logits), which
             the noise must have to match the verifier's.
         vocab_ids: ``[Vd]`` int64 target ids of ``probs``' entries, or None.
+        noise_cache: output position -> the noise at ``vocab_ids`` (``[Vd]``),
+            filled here: a position drafted again (after a rejection) reuses
+            it instead of drawing V uniforms again. The caller keeps one per
+            request, seed and ``vocab_ids``; None: no cache.
 
     Returns:
         The index into ``probs`` of the drafted token.
     """
     position = len(ctx.token_ids) - ctx.num_prompt_tokens + step
-    noise = position_exponentials(int(ctx.seed), position, vocab_size)  # [V]
-    noise = noise[vocab_ids] if vocab_ids is not None else noise[: probs.shape[-1]]
+    noise = noise_cache.get(position) if noise_cache is not None else None
+    if noise is None:
+        noise = position_exponentials(int(ctx.seed), position, vocab_size)  # [V]
+        noise = noise[vocab_ids] if vocab_ids is not None else noise[: probs.shape[-1]]
+        if noise_cache is not None:
+            noise_cache[position] = noise
     return race_argmax(probs, noise)
 
 

@@ -56,10 +56,12 @@ imports transformers: it reads only tensors from the target object.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -415,6 +417,202 @@ def shipped_checkpoint_path(target_name: str) -> Path:
     return Path(__file__).resolve().parent.parent / "data" / f"draft_head-{target_name}.safetensors"
 
 
+# ---------------------------------------------------------------- the drafting runtime
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:class:`RMSNorm`'s exact operations (bitwise its result), optionally written into ``out``."""
+    r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return torch.mul(x * r, weight, out=out) if out is not None else x * r * weight
+
+
+def _lean_kernel_or_none() -> Any:
+    """The lean core's compiled extension (:func:`adaspec.model.build.lean_kernel`), or None where it is unavailable."""
+    try:
+        from adaspec.model.build import lean_kernel
+
+        return lean_kernel()
+    except (RuntimeError, ImportError):
+        return None
+
+
+def _int8_linear(weight: torch.Tensor, ext: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """An int8 ``[M, K] -> [M, N]`` linear for a ``[N, K]`` float weight, and which kernel runs it.
+
+    The weight is quantized by :class:`adaspec.quant.Int8Linear` (per output
+    channel; its bit widths). With the lean core's extension ``ext`` the lean
+    int8 GEMM runs it: Int8Linear's documented math exactly (``x_q =
+    round(x / s)``, an exact integer dot product, the same scales) and several
+    times cheaper than fbgemm at M = 1. fbgemm rounds ``x / s + zp`` instead,
+    so where ``x / s`` lies within float rounding of a half the two differ by
+    one quantization level (int8 rounding, rare). Without ``ext``, or where the
+    lean kernel refuses the shape, fbgemm runs it.
+
+    Raises:
+        RuntimeError: no fbgemm quantized engine on this CPU (Int8Linear needs it).
+    """
+    from adaspec.quant import Int8Linear
+
+    lin = Int8Linear(weight)
+    if ext is not None:
+        try:
+            handle = ext.make_linear(lin._w_int8.contiguous(), lin.w_scale.float().contiguous(), None, None,
+                                     lin.activation_bits)
+            return functools.partial(ext.linear, handle), "lean"
+        except RuntimeError:  # e.g. in_features not a multiple of 8
+            pass
+    return lin.forward, "fbgemm"
+
+
+_NORMED_CACHE_ROWS = 4096  # normalised embeddings a runtime caches per norm (~9 MB at H = 576)
+
+
+class _DraftRuntime:
+    """Everything drafting derives from one :class:`DraftHeadNet`, built once by
+    :meth:`DraftHeadSpeculator._prepare`.
+
+    A request drafts with one runtime from its start to its end, so a head
+    swapped in later (a new runtime) never mixes with the old one inside a
+    request. Holds: the float net, its ``[M, K] -> [M, N]`` linears (int8, or
+    the float modules' weights), the gated-MLP blocks' gate and up projections
+    fused into one matmul where int8 (per output row the same integer dot
+    product and scales, so bitwise equal to the separate layers), the match
+    embeddings as rows, and the draft vocabulary as a list and a tensor. Its
+    only mutable state is a bounded cache of normalised token embeddings (per
+    token id, each computed once), so several threads may draft with one runtime.
+
+    Math: :meth:`DraftHeadNet.forward` and :meth:`DraftHeadNet.logits` op for op,
+    without the module call overhead: the float runtime is bitwise the float
+    net; the int8 one is :func:`quantize_head`'s copy with each linear's math
+    as :func:`_int8_linear` runs it (bitwise that copy where fbgemm runs it).
+
+    Attributes:
+        net: the float32 head (eval mode, no gradients) this runtime was built from.
+        config: ``net.config``.
+        int8: whether the linears run in int8.
+        kernel: "lean", "fbgemm" or "float32": what runs the linears (the LM head's kernel when mixed).
+        draft_to_target: ``[Vd]`` int64 target id of each draft id; draft_to_target_list: the same as a list.
+    """
+
+    def __init__(self, net: DraftHeadNet, int8: bool) -> None:
+        self.net = net
+        self.config = cfg = net.config
+        self.hidden_size = cfg.hidden_size
+        self.eps = cfg.rms_norm_eps
+        self.draft_to_target = net.draft_to_target
+        self.draft_to_target_list: list[int] = net.draft_to_target.tolist()
+        self.feature_norm_w = net.feature_norm.weight
+        self.token_norm_w = net.token_norm.weight
+        self.successor_norm_w = net.successor_norm.weight
+        self.out_norm_w = net.out_norm.weight
+        self.match_rows = [net.match_embed.weight[n : n + 1] for n in range(cfg.context_ngram + 1)]  # [1, H] each
+        self._token_rows: dict[int, torch.Tensor] = {}  # token id -> [1, H] token_norm(embedding)
+        self._successor_rows: dict[int, torch.Tensor] = {}  # token id -> [1, H] successor_norm(embedding)
+        self.int8 = False
+        self.kernel = "float32"
+        if int8:
+            try:
+                self._build_int8()
+                self.int8 = True
+            except (RuntimeError, ImportError):
+                pass  # no fbgemm here: draft in float32
+        if not self.int8:
+            self._build_float()
+
+    def _build_float(self) -> None:
+        net = self.net
+        self.fc_in = functools.partial(nn.functional.linear, weight=net.fc_in.weight)
+        # (norm weight, gate, up, down, None): the float blocks keep separate gate and up matmuls
+        self.blocks = [(b.norm.weight, functools.partial(nn.functional.linear, weight=b.gate.weight),
+                        functools.partial(nn.functional.linear, weight=b.up.weight),
+                        functools.partial(nn.functional.linear, weight=b.down.weight), None) for b in net.blocks]
+        lm_head_t = net.lm_head.t()
+        self.lm_head = lambda x: x @ lm_head_t  # as DraftHeadNet.logits
+        self.kernel = "float32"
+
+    def _build_int8(self) -> None:
+        net = self.net
+        ext = _lean_kernel_or_none()
+        self.fc_in, _ = _int8_linear(net.fc_in.weight, ext)
+        self.blocks = []
+        for b in net.blocks:
+            gate_up, _ = _int8_linear(torch.cat([b.gate.weight, b.up.weight]), ext)  # [2I, H]
+            down, _ = _int8_linear(b.down.weight, ext)
+            self.blocks.append((b.norm.weight, gate_up, None, down, b.gate.out_features))
+        self.lm_head, self.kernel = _int8_linear(net.lm_head, ext)
+
+    def step(self, feature: torch.Tensor, embed: torch.Tensor, token: int, successor: int,
+             match_length: int) -> torch.Tensor:
+        """One chain step, :meth:`forward` for one row from token ids (bitwise the same result).
+
+        The normalised embeddings of a token (as the token and as a context
+        successor) depend on its id alone and are cached per id.
+
+        Args:
+            feature: ``[1, H]`` float32.
+            embed: ``[V, H]`` float32 target embeddings.
+            token: the token's id; successor: its context successor's id, used when ``match_length > 0``.
+
+        Returns:
+            ``[1, H]`` float32 predicted feature.
+        """
+        H, eps = self.hidden_size, self.eps
+        x = torch.empty(1, 3 * H)  # [1, 3H], the concatenated normalised inputs
+        _rms_norm(feature, self.feature_norm_w, eps, out=x[:, :H])
+        x[:, H : 2 * H] = self._normed(self._token_rows, embed, token, self.token_norm_w)
+        if match_length:
+            x[:, 2 * H :] = self._normed(self._successor_rows, embed, successor, self.successor_norm_w)
+        else:
+            x[:, 2 * H :].zero_()  # the norm of a zero row is zero
+        return self._rest(x, self.match_rows[match_length])
+
+    def _normed(self, cache: dict, embed: torch.Tensor, token: int, weight: torch.Tensor) -> torch.Tensor:
+        row = cache.get(token)
+        if row is None:
+            if len(cache) >= _NORMED_CACHE_ROWS:
+                cache.clear()
+            row = cache[token] = _rms_norm(embed[token].unsqueeze(0), weight, self.eps)  # [1, H]
+        return row
+
+    def forward(self, feature: torch.Tensor, token_emb: torch.Tensor, successor_emb: Optional[torch.Tensor],
+                match: torch.Tensor) -> torch.Tensor:
+        """:meth:`DraftHeadNet.forward` for M rows.
+
+        Args:
+            feature, token_emb: ``[M, H]`` float32.
+            successor_emb: ``[M, H]`` float32 (zero rows where none), or None: no row has a successor.
+            match: ``[M, H]`` (or ``[1, H]`` for M = 1) float32 match embeddings (:attr:`match_rows`).
+
+        Returns:
+            ``[M, H]`` float32 predicted features.
+        """
+        H, eps = self.hidden_size, self.eps
+        x = torch.empty(feature.shape[0], 3 * H)  # [M, 3H], the concatenated normalised inputs
+        _rms_norm(feature, self.feature_norm_w, eps, out=x[:, :H])
+        _rms_norm(token_emb, self.token_norm_w, eps, out=x[:, H : 2 * H])
+        if successor_emb is None:
+            x[:, 2 * H :].zero_()  # the norm of a zero row is zero
+        else:
+            _rms_norm(successor_emb, self.successor_norm_w, eps, out=x[:, 2 * H :])
+        return self._rest(x, match)
+
+    def _rest(self, x: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
+        """From the ``[M, 3H]`` normalised inputs to the ``[M, H]`` predicted features."""
+        eps = self.eps
+        x = self.fc_in(x).add_(match)  # [M, H]
+        for norm_w, gate, up, down, inter in self.blocks:
+            h = _rms_norm(x, norm_w, eps)
+            if up is None:  # fused [M, 2I]
+                gu = gate(h)
+                a = nn.functional.silu(gu[:, :inter]) * gu[:, inter:]
+            else:
+                a = nn.functional.silu(gate(h)) * up(h)
+            x = x + down(a)
+        return _rms_norm(x, self.out_norm_w, eps)
+
+    def logits(self, feature: torch.Tensor) -> torch.Tensor:
+        """``[M, H]`` features -> ``[M, Vd]`` float32 draft-vocabulary logits."""
+        return self.lm_head(feature)
+
+
 # ---------------------------------------------------------------- the speculator
 @dataclass
 class _RequestState:
@@ -427,6 +625,8 @@ class _RequestState:
     tokens: list[int]
     index: ContextIndex
     generator: Optional[torch.Generator] = None  # a seeded request's draft sampler
+    noise: dict = field(default_factory=dict)  # output position -> coupled-draft noise (see _noise_cache)
+    noise_key: Optional[tuple] = None  # (runtime, seed) the noise is for
 
 
 class DraftHeadSpeculator(Speculator):
@@ -454,12 +654,18 @@ class DraftHeadSpeculator(Speculator):
         net: the trained head (float32, eval mode).
         embed_weight: ``[V, H]`` float32, the target's input embeddings.
         seed: seed of the draft sampler. Default 0.
-        int8: draft with :func:`quantize_head`'s int8 copy (about 3x cheaper
-            per draft token here); falls back to float32 where fbgemm is
+        int8: draft with int8 linears (the weights as :func:`quantize_head`
+            quantizes them; the lean core's int8 kernel runs them where it is
+            built, else fbgemm); falls back to float32 where fbgemm is
             missing. Default True.
 
     Attributes:
-        int8: whether drafting actually runs in int8.
+        runtime: the :class:`_DraftRuntime` new requests draft with, built by
+            :meth:`_prepare`; :meth:`_runtime_for` picks a request's runtime
+            (a subclass that swaps heads keeps each request on the runtime it
+            started with).
+        net: the runtime's float32 head (a frozen copy of ``net``).
+        int8: whether the runtime actually drafts in int8.
 
     Raises:
         ValueError: if ``embed_weight`` does not match the head's shape.
@@ -470,33 +676,50 @@ class DraftHeadSpeculator(Speculator):
     provides_draft_probs = True
 
     def __init__(self, net: DraftHeadNet, embed_weight: torch.Tensor, seed: int = 0, int8: bool = True) -> None:
-        cfg = net.config
-        if tuple(embed_weight.shape) != (cfg.target_vocab_size, cfg.hidden_size):
-            raise ValueError(
-                f"target embeddings have shape {tuple(embed_weight.shape)}; the draft head was built for "
-                f"vocabulary {cfg.target_vocab_size} x hidden {cfg.hidden_size}"
-            )
-        net = net.eval()
-        for p in net.parameters():
-            p.requires_grad_(False)
-        self.int8 = False
-        if int8:
-            try:
-                net, self.int8 = quantize_head(net), True
-            except (RuntimeError, ImportError):
-                pass  # no fbgemm here: draft in float32
-        self.net = net
         self.embed = embed_weight  # [V, H], shared with the target (not copied)
-        self.vocab_size = cfg.target_vocab_size
+        self.vocab_size = int(embed_weight.shape[0])
         self.seed = seed
-        self._draft_to_target: list[int] = net.draft_to_target.tolist()
-        self._zero = torch.zeros(1, cfg.hidden_size)
-        self._match_ids = [torch.tensor([n]) for n in range(cfg.context_ngram + 1)]
+        self._int8_wanted = int8
+        self.runtime = self._prepare(net)  # the head new requests draft with (see _runtime_for)
         self._requests: dict[str, _RequestState] = {}
         self._generator = torch.Generator().manual_seed(seed)
         # Seeded requests draft with the verifier's noise; False draws them independently
         # (request_draft_generator), which only the acceptance benchmark wants.
         self.couple_seeded = True
+
+    @property
+    def net(self) -> DraftHeadNet:
+        """The float32 head of :attr:`runtime` (eval mode, no gradients; a copy of the one passed in)."""
+        return self.runtime.net
+
+    @property
+    def int8(self) -> bool:
+        """Whether :attr:`runtime` drafts in int8."""
+        return self.runtime.int8
+
+    def _prepare(self, net: DraftHeadNet) -> _DraftRuntime:
+        """Everything drafting needs from ``net``, in one object (see :class:`_DraftRuntime`).
+
+        ``net`` is copied (later edits to it, e.g. further training, never reach
+        the runtime), frozen, and quantized when the speculator drafts in int8.
+
+        Raises:
+            ValueError: if the target embeddings do not match the head's shape.
+        """
+        cfg = net.config
+        if tuple(self.embed.shape) != (cfg.target_vocab_size, cfg.hidden_size):
+            raise ValueError(
+                f"target embeddings have shape {tuple(self.embed.shape)}; the draft head was built for "
+                f"vocabulary {cfg.target_vocab_size} x hidden {cfg.hidden_size}"
+            )
+        net = copy.deepcopy(net).eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return _DraftRuntime(net, self._int8_wanted)
+
+    def _runtime_for(self, ctx: ProposeContext) -> _DraftRuntime:
+        """The runtime that drafts for ``ctx``'s request: here always :attr:`runtime`."""
+        return self.runtime
 
     # ---------------------------------------------------------------- lifecycle
     def start_request(self, request_id: str, prompt_ids: Sequence[int], tenant: str = DEFAULT_TENANT) -> None:
@@ -527,38 +750,57 @@ class DraftHeadSpeculator(Speculator):
     def _sampler(self, st: _RequestState, ctx: ProposeContext) -> torch.Generator:
         return draft_sampler(st, ctx, self._generator)
 
+    def _noise_cache(self, st: _RequestState, rt: _DraftRuntime, ctx: ProposeContext) -> Optional[dict]:
+        """The request's coupled-draft noise per output position (:func:`coupled_draft`'s cache), or None.
+
+        Kept for one runtime (its draft vocabulary) and seed; positions before
+        the next output position are dropped (never drafted again).
+        """
+        if ctx.greedy or ctx.seed is None or not self.couple_seeded:
+            return None
+        if st.noise_key is None or st.noise_key[0] is not rt or st.noise_key[1] != ctx.seed:
+            st.noise, st.noise_key = {}, (rt, ctx.seed)
+        first = len(ctx.token_ids) - ctx.num_prompt_tokens
+        for position in [p for p in st.noise if p < first]:
+            del st.noise[position]
+        return st.noise
+
     @torch.inference_mode()
     def propose(self, ctx: ProposeContext, max_draft_tokens: int) -> DraftProposal:
         """Draft up to ``max_draft_tokens`` tokens; nothing when ``ctx.hidden_state`` is None."""
         if ctx.hidden_state is None or max_draft_tokens <= 0 or not ctx.token_ids:
             return DraftProposal(speculator=self.name)
+        rt = self._runtime_for(ctx)
         st = self._sync(ctx)
         sampler = None if ctx.greedy else self._sampler(st, ctx)
+        noise = self._noise_cache(st, rt, ctx)
         seq = list(st.tokens)  # committed tokens, then the chain
-        overlay = ContextIndex(self.net.config.context_ngram)  # n-grams ending at the newest token or later
+        overlay = ContextIndex(rt.config.context_ngram)  # n-grams ending at the newest token or later
         feature = ctx.hidden_state.float().reshape(1, -1)  # [1, H]
+        embed, d2t = self.embed, rt.draft_to_target_list
         ids: list[int] = []
         conf: list[float] = []
         rows: list[torch.Tensor] = []  # [Vd] each, sampled requests only
         for _ in range(max_draft_tokens):
             t = len(seq) - 1
             succ, n = st.index.successor(seq, t, overlay)
-            succ_emb = self.embed[succ].unsqueeze(0) if n else self._zero  # [1, H]
-            feature = self.net(feature, self.embed[seq[t]].unsqueeze(0), succ_emb, self._match_ids[n])  # [1, H]
-            logits = self.net.logits(feature)  # [1, Vd]
-            j, c, row = draft_token(logits[0], ctx, sampler, step=len(ids),
-                                    vocab_size=self.vocab_size if self.couple_seeded else None,
-                                    vocab_ids=self.net.draft_to_target)
-            if row is not None:
+            feature = rt.step(feature, embed, seq[t], succ, n)  # [1, H]
+            logits = rt.logits(feature)[0]  # [Vd]
+            if sampler is None:  # greedy: draft_token's argmax, without its call
+                j = int(logits.numpy().argmax())  # torch.argmax's answer (the first maximum), cheaper at this size
+                c = float(torch.softmax(logits, dim=-1)[j])
+            else:
+                j, c, row = draft_token(logits, ctx, sampler, step=len(ids),
+                                        vocab_size=self.vocab_size if self.couple_seeded else None,
+                                        vocab_ids=rt.draft_to_target, noise_cache=noise)
                 rows.append(row)
-            token = self._draft_to_target[j]
+            token = d2t[j]
             ids.append(token)
             conf.append(c)
             overlay.add(seq, t)
             seq.append(token)
-        draft_probs = draft_probs_matrix(rows, self.vocab_size, self.net.draft_to_target)
+        draft_probs = draft_probs_matrix(rows, self.vocab_size, rt.draft_to_target)
         return DraftProposal(token_ids=ids, draft_probs=draft_probs, confidence=conf, speculator=self.name)
-
 
     @torch.inference_mode()
     def propose_tree(self, ctx: ProposeContext, max_depth: int, width: int = 3) -> TokenTree:
@@ -586,8 +828,9 @@ class DraftHeadSpeculator(Speculator):
         tree = TokenTree()
         if ctx.hidden_state is None or max_depth <= 0 or width <= 0 or not ctx.token_ids:
             return tree
+        rt = self._runtime_for(ctx)
         st = self._sync(ctx)
-        cfg = self.net.config
+        cfg = rt.config
         # frontier entries: (cumulative prob, node, sequence, overlay, feature [H])
         frontier = [(1.0, -1, list(st.tokens), ContextIndex(cfg.context_ngram), ctx.hidden_state.float())]
         for depth in range(max_depth):
@@ -601,8 +844,9 @@ class DraftHeadSpeculator(Speculator):
                 matches.append(n)
             match_t = torch.tensor(matches, dtype=torch.long)
             succ_emb = successor_inputs(self.embed, torch.tensor(succs, dtype=torch.long), match_t)  # [F, H]
-            out = self.net(torch.stack(feats), self.embed[torch.tensor(toks)], succ_emb, match_t)  # [F, H]
-            logits = self.net.logits(out)  # [F, Vd]
+            match = rt.net.match_embed.weight[match_t]  # [F, H]
+            out = rt.forward(torch.stack(feats), self.embed[torch.tensor(toks)], succ_emb, match)  # [F, H]
+            logits = rt.logits(out)  # [F, Vd]
             if ctx.greedy:
                 probs = torch.softmax(logits.float(), dim=-1)
             else:
@@ -612,12 +856,13 @@ class DraftHeadSpeculator(Speculator):
             for f, (cum, node, seq, overlay, _) in enumerate(frontier):
                 picks = list(zip(top_j[f].tolist(), top_p[f].tolist()))
                 if ctx.seed is not None and not ctx.greedy and self.couple_seeded:
-                    j = coupled_draft(probs[f], ctx, depth, self.vocab_size, self.net.draft_to_target)
+                    j = coupled_draft(probs[f], ctx, depth, self.vocab_size, rt.draft_to_target,
+                                      self._noise_cache(st, rt, ctx))
                     picks = [(j, float(probs[f, j]))] + [pj for pj in picks if pj[0] != j][: width - 1]
                 for j, pr in picks:
                     if pr <= 0.0:
                         continue
-                    token = self._draft_to_target[j]
+                    token = rt.draft_to_target_list[j]
                     c = cum * pr
                     child = tree.add(node, token, TreeClaim(self.name, None, float(pr)), c)
                     candidates.append((c, child, seq, overlay, out[f], token))
