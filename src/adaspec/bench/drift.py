@@ -30,6 +30,9 @@ Systems are a registry of factories ``factory(target, options) -> BenchSystem``
   system's own requests, is a third candidate of the controller;
 - ``learned``: the learned head alone under the controller, starting from the
   static head's weights;
+- ``static-fixed`` / ``learned-fixed``: the static / learned head drafting
+  ``--lookahead`` tokens at every step (no controller): the heads' own
+  acceptance on the same requests;
 - ``atlas-tree``: the same controller in tree mode (one token tree per
   step; :func:`adaspec.config.build_controller` with ``atlas-tree``), not in
   the default list;
@@ -433,6 +436,31 @@ def _learned_factory(target: TargetModel, opts: SystemOptions) -> BenchSystem:
     return _closing(EngineSystem("learned", Engine(target, controller=controller)))
 
 
+def _static_fixed_factory(target: TargetModel, opts: SystemOptions) -> BenchSystem:
+    # The static head drafting k = --lookahead tokens every step: measures the head itself.
+    from adaspec.controller import FixedController
+    from adaspec.speculators.draft_head import load_static_speculator
+
+    try:
+        spec = load_static_speculator(target)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemUnavailable(f"no draft head for {target.name}: {e}") from e
+    return EngineSystem("static-fixed", Engine(target, controller=FixedController(spec, opts.lookahead)))
+
+
+def _learned_fixed_factory(target: TargetModel, opts: SystemOptions) -> BenchSystem:
+    # The learned head drafting k = --lookahead tokens every step, fine-tuned online on
+    # this system's requests (it starts as the static head): compare with static-fixed.
+    from adaspec.controller import FixedController
+
+    try:
+        learned = config.learned_speculator(config.EngineConfig(model=target.name), target,
+                                            draft_before_first_version=True)
+    except ValueError as e:
+        raise SystemUnavailable(str(e)) from e
+    return _closing(EngineSystem("learned-fixed", Engine(target, controller=FixedController(learned, opts.lookahead))))
+
+
 def _closing(system: EngineSystem) -> EngineSystem:
     """Stop the system's background work (the online trainer) when the benchmark process exits."""
     import atexit
@@ -442,7 +470,8 @@ def _closing(system: EngineSystem) -> EngineSystem:
 
 
 SYSTEMS.update({"static": _static_factory, "atlas": _atlas_factory, "atlas-tree": _atlas_tree_factory,
-                "atlas-learn": _atlas_learn_factory, "learned": _learned_factory})
+                "atlas-learn": _atlas_learn_factory, "learned": _learned_factory,
+                "static-fixed": _static_fixed_factory, "learned-fixed": _learned_fixed_factory})
 
 
 def _vllm_factory(name: str, method: str) -> SystemFactory:

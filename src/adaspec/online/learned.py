@@ -54,7 +54,7 @@ import torch
 from adaspec.online.buffer import doc_from_capture
 from adaspec.online.trainer import OnlineConfig, recv_message, send_message
 from adaspec.online.versions import CURRENT_FILE, head_digest, load_version, tenant_key
-from adaspec.speculators.draft_head import DraftHeadNet, DraftHeadSpeculator, quantize_head
+from adaspec.speculators.draft_head import DraftHeadNet, DraftHeadSpeculator, _DraftRuntime
 from adaspec.types import DEFAULT_TENANT, DraftProposal, ProposeContext, TokenTree
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class _Capture:
     prompt_len: int
     tokens: list[int]
     version: int
-    net: Optional[DraftHeadNet]  # the pinned version's drafting copy (None: no version yet)
+    runtime: Optional[_DraftRuntime]  # the pinned version's drafting runtime (None: no version yet)
     private: bool = False
     hidden: list[torch.Tensor] = field(default_factory=list)  # [n_i, H] float16
     argmax: list[torch.Tensor] = field(default_factory=list)  # [n_i] int64
@@ -254,8 +254,7 @@ class LearnedHeadSpeculator(DraftHeadSpeculator):
         self.config = config or OnlineConfig()
         self.config.validate()
         self._static_float = copy.deepcopy(static_net).eval()
-        super().__init__(copy.deepcopy(static_net), embed_weight, seed=seed, int8=int8)
-        self._use_int8 = int8
+        super().__init__(static_net, embed_weight, seed=seed, int8=int8)
         self._temporary_root = root is None
         self.root = Path(tempfile.mkdtemp(prefix="adaspec-learned-")) if root is None else Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -264,8 +263,8 @@ class LearnedHeadSpeculator(DraftHeadSpeculator):
         self.rollback_min_drafts, self.rollback_margin = rollback_min_drafts, rollback_margin
         self.on_swap: Optional[Callable[[str, int, dict], None]] = None
         self._lock = threading.Lock()
-        self._current: dict[str, tuple[int, DraftHeadNet]] = {}  # tenant -> (version, drafting copy)
-        self._previous: dict[str, list[tuple[int, DraftHeadNet]]] = {}  # tenant -> older versions, newest last
+        self._current: dict[str, tuple[int, _DraftRuntime]] = {}  # tenant -> (version, drafting runtime)
+        self._previous: dict[str, list[tuple[int, _DraftRuntime]]] = {}  # tenant -> older versions, newest last
         self._captures: dict[str, _Capture] = {}
         self._vstats: dict[tuple[str, int], _VersionStats] = {}
         self.rounds: deque[dict] = deque(maxlen=50)  # the trainer's last rounds, newest last
@@ -273,22 +272,11 @@ class LearnedHeadSpeculator(DraftHeadSpeculator):
         self.rollbacks = 0
         self.docs_sent = 0
         self._loading: set[tuple[str, int]] = set()
-        self._loaded: list[tuple[str, int, DraftHeadNet, dict]] = []  # swaps ready, applied on the engine's thread
-        self._version0 = self.net if draft_before_first_version else None  # the static weights' drafting copy
+        self._loaded: list[tuple[str, int, _DraftRuntime, dict]] = []  # swaps ready, applied on the engine's thread
+        self._version0 = self.runtime if draft_before_first_version else None  # the static weights' runtime
         self._load_published()
 
     # ---------------------------------------------------------------- versions
-    def _prepare(self, net: DraftHeadNet) -> DraftHeadNet:
-        net = net.eval()
-        for p in net.parameters():
-            p.requires_grad_(False)
-        if self._use_int8:
-            try:
-                return quantize_head(net)
-            except (RuntimeError, ImportError):
-                pass
-        return net
-
     def _load_published(self) -> None:
         """Serve what an earlier run published under ``root`` (learned weights survive restarts)."""
         for folder in sorted(self.root.iterdir()) if self.root.is_dir() else []:
@@ -312,7 +300,7 @@ class LearnedHeadSpeculator(DraftHeadSpeculator):
         cur = self._current.get(tenant)
         return cur[0] if cur else 0
 
-    def _swap(self, tenant: str, version: int, net: DraftHeadNet, info: dict) -> None:
+    def _swap(self, tenant: str, version: int, net: _DraftRuntime, info: dict) -> None:
         with self._lock:
             old = self._current.get(tenant)
             if old is not None and old[0] != version:
@@ -445,21 +433,24 @@ class LearnedHeadSpeculator(DraftHeadSpeculator):
                 self.on_swap(tenant, old_version, {"rollback_from": version})
 
     # ---------------------------------------------------------------- drafting
+    def _runtime_for(self, ctx: ProposeContext) -> _DraftRuntime:
+        """The version the request started with (see :meth:`propose` for requests without one)."""
+        cap = self._captures.get(ctx.request_id)
+        return cap.runtime if cap is not None and cap.runtime is not None else self.runtime
+
     def propose(self, ctx: ProposeContext, max_draft_tokens: int) -> DraftProposal:
         """Draft with the request's pinned version; nothing before the tenant's first version."""
         cap = self._captures.get(ctx.request_id)
-        if cap is None or cap.net is None:
+        if cap is None or cap.runtime is None:
             return DraftProposal(speculator=self.name)
-        self.net = cap.net
         proposal = super().propose(ctx, max_draft_tokens)
         cap.last_draft = list(proposal.token_ids) or None
         return proposal
 
     def propose_tree(self, ctx: ProposeContext, max_depth: int, width: int = 3) -> TokenTree:
         cap = self._captures.get(ctx.request_id)
-        if cap is None or cap.net is None:
+        if cap is None or cap.runtime is None:
             return TokenTree()
-        self.net = cap.net
         return super().propose_tree(ctx, max_depth, width)
 
     # ---------------------------------------------------------------- governance
