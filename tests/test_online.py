@@ -322,3 +322,39 @@ def test_metrics_and_dashboard_show_the_trainers_state(tiny_target, head, head_p
     assert 'adaspec_online_heldout_acceptance_length{head="static",speculator="learned_head",tenant="acme"} 1.8' in text
     assert 'adaspec_online_buffer_positions{part="recent",speculator="learned_head",tenant="acme"} 300.0' in text
     assert m.snapshot()["online_learning"]["learned_head"]["versions"] == {"acme": 1}
+
+
+def test_online_learning_config_is_checked(tiny_target):
+    from adaspec.config import EngineConfig, build_controller
+
+    with pytest.raises(ValueError, match="needs --speculator atlas"):
+        EngineConfig(speculator="suffix", online_learning=True).validate()
+    with pytest.raises(ValueError, match="starts from the static draft head"):
+        build_controller(EngineConfig(model=str(tiny_target.name), speculator="atlas", online_learning=True,
+                                      calibrate=False), tiny_target)
+
+
+def test_cli_flag_sets_online_learning():
+    import argparse
+
+    from adaspec.config import add_speculator_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_speculator_arguments(p, "state")
+    assert config_from_args(p.parse_args(["--online-learning"])).online_learning
+    assert not config_from_args(p.parse_args([])).online_learning
+
+
+def test_a_policy_update_drops_old_weights_traffic(tiny_target, head, head_path, tmp_path):
+    spec = learned(tiny_target, head, head_path, tmp_path / "v")
+    eng = Engine(tiny_target, speculators=[spec], controller=FixedController(None, 0))
+    prompt = tiny_target.tokenizer.encode(PROMPT)
+    state = eng.start(prompt, SamplingParams(max_tokens=8, ignore_eos=True))
+    eng.step(state)
+    spec.on_policy_update(1)
+    while not state.finished:
+        eng.step(state)
+    eng.result(state)
+    assert spec.client.sent == [("policy_update",)]  # the old weights' request was not sent
+    eng.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True))
+    assert spec.client.sent[-1][0] == "doc"

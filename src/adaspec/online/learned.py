@@ -472,7 +472,10 @@ class LearnedHeadSpeculator(DraftHeadSpeculator):
         return n
 
     def on_policy_update(self, version: int) -> None:
-        """New target weights: the trainer drops traffic of the old ones (its features are stale)."""
+        """New target weights: the trainer drops traffic of the old ones, and requests in flight (still on
+        the old weights) are not sent; their features are the old policy's."""
+        for cap in self._captures.values():
+            cap.private = True
         if self.client is not None:
             self.client.send(("policy_update",))
 
