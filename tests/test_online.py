@@ -156,6 +156,8 @@ def test_publish_versions_atomically_and_keep_the_newest(head, tmp_path):
             head.fc_in.weight.add_(0.0)  # same weights, new version each time
         assert publish(tmp_path, "acme", head, base, info={"i": i}, keep=3) == i + 1
     assert list_versions(tmp_path, "acme") == [2, 3, 4]
+    folder = tmp_path / tenant_key("acme")
+    assert all((p.stat().st_mode & 0o777) == 0o600 for p in folder.iterdir())
     cur = read_current(tmp_path, "acme")
     assert cur["version"] == 4 and cur["info"] == {"i": 3}
     net = load_version(tmp_path, "acme", 4, head)
@@ -166,7 +168,6 @@ def test_publish_versions_atomically_and_keep_the_newest(head, tmp_path):
     with pytest.raises(FileNotFoundError):
         set_current(tmp_path, "acme", 1)
     # A crash mid-publish leaves a temp file and maybe a newer version not yet current: current still loads.
-    folder = tmp_path / tenant_key("acme")
     (folder / ".v000005.safetensors.tmp-1-ab").write_bytes(b"partial")
     assert read_current(tmp_path, "acme")["version"] == 3
     (folder / "current.json").write_text("{not json")

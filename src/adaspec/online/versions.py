@@ -57,10 +57,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+FILE_MODE = 0o600  # learned weights come from users' traffic: owner read/write only, as snapshots
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        os.fchmod(fd, FILE_MODE)  # whatever the umask
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -97,7 +102,7 @@ def publish(root: str | Path, tenant: str, net: DraftHeadNet, base_digest: str, 
     from safetensors.torch import save
 
     folder = Path(root) / tenant_key(tenant)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     versions = list_versions(root, tenant)
     version = (max(versions) if versions else 0) + 1
     name = f"v{version:06d}.safetensors"
