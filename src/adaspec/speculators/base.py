@@ -78,20 +78,22 @@ def draft_token(logits: torch.Tensor, ctx: ProposeContext, generator: Optional[t
     return j, float(probs[j]), probs
 
 
-# top-p looks for its nucleus among this many of the most likely tokens first (then 8x more, ...)
-_NUCLEUS_FIRST = 64
+# top-p looks for its nucleus among the tokens with at least this probability (at most 1 / floor of them)
+_NUCLEUS_FLOORS = (1e-3, 1e-4)
 _NUCLEUS_MARGIN = 1e-6  # > the float32 rounding of a cumulative sum near 1 (~1.2e-7)
 
 
 def processed_row(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """:func:`adaspec.sampling.process_logits` for one row, without sorting the whole row for top-p.
 
-    The nucleus is found among the ``m`` most likely tokens (``torch.topk``,
-    ``m`` = 64, then 8x more until the top ``m`` hold more than ``top_p`` of
-    the mass, at most the row): the cumulative sums of the sorted prefix are those of the
-    full sort, so the kept set is process_logits' (up to the order of tied
-    probabilities, which any sort leaves open), and the kept probabilities are
-    renormalised with the same operations, so the row equals process_logits'.
+    When the tokens of probability at least 1e-3 (at most a thousand; else
+    at least 1e-4) hold more than ``top_p`` of the mass, the nucleus is
+    found among them: they
+    are a prefix of the sorted row, so their sorted cumulative sums are those
+    of the full sort and the kept set is process_logits' (up to the order of
+    tied probabilities, which any sort leaves open); the kept probabilities
+    are renormalised with the same operations, so the row equals
+    process_logits'. A flatter row goes to process_logits itself.
 
     Args:
         logits: ``[V']`` float32.
@@ -107,15 +109,23 @@ def processed_row(logits: torch.Tensor, temperature: float, top_k: int = 0, top_
         return process_logits(logits.unsqueeze(0), temperature, top_k, top_p)[0]
     probs = process_logits(logits.unsqueeze(0), temperature, top_k, 1.0)[0]  # [V']: temperature, top-k, softmax
     V = probs.shape[-1]
-    m = min(_NUCLEUS_FIRST, V)
-    while True:
-        top, idx = torch.topk(probs, m)  # [m], sorted, largest first
+    idx = None  # the kept candidates, most likely first
+    for floor in _NUCLEUS_FLOORS:
+        cand = torch.nonzero(probs >= floor).flatten()  # the tokens of a sorted prefix
+        if 4 * cand.numel() > V:
+            break  # no cheaper than sorting the row
+        vals = probs[cand]
+        if cand.numel() == 0 or float(vals.sum()) < top_p + _NUCLEUS_MARGIN:
+            continue  # too little mass above this floor (checked exactly below)
+        top, order = torch.sort(vals, descending=True)
         cum = torch.cumsum(top, dim=-1)
-        # Every token past the top m has at least cum[-1] of mass before it, so it is dropped once
+        # Every token below the floor has at least cum[-1] of mass before it, so it is dropped once
         # that reaches top_p; the margin covers process_logits' float32 rounding of (cum - p).
-        if m == V or float(cum[-1]) >= top_p + _NUCLEUS_MARGIN:
+        if float(cum[-1]) >= top_p + _NUCLEUS_MARGIN:
+            idx = cand[order]
             break
-        m = min(8 * m, V)
+    if idx is None:  # a flat row: sort it all
+        return process_logits(logits.unsqueeze(0), temperature, top_k, top_p)[0]
     drop_sorted = (cum - top) >= top_p  # process_logits' rule: drop once the mass before a token reaches top_p
     drop_sorted[0] = False
     kept = idx[~drop_sorted]
