@@ -261,9 +261,16 @@ def learned_speculator(cfg: EngineConfig, target: "TargetModel", draft_before_fi
 
 
 def connect_learned(learned: Any, controller: "Controller") -> None:
-    """On every hot swap or rollback of ``learned``, re-prime the controller's estimates for it."""
+    """On a rollback of ``learned``, re-prime the controller's estimates for it.
+
+    A published version beat the one before it on held-out traffic, so the
+    estimates carry over to it (a reset would make the controller relearn,
+    with its prior, what it already knew); a rollback means the live estimates
+    came from a worse version, so they start again.
+    """
     def on_swap(tenant: str, version: int, info: dict) -> None:
-        controller.reset_estimate(learned.name, tenant)
+        if info.get("rollback_from"):
+            controller.reset_estimate(learned.name, tenant)
 
     learned.on_swap = on_swap
 
