@@ -206,6 +206,33 @@ def summarize_state(state: Any) -> dict[str, Any]:
 SNAPSHOT_MODE = 0o600  # snapshot files: owner read/write only
 
 
+def write_atomic(path: Path, data: bytes, mode: int = SNAPSHOT_MODE) -> None:
+    """Replace ``path`` with ``data`` atomically: temp file ``.NAME.tmp-*``, fsync, rename, fsync the folder.
+
+    The file is created with ``mode`` whatever the umask (default 0600: learned
+    state comes from users' text; only the server's user may read it).
+
+    Raises:
+        OSError: the write failed; the previous file is untouched.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
 class SnapshotStore:
     """Named snapshots in one directory (``NAME.snap``), written atomically.
 
@@ -251,24 +278,7 @@ class SnapshotStore:
             OSError: the write failed; the previous snapshot is untouched.
         """
         path = self.path(name)
-        data = encode_snapshot(name, state)
-        tmp = self.state_dir / f".{name}{SUFFIX}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
-        try:
-            # 0600: learned state is users' text; only the server's user may read it.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SNAPSHOT_MODE)
-            os.fchmod(fd, SNAPSHOT_MODE)  # whatever the umask
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                tmp.unlink()
-            except FileNotFoundError:
-                pass
-            raise
-        _fsync_dir(self.state_dir)
+        write_atomic(path, encode_snapshot(name, state))
         return path
 
     def load(self, name: str) -> Optional[dict[str, Any]]:

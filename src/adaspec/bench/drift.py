@@ -425,11 +425,7 @@ def _learned_factory(target: TargetModel, opts: SystemOptions) -> BenchSystem:
     # and is fine-tuned online on this system's own requests.
     from adaspec.controller import ConfidenceAwareController
 
-    try:
-        learned = config.learned_speculator(config.EngineConfig(model=target.name), target,
-                                            draft_before_first_version=True)
-    except ValueError as e:
-        raise SystemUnavailable(str(e)) from e
+    learned = _learned_head_alone(target)
     controller = ConfidenceAwareController(learned=learned, cost_model=config.calibrated_cost_model(target),
                                            max_lookahead=opts.atlas_lookahead)
     config.connect_learned(learned, controller)
@@ -453,12 +449,17 @@ def _learned_fixed_factory(target: TargetModel, opts: SystemOptions) -> BenchSys
     # this system's requests (it starts as the static head): compare with static-fixed.
     from adaspec.controller import FixedController
 
+    learned = _learned_head_alone(target)
+    return _closing(EngineSystem("learned-fixed", Engine(target, controller=FixedController(learned, opts.lookahead))))
+
+
+def _learned_head_alone(target: TargetModel):
+    """A learned head that drafts with the static head's weights until its first version, training online."""
     try:
-        learned = config.learned_speculator(config.EngineConfig(model=target.name), target,
-                                            draft_before_first_version=True)
+        return config.learned_speculator(config.EngineConfig(model=target.name), target,
+                                         draft_before_first_version=True)
     except ValueError as e:
         raise SystemUnavailable(str(e)) from e
-    return _closing(EngineSystem("learned-fixed", Engine(target, controller=FixedController(learned, opts.lookahead))))
 
 
 def _closing(system: EngineSystem) -> EngineSystem:

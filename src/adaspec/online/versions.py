@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -27,6 +26,9 @@ from typing import Any, Optional
 import torch
 
 from adaspec.speculators.draft_head import DraftHeadNet
+from adaspec.store import write_atomic
+
+FILE_MODE = 0o600
 
 LEARNED_FORMAT = "adaspec.learned_head"
 LEARNED_VERSION = 1
@@ -49,31 +51,9 @@ def head_digest(net: DraftHeadNet) -> str:
     return h.hexdigest()[:24]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-FILE_MODE = 0o600  # learned weights come from users' traffic: owner read/write only, as snapshots
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        os.fchmod(fd, FILE_MODE)  # whatever the umask
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """Write, fsync, rename, fsync the folder; 0600 (learned weights come from users' traffic, as snapshots)."""
+    write_atomic(path, data, FILE_MODE)
 
 
 def trained_state(net: DraftHeadNet) -> dict[str, torch.Tensor]:

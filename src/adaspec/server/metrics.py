@@ -462,20 +462,8 @@ def _sources(speculators: dict[str, Any], method: str) -> list[tuple[str, Any]]:
 
 
 def _memory_sources(speculators: dict[str, Any]) -> list[tuple[str, Any]]:
-    """Speculators with ``memory_stats()``, looking inside composites (their ``children``, e.g. atlas)."""
-    out: list[tuple[str, Any]] = []
-    seen: set[int] = set()
-    stack = list(speculators.items())
-    while stack:
-        name, spec = stack.pop(0)
-        if id(spec) in seen:
-            continue
-        seen.add(id(spec))
-        if callable(getattr(spec, "memory_stats", None)):
-            out.append((name, spec))
-        for child in getattr(spec, "children", None) or []:
-            stack.append((getattr(child, "name", type(child).__name__), child))
-    return out
+    """Speculators with ``memory_stats()``, looking inside composites (e.g. atlas)."""
+    return _sources(speculators, "memory_stats")
 
 
 def _torch_threads() -> int:
