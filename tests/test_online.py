@@ -359,3 +359,34 @@ def test_a_policy_update_drops_old_weights_traffic(tiny_target, head, head_path,
     assert spec.client.sent == [("policy_update",)]  # the old weights' request was not sent
     eng.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True))
     assert spec.client.sent[-1][0] == "doc"
+
+
+@pytest.mark.real_model
+def test_server_with_online_learning_serves_reports_and_stops_the_trainer(real_target, tmp_path):
+    """`serve --online-learning` on the real model: exact output, the trainer on /metrics, stopped at shutdown."""
+    import httpx
+
+    from adaspec.config import EngineConfig, build_controller
+    from adaspec.server import create_app
+    from adaspec.server.testing import BackgroundServer
+
+    cfg = EngineConfig(speculator="atlas", online_learning=True, calibrate=False, state_dir=str(tmp_path))
+    engine = Engine(real_target, controller=build_controller(cfg, real_target))
+    spec = engine.speculators["learned_head"]
+    assert spec.root == tmp_path / "learned_head"
+    prompt = "Write a Python function that returns the square of a number."
+    ids = engine.apply_chat_template([{"role": "user", "content": prompt}])
+    plain = Engine(real_target).generate(ids, SamplingParams(max_tokens=16)).token_ids
+    with BackgroundServer(create_app(engine, "m")) as server:
+        r = httpx.post(server.base_url + "/v1/chat/completions", timeout=120, json={
+            "model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": 16, "temperature": 0})
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["message"]["content"] == real_target.tokenizer.decode(
+            plain, skip_special_tokens=True)
+        deadline = time.time() + 60
+        while not spec.client.alive and time.time() < deadline:
+            time.sleep(0.2)
+        metrics = httpx.get(server.base_url + "/metrics", timeout=30).text
+        assert 'adaspec_online_trainer_alive{speculator="learned_head"} 1.0' in metrics
+        assert 'adaspec_online_events{event="docs_sent",speculator="learned_head"} 1.0' in metrics
+    assert not spec.client.alive  # the app's shutdown stopped the trainer
