@@ -390,3 +390,20 @@ def test_server_with_online_learning_serves_reports_and_stops_the_trainer(real_t
         assert 'adaspec_online_trainer_alive{speculator="learned_head"} 1.0' in metrics
         assert 'adaspec_online_events{event="docs_sent",speculator="learned_head"} 1.0' in metrics
     assert not spec.client.alive  # the app's shutdown stopped the trainer
+
+
+def test_closing_a_busy_trainer_terminates_it(tiny_target, head, head_path, tmp_path):
+    """A trainer that does not answer "stop" (busy in a round) is terminated; close never raises."""
+    spec = LearnedHeadSpeculator(head, target_embedding_weight(tiny_target).float(), head_path, root=tmp_path / "v")
+    client = spec.client
+    client.send(("stats",))
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(m[0] == "ready" for m in client.poll()):
+        time.sleep(0.1)
+    import os
+    import signal
+
+    os.kill(client.pid, signal.SIGSTOP)  # stands in for a long round: it reads nothing
+    t0 = time.time()
+    client.close(timeout_s=1.0)
+    assert time.time() - t0 < 10 and not client.alive

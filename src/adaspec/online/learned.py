@@ -188,7 +188,15 @@ class TrainerClient:
         return out
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Stop the trainer (what it published stays on disk)."""
+        """Stop the trainer (what it published stays on disk); never raises.
+
+        It is asked to stop; one busy with a round (it reads messages between
+        rounds) is terminated after ``timeout_s``, and killed if that fails.
+        Publication is atomic, so a trainer stopped mid-write leaves the last
+        good version.
+        """
+        import subprocess
+
         with self._lock:
             if self.closed:
                 return
@@ -202,11 +210,16 @@ class TrainerClient:
         self._outbox.put(None)
         if self._sender is not None:
             self._sender.join(timeout_s)
-        try:
-            self._proc.wait(timeout_s)
-        except Exception:
-            self._proc.kill()
-            self._proc.wait(timeout_s)
+        for stop in (None, self._proc.terminate, self._proc.kill):
+            if stop is not None:
+                stop()
+            try:
+                self._proc.wait(timeout_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:
+            log.warning("online trainer (pid %s) did not stop", self._proc.pid)
         for conn in (self._conn_in, self._conn_out):
             if conn is not None:
                 conn.close()
