@@ -131,3 +131,28 @@ class ScriptedTreeController:
     def on_verify(self, *a, **k) -> None: ...
     def state_dict(self) -> dict:
         return {}
+
+
+class PlainLookup(Speculator):
+    """Scripted static speculator: knows plain outputs by prompt; first ``num_right`` right."""
+
+    def __init__(self, name, plain_by_prompt, num_right, vocab_size):
+        self.name = name
+        self.plain = plain_by_prompt
+        self.num_right = num_right
+        self.V = vocab_size
+        self.prompts = {}
+
+    def start_request(self, request_id, prompt_ids, tenant="default"):
+        self.prompts[request_id] = tuple(prompt_ids)
+
+    def propose(self, ctx, k):
+        truth = self.plain.get(tuple(ctx.token_ids[: ctx.num_prompt_tokens]), [])
+        pos = len(ctx.token_ids) - ctx.num_prompt_tokens
+        t = truth[pos : pos + k]
+        r = min(self.num_right, len(t))
+        ids = t[:r] + [(x + 1) % self.V for x in t[r:]]
+        return DraftProposal(token_ids=ids, confidence=[0.6] * len(ids), speculator=self.name)
+
+    def stop_request(self, request_id):
+        self.prompts.pop(request_id, None)

@@ -13,6 +13,7 @@ from adaspec.engine import Engine
 from adaspec.speculators import SuffixSpeculator
 from adaspec.speculators.base import Speculator
 from adaspec.types import DraftProposal, SamplingParams
+from scripted import PlainLookup
 
 # Verify cost shaped like the int8 path on this machine: nearly flat in k.
 FLAT = {n: 40.0 + 1.5 * (n - 1) for n in range(1, 18)}
@@ -89,31 +90,6 @@ def test_estimator_follows_drift():
         est.observe(4, 0, [0.95] * 4)
     assert est.position_probs(1)[0] < 0.1
     assert est.calibrated([0.95])[0] < 0.1
-
-
-class PlainLookup(Speculator):
-    """Scripted static speculator: knows plain outputs by prompt; first ``num_right`` right."""
-
-    def __init__(self, name, plain_by_prompt, num_right, vocab_size):
-        self.name = name
-        self.plain = plain_by_prompt
-        self.num_right = num_right
-        self.V = vocab_size
-        self.prompts = {}
-
-    def start_request(self, request_id, prompt_ids, tenant="default"):
-        self.prompts[request_id] = tuple(prompt_ids)
-
-    def propose(self, ctx, k):
-        truth = self.plain.get(tuple(ctx.token_ids[: ctx.num_prompt_tokens]), [])
-        pos = len(ctx.token_ids) - ctx.num_prompt_tokens
-        t = truth[pos : pos + k]
-        r = min(self.num_right, len(t))
-        ids = t[:r] + [(x + 1) % self.V for x in t[r:]]
-        return DraftProposal(token_ids=ids, confidence=[0.6] * len(ids), speculator=self.name)
-
-    def stop_request(self, request_id):
-        self.prompts.pop(request_id, None)
 
 
 def test_atlas_exact_and_shifts_between_static_and_adaptive(tiny_target):

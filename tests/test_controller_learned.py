@@ -15,6 +15,7 @@ from adaspec.engine import Engine
 from adaspec.speculators import SuffixSpeculator
 from adaspec.speculators.base import Speculator
 from adaspec.types import DraftProposal, ProposeContext, SamplingParams, common_prefix_len
+from scripted import PlainLookup
 
 FLAT = {n: 40.0 + 1.5 * (n - 1) for n in range(1, 18)}  # verify ms by tokens fed, nearly flat (int8 here)
 PROMPT = [1, 2, 3, 4]
@@ -239,25 +240,20 @@ def test_sampled_learned_head_found_and_sampled_adaptive_recovers():
 
 
 # --------------------------------------------------------------------------- end to end (tiny model)
-class PlainHead(Speculator):
+class PlainHead(PlainLookup):
     """A scripted head on the real engine: knows plain outputs by prompt; its first ``num_right`` right."""
 
     needs_hidden_states = True
 
     def __init__(self, name, plain_by_prompt, num_right, vocab_size, tenants=None):
-        self.name, self.plain, self.num_right, self.V = name, plain_by_prompt, num_right, vocab_size
+        super().__init__(name, plain_by_prompt, num_right, vocab_size)
         self.tenants = tenants  # None: every tenant; else only these have a version
 
     def propose(self, ctx, k):
         assert ctx.hidden_state is not None  # fed like a draft head
         if self.tenants is not None and ctx.tenant not in self.tenants:
             return DraftProposal(speculator=self.name)
-        truth = self.plain.get(tuple(ctx.token_ids[: ctx.num_prompt_tokens]), [])
-        pos = len(ctx.token_ids) - ctx.num_prompt_tokens
-        t = truth[pos : pos + k]
-        r = min(self.num_right, len(t))
-        ids = t[:r] + [(x + 1) % self.V for x in t[r:]]
-        return DraftProposal(token_ids=ids, confidence=[0.6] * len(ids), speculator=self.name)
+        return super().propose(ctx, k)
 
 
 @pytest.fixture(scope="module")
