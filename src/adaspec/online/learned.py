@@ -110,7 +110,7 @@ class TrainerClient:
                  replay_path: Optional[str | Path] = None) -> None:
         self.base_path, self.root, self.config = str(base_path), str(root), config
         self.replay_path = str(replay_path) if replay_path else None
-        self._embed = embed.detach().to(torch.float16).contiguous()
+        self._embed = embed  # sent once, as float16, when the process starts
         self._outbox: queue.Queue = queue.Queue(maxsize=4096)
         self._proc = None
         self._conn_in = None  # results from the trainer
@@ -138,7 +138,8 @@ class TrainerClient:
             os.close(from_child_w)
         self._conn_out = Connection(to_child_w, readable=False)
         self._conn_in = Connection(from_child_r, writable=False)
-        self._outbox.put(("init", self.base_path, self._embed, self.root, asdict(self.config), self.replay_path))
+        embed = self._embed.detach().to(torch.float16).contiguous()
+        self._outbox.put(("init", self.base_path, embed, self.root, asdict(self.config), self.replay_path))
         self._embed = None  # sent once; the trainer keeps its own copy
         self._sender = threading.Thread(target=self._send_loop, name="adaspec-trainer-send", daemon=True)
         self._sender.start()
