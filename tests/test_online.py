@@ -407,3 +407,119 @@ def test_closing_a_busy_trainer_terminates_it(tiny_target, head, head_path, tmp_
     t0 = time.time()
     client.close(timeout_s=1.0)
     assert time.time() - t0 < 10 and not client.alive
+
+
+# ---------------------------------------------------------------- the buffer survives restarts and crashes
+def _docs(n, H=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        m = 3 + i % 4
+        out.append(TrafficDoc(torch.randint(0, 50, (m + 2,), generator=g), 3,
+                              torch.randn(m, H, generator=g).half(), torch.randint(0, 50, (m,), generator=g), f"d{i}"))
+    return out
+
+
+def test_label_buffer_saves_and_loads_every_part(tmp_path):
+    buf = LabelBuffer(max_recent_positions=20, max_reservoir_positions=12, heldout_every=3, max_heldout_positions=15)
+    for d in _docs(24):
+        buf.add(d)
+    assert buf.recent and buf.reservoir and buf.heldout
+    path = buf.save(tmp_path / "t" / "buffer.safetensors", info={"base": "x"})
+    assert (path.stat().st_mode & 0o777) == 0o600
+    back = LabelBuffer(max_recent_positions=20, max_reservoir_positions=12, heldout_every=3, max_heldout_positions=15)
+    assert back.load(path, hidden_size=4) == {"base": "x"}
+    for a, b in ((buf.recent, back.recent), (buf.reservoir, back.reservoir), (buf.heldout, back.heldout)):
+        assert [d.token_ids.tolist() for d in a] == [d.token_ids.tolist() for d in b]
+        assert all(torch.equal(x.hidden, y.hidden) and torch.equal(x.target_argmax, y.target_argmax)
+                   for x, y in zip(a, b))
+    assert back.stats() == buf.stats()
+    for d in _docs(12, seed=1):  # the reservoir's random choices go on where they left off
+        buf.add(d)
+        back.add(d)
+    assert [d.doc_id for d in back.reservoir] == [d.doc_id for d in buf.reservoir]
+    with pytest.raises(ValueError, match="width"):
+        LabelBuffer().load(path, hidden_size=8)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError):
+        LabelBuffer().load(bad)
+    with pytest.raises(FileNotFoundError):
+        LabelBuffer().load(tmp_path / "none.safetensors")
+    empty = LabelBuffer()
+    empty.load(empty.save(tmp_path / "empty.safetensors"))
+    assert empty.stats()["docs_seen"] == 0
+
+
+def test_trainer_restores_buffers_after_a_restart_and_forgets_them(tiny_target, head, tmp_path):
+    root = tmp_path / "v"
+    embed = target_embedding_weight(tiny_target).float()
+    H = head.config.hidden_size
+    cfg = OnlineConfig(min_new_positions=8, min_heldout_positions=4, heldout_every=3)
+    tr = OnlineTrainer(head, embed, root, cfg)
+    for tenant in ("acme", "globex"):
+        for d in _docs(9, H=H):
+            tr.add_doc(tenant, d)
+    assert sorted(tr.save_buffers(force=True)) == ["acme", "globex"]
+    assert tr.save_buffers(force=True) == []  # nothing new since
+    before = tr.stats()["acme"]["buffer"]
+
+    again = OnlineTrainer(head, embed, root, cfg)  # the trainer process restarted
+    assert again.restore_saved_buffers() == ["acme", "globex"]
+    assert again.stats()["acme"]["buffer"] == before and again.ready("acme")
+
+    again.forget_tenant("globex")
+    assert not again.buffer_path("globex").exists() and again.buffer_path("acme").exists()
+    again.clear_buffers()  # a policy update: old traffic is gone from disk too
+    assert not again.buffer_path("acme").exists()
+    assert OnlineTrainer(head, embed, root, cfg).restore_saved_buffers() == []
+
+    # a damaged file is set aside, never trusted
+    tr.add_doc("acme", _docs(1, H=H)[0])
+    tr.save_buffers(force=True)
+    path = tr.buffer_path("acme")
+    path.write_bytes(path.read_bytes()[:300])
+    third = OnlineTrainer(head, embed, root, cfg)
+    assert third.tenant("acme").buffer.stats()["docs_seen"] == 0 and "acme" in third.restore_errors
+    assert path.with_name(path.name + ".bad").exists()
+
+    off = OnlineTrainer(head, embed, tmp_path / "off", OnlineConfig(save_buffer_every_s=0))
+    off.add_doc("acme", _docs(1, H=H)[0])
+    assert off.save_buffers(force=True) == [] and not off.buffer_path("acme").exists()
+
+
+@pytest.mark.parametrize("how", ["server gone", "terminated"])
+def test_the_trainer_process_keeps_its_buffer_when_the_server_dies(tiny_target, head, head_path, tmp_path, how):
+    """The server crashing closes the trainer's pipe (EOF); a close mid-round terminates it: both save the buffer."""
+    import os
+    import signal
+
+    root = tmp_path / "v"
+    cfg = OnlineConfig(min_new_positions=10**6, save_buffer_every_s=3600)  # no round, no timed save
+    spec = LearnedHeadSpeculator(head, target_embedding_weight(tiny_target).float(), head_path, root=root,
+                                 config=cfg, train=True)
+    client = spec.client
+    H = head.config.hidden_size
+    for d in _docs(6, H=H):
+        client.send(("doc", "acme", d))
+    client.send(("stats",))
+    deadline = time.time() + 120
+    stats = None
+    while time.time() < deadline and stats is None:
+        stats = next((m[1] for m in client.poll() if m[0] == "stats"), None)
+        time.sleep(0.1)
+    assert stats and stats["acme"]["buffer"]["docs_seen"] == 6
+    path = root / tenant_key("acme") / "buffer.safetensors"
+    assert not path.exists()
+    if how == "server gone":
+        client._outbox.put(None)  # the sender thread ends, then the pipe closes as a dead process's would
+        client._sender.join(10)
+        client._conn_out.close()
+    else:
+        os.kill(client.pid, signal.SIGTERM)
+    client._proc.wait(60)
+    back = LabelBuffer()
+    back.load(path)
+    assert back.stats()["docs_seen"] == 6
+    client.closed = True
+    spec.close()

@@ -248,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_bench_arguments(bv)
     bv.set_defaults(func=serve_bench)
 
+    bk = bsub.add_parser("soak", help="the real server under N streaming clients for minutes: no 5xx, no lost "
+                         "or duplicated token, flat memory")
+    from adaspec.bench.soak import add_soak_arguments, soak_from_args
+
+    add_soak_arguments(bk)
+    bk.set_defaults(func=soak_from_args)
+
     brl = bsub.add_parser("rl", help="GRPO rollouts, B prompts x G samples per round, a policy update every round")
     from adaspec.bench.rl import add_rl_arguments, rl_from_args
 

@@ -19,14 +19,21 @@ LM-head rows, as the offline trainer does.
   evaluates candidates on the newest of them.
 
 Positions are counted as labelled (generated) positions.
+
+A buffer survives restarts and crashes: :meth:`LabelBuffer.save` writes it
+(every part, its counters and the reservoir's random state) to one
+safetensors file atomically (temporary name, fsync, rename; mode 0600: the
+features come from users' traffic), and :meth:`LabelBuffer.load` reads it back.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -175,6 +182,120 @@ class LabelBuffer:
         self.reservoir.clear()
         self.heldout.clear()
         self.new_positions = 0
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, path: str | Path, info: Optional[dict] = None) -> Path:
+        """Write every document, the counters and the reservoir's random state to ``path``, atomically.
+
+        Args:
+            path: the file (its folder is created, mode 0700).
+            info: JSON-serialisable notes stored beside (the trainer records its static head's digest).
+
+        Raises:
+            OSError: the write failed; an older file at ``path`` is left as it was.
+        """
+        from safetensors.torch import save
+
+        from adaspec.store import write_atomic
+
+        docs = [*self.recent, *self.reservoir, *self.heldout]
+        part = [0] * len(self.recent) + [1] * len(self.reservoir) + [2] * len(self.heldout)
+        tensors = docs_to_tensors(docs) if docs else {}
+        tensors["part"] = torch.tensor(part, dtype=torch.long)
+        state = {"docs_seen": self.docs_seen, "positions_seen": self.positions_seen,
+                 "evicted_seen": self._evicted_seen, "new_positions": self.new_positions,
+                 "rng": repr(self._rng.getstate())}
+        meta = {"format": BUFFER_FORMAT, "state": json.dumps(state), "info": json.dumps(info or {}),
+                "doc_ids": json.dumps([d.doc_id for d in docs])}
+        path = Path(path)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomic(path, save(tensors, metadata=meta), 0o600)
+        return path
+
+    def load(self, path: str | Path, hidden_size: Optional[int] = None) -> dict:
+        """Replace this buffer's documents and counters with those saved at ``path``; returns the saved info.
+
+        The budgets are this buffer's: documents over them are dropped, oldest first.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ValueError: not a buffer file, malformed, or features of another width than ``hidden_size``.
+        """
+        import ast
+
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no label buffer at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != BUFFER_FORMAT:
+                    raise ValueError(f"{path} is not a label-buffer file")
+                t = {k: f.get_tensor(k) for k in f.keys()}
+            state = json.loads(meta["state"])
+            info = json.loads(meta.get("info") or "{}")
+            docs = docs_from_tensors(t) if "token_ids" in t else []
+            ids = json.loads(meta.get("doc_ids") or "[]")
+            for d, i in zip(docs, ids):
+                d.doc_id = str(i)
+            part = t["part"].tolist()
+            if len(part) != len(docs) or any(p not in (0, 1, 2) for p in part):
+                raise ValueError(f"{path}: part tags {part[:8]} do not fit {len(docs)} documents")
+            for d in docs:
+                d.validate()
+                if hidden_size is not None and int(d.hidden.shape[1]) != hidden_size:
+                    raise ValueError(f"{path}: features of width {int(d.hidden.shape[1])}, expected {hidden_size}")
+            rng = random.Random()
+            rng.setstate(ast.literal_eval(state["rng"]))
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one clear error
+            raise ValueError(f"{path} is not a readable label-buffer file: {e}") from e
+        self.clear()
+        parts = (self.recent, self.reservoir, self.heldout)
+        for d, p in zip(docs, part):
+            parts[p].append(d)
+        while len(self.recent) > 1 and self.recent_positions > self.max_recent_positions:
+            self.recent.popleft()
+        while len(self.reservoir) > 1 and self.reservoir_positions > self.max_reservoir_positions:
+            self.reservoir.pop(0)
+        while len(self.heldout) > 1 and self.heldout_positions > self.max_heldout_positions:
+            self.heldout.popleft()
+        self.docs_seen = int(state["docs_seen"])
+        self.positions_seen = int(state["positions_seen"])
+        self._evicted_seen = int(state["evicted_seen"])
+        self.new_positions = int(state["new_positions"])
+        self._rng = rng
+        return info
+
+
+BUFFER_FORMAT = "adaspec.label_buffer"
+
+
+def docs_to_tensors(docs: Sequence[TrafficDoc]) -> dict[str, torch.Tensor]:
+    """Documents as flat tensors (``token_ids``, ``num_tokens``, ``num_prompt_tokens``, ``hidden`` float16,
+    ``target_argmax``), the layout of the replay and buffer files; :func:`docs_from_tensors` inverts it."""
+    return {
+        "token_ids": torch.cat([d.token_ids for d in docs]).long(),
+        "num_tokens": torch.tensor([int(d.token_ids.shape[0]) for d in docs], dtype=torch.long),
+        "num_prompt_tokens": torch.tensor([d.num_prompt_tokens for d in docs], dtype=torch.long),
+        "hidden": torch.cat([d.hidden for d in docs]).to(torch.float16).contiguous(),
+        "target_argmax": torch.cat([d.target_argmax for d in docs]).long(),
+    }
+
+
+def docs_from_tensors(t: dict[str, torch.Tensor], prefix: str = "") -> list[TrafficDoc]:
+    """The documents :func:`docs_to_tensors` flattened (``doc_id``: ``prefix`` + index)."""
+    docs, tok, lab = [], 0, 0
+    for n, p in zip(t["num_tokens"].tolist(), t["num_prompt_tokens"].tolist()):
+        m = n - p + 1
+        docs.append(TrafficDoc(t["token_ids"][tok:tok + n], p, t["hidden"][lab:lab + m],
+                               t["target_argmax"][lab:lab + m], f"{prefix}{len(docs)}"))
+        tok += n
+        lab += m
+    return docs
 
 
 def doc_from_capture(token_ids: list[int], num_prompt_tokens: int, hidden_rows: list[torch.Tensor],

@@ -284,6 +284,7 @@ class LearnedHeadSpeculator(DraftHeadSpeculator):
         self.rounds: deque[dict] = deque(maxlen=50)  # the trainer's last rounds, newest last
         self.published = 0
         self.rollbacks = 0
+        self.restored_buffers: dict[str, dict] = {}  # tenant -> sizes of the label buffer the trainer read back
         self.docs_sent = 0
         self._loading: set[tuple[str, int]] = set()
         self._loaded: list[tuple[str, int, _DraftRuntime, dict]] = []  # swaps ready, applied on the engine's thread
@@ -359,6 +360,8 @@ class LearnedHeadSpeculator(DraftHeadSpeculator):
                 if r.get("published"):
                     self.published += 1
                     self._load_async(r["tenant"], int(r["published"]), r)
+            elif msg[0] == "ready":
+                self.restored_buffers = dict(msg[1].get("restored_buffers") or {})
             elif msg[0] == "error":
                 self.client.errors.append(str(msg[1]))
                 log.warning("online trainer: %s", msg[1])
@@ -519,6 +522,7 @@ class LearnedHeadSpeculator(DraftHeadSpeculator):
             "last_round": last,
             "live": live,
             "errors": list(self.client.errors) if self.client is not None else [],
+            "restored_buffers": self.restored_buffers,
         }
 
     def close(self) -> None:

@@ -26,9 +26,12 @@ lowest CPU priority and one torch thread (see :mod:`adaspec.online.learned`).
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
+import signal
 import time
+import traceback
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,12 +39,13 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from adaspec.online.buffer import LabelBuffer, TrafficDoc
-from adaspec.online.versions import head_digest, load_version, publish, read_current, set_current
+from adaspec.online.buffer import LabelBuffer, TrafficDoc, docs_from_tensors, docs_to_tensors
+from adaspec.online.versions import head_digest, load_version, publish, read_current, set_current, tenant_key
 from adaspec.speculators.draft_head import DraftHeadNet
 from adaspec.train.data import FeatureDoc
 
 REPLAY_FORMAT = "adaspec.replay"
+BUFFER_FILE = "buffer.safetensors"
 
 
 @dataclass
@@ -69,6 +73,10 @@ class OnlineConfig:
         recent_positions / reservoir_positions / heldout_positions / heldout_every:
             the buffer's budgets (:class:`~adaspec.online.buffer.LabelBuffer`).
             Defaults 8192 / 8192 / 2048 / 5.
+        save_buffer_every_s: a tenant's buffer with unsaved documents is written to
+            ``ROOT/<tenant>/buffer.safetensors`` after each of its rounds, when the
+            trainer stops or loses the server, and otherwise at most this often
+            (seconds). 0 turns the buffer's persistence off. Default 30.
         seed: RNG seed.
     """
 
@@ -89,6 +97,7 @@ class OnlineConfig:
     reservoir_positions: int = 8192
     heldout_positions: int = 2048
     heldout_every: int = 5
+    save_buffer_every_s: float = 30.0
     seed: int = 0
 
     def validate(self) -> None:
@@ -104,6 +113,8 @@ class OnlineConfig:
             raise ValueError(f"online learning: heldout_every must be >= 2, got {self.heldout_every}")
         if len(self.mix) != 3 or min(self.mix) < 0 or sum(self.mix) <= 0:
             raise ValueError(f"online learning: mix must be three shares >= 0 with a positive sum, got {self.mix!r}")
+        if not (self.save_buffer_every_s >= 0 and math.isfinite(self.save_buffer_every_s)):
+            raise ValueError(f"online learning: save_buffer_every_s must be >= 0, got {self.save_buffer_every_s!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)) or self.min_gain < 0:
             raise ValueError("online learning: lr must be > 0 and min_gain >= 0")
 
@@ -152,6 +163,8 @@ class _TenantState:
     serving_acceptance_length: Optional[float] = None  # on the held-out set at the last round
     rounds: int = 0
     history: list[dict] = field(default_factory=list)
+    unsaved: bool = False  # documents arrived since the buffer was last written
+    saved_at: float = 0.0  # time.monotonic() of the last write
 
 
 class OnlineTrainer:
@@ -186,6 +199,8 @@ class OnlineTrainer:
         self._tenants: dict[str, _TenantState] = {}
         self._resident: OrderedDict[str, None] = OrderedDict()  # tenants whose nets are in memory, LRU order
         self._gen = torch.Generator().manual_seed(self.config.seed)
+        self.restored: dict[str, dict] = {}  # tenants whose buffer was read back from disk: its sizes
+        self.restore_errors: dict[str, str] = {}  # tenants whose saved buffer could not be used: why
 
     # ---------------------------------------------------------------- data
     def tenant(self, tenant: str) -> _TenantState:
@@ -197,11 +212,81 @@ class OnlineTrainer:
             current = read_current(self.root, tenant)
             if current is not None and current.get("base") == self.base_digest:
                 st.serving_version = int(current["version"])
+            st.saved_at = time.monotonic()
+            self._restore_buffer(tenant, st)
         return st
 
     def add_doc(self, tenant: str, doc: TrafficDoc) -> str:
         """Add a finished request's labels to ``tenant``'s buffer; returns "recent" or "heldout"."""
-        return self.tenant(tenant).buffer.add(doc)
+        st = self.tenant(tenant)
+        where = st.buffer.add(doc)
+        st.unsaved = True
+        return where
+
+    # ---------------------------------------------------------------- the buffer on disk
+    def buffer_path(self, tenant: str) -> Path:
+        """Where ``tenant``'s label buffer is saved."""
+        return self.root / tenant_key(tenant) / BUFFER_FILE
+
+    def _restore_buffer(self, tenant: str, st: _TenantState) -> None:
+        """Read ``tenant``'s saved buffer, if any (a damaged or foreign file is set aside, not trusted)."""
+        path = self.buffer_path(tenant)
+        if not self.config.save_buffer_every_s or not path.is_file():
+            return
+        try:
+            info = st.buffer.load(path, hidden_size=self.base.config.hidden_size)
+            if info.get("base") not in (None, self.base_digest):
+                raise ValueError("saved for another static head")
+            self.restored[tenant] = st.buffer.stats()
+        except (OSError, ValueError) as e:
+            st.buffer.clear()
+            self.restore_errors[tenant] = str(e)
+            try:
+                path.replace(path.with_name(path.name + ".bad"))
+            except OSError:
+                pass
+
+    def restore_saved_buffers(self) -> list[str]:
+        """Read back every tenant's buffer saved under the root (at start-up); returns the tenants restored."""
+        from safetensors import safe_open
+
+        if not self.config.save_buffer_every_s or not self.root.is_dir():
+            return []
+        for path in sorted(self.root.glob(f"*/{BUFFER_FILE}")):
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    tenant = json.loads((f.metadata() or {}).get("info") or "{}").get("tenant")
+            except Exception as e:  # noqa: BLE001 - unreadable: set aside below when its tenant is known
+                self.restore_errors[path.parent.name] = f"{path}: {e}"
+                continue
+            if isinstance(tenant, str) and path.parent.name == tenant_key(tenant):
+                self.tenant(tenant)
+        return sorted(self.restored)
+
+    def save_buffers(self, force: bool = False) -> list[str]:
+        """Write the buffers with unsaved documents (all of them with ``force``, else those last written at least
+        ``save_buffer_every_s`` ago); returns the tenants written. A failed write keeps the document unsaved."""
+        every = self.config.save_buffer_every_s
+        if not every:
+            return []
+        now = time.monotonic()
+        done = []
+        for tenant, st in list(self._tenants.items()):
+            if not st.unsaved or (not force and now - st.saved_at < every):
+                continue
+            try:
+                st.buffer.save(self.buffer_path(tenant), info={"base": self.base_digest, "tenant": tenant})
+            except OSError:
+                continue
+            st.unsaved, st.saved_at = False, now
+            done.append(tenant)
+        return done
+
+    def _drop_buffer_file(self, tenant: str) -> None:
+        try:
+            self.buffer_path(tenant).unlink(missing_ok=True)
+        except OSError:
+            pass
 
     def ready(self, tenant: str) -> bool:
         """Whether ``tenant`` has enough new and held-out data for a round."""
@@ -215,14 +300,22 @@ class OnlineTrainer:
         return max(ready, key=lambda t: self._tenants[t].buffer.new_positions) if ready else None
 
     def forget_tenant(self, tenant: str) -> None:
-        """Drop ``tenant``'s buffer and in-memory head (its published files are the caller's to delete)."""
+        """Drop ``tenant``'s buffer (its file included) and in-memory head (its published versions are the
+        caller's to delete)."""
         self._tenants.pop(tenant, None)
         self._resident.pop(tenant, None)
+        self._drop_buffer_file(tenant)
 
     def clear_buffers(self) -> None:
-        """Empty every tenant's buffer (after a policy update, old traffic predicts the new target less well)."""
-        for st in self._tenants.values():
+        """Empty every tenant's buffer, files included (after a policy update, old traffic predicts the new
+        target less well)."""
+        for tenant, st in self._tenants.items():
             st.buffer.clear()
+            st.unsaved = False
+            self._drop_buffer_file(tenant)
+        if self.root.is_dir():  # tenants not seen since the start: their saved traffic is the old policy's too
+            for path in self.root.glob(f"*/{BUFFER_FILE}"):
+                path.unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- heads
     def serving_net(self, tenant: str) -> DraftHeadNet:
@@ -396,13 +489,7 @@ def save_replay(path: str | Path, docs: Sequence[TrafficDoc], info: Optional[dic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        "token_ids": torch.cat([d.token_ids for d in docs]).long(),
-        "num_tokens": torch.tensor([int(d.token_ids.shape[0]) for d in docs], dtype=torch.long),
-        "num_prompt_tokens": torch.tensor([d.num_prompt_tokens for d in docs], dtype=torch.long),
-        "hidden": torch.cat([d.hidden for d in docs]).to(torch.float16).contiguous(),
-        "target_argmax": torch.cat([d.target_argmax for d in docs]).long(),
-    }
+    tensors = docs_to_tensors(docs)
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": REPLAY_FORMAT, "info": json.dumps(info or {})})
     tmp.replace(path)
@@ -424,14 +511,7 @@ def load_replay(path: str | Path) -> list[TrafficDoc]:
         if (f.metadata() or {}).get("format") != REPLAY_FORMAT:
             raise ValueError(f"{path} is not a replay file")
         t = {k: f.get_tensor(k) for k in f.keys()}
-    docs, tok, lab = [], 0, 0
-    for n, p in zip(t["num_tokens"].tolist(), t["num_prompt_tokens"].tolist()):
-        m = n - p + 1
-        docs.append(TrafficDoc(t["token_ids"][tok:tok + n], p, t["hidden"][lab:lab + m],
-                               t["target_argmax"][lab:lab + m], f"replay/{len(docs)}"))
-        tok += n
-        lab += m
-    return docs
+    return docs_from_tensors(t, prefix="replay/")
 
 
 def shipped_replay_path(target_name: str) -> Path:
@@ -469,8 +549,6 @@ def trainer_main(conn_in: Any, conn_out: Any) -> None:
     Runs at the lowest CPU priority with one torch thread, so serving keeps
     the cores it needs.
     """
-    import traceback
-
     try:
         os.nice(19)
     except OSError:
@@ -492,7 +570,25 @@ def trainer_main(conn_in: Any, conn_out: Any) -> None:
             send_message(conn_out, ("error", f"replay data not used: {e}"))
     trainer = OnlineTrainer(base, embed.float(), root, OnlineConfig(**config), replay=replay)
     del embed
-    send_message(conn_out, ("ready", {"pid": os.getpid(), "replay_docs": len(replay)}))
+    restored = trainer.restore_saved_buffers()
+    send_message(conn_out, ("ready", {"pid": os.getpid(), "replay_docs": len(replay),
+                                      "restored_buffers": {t: trainer.restored[t] for t in restored}}))
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, on_term)  # terminated mid-round by the server's close: keep the buffers
+    try:
+        _trainer_loop(trainer, conn_in, conn_out)
+    except _Terminated:
+        trainer.save_buffers(force=True)
+
+
+class _Terminated(BaseException):
+    """SIGTERM reached the trainer process."""
+
+
+def _trainer_loop(trainer: OnlineTrainer, conn_in: Any, conn_out: Any) -> None:
     while True:
         try:
             # Drain what arrived; wait a little when there is nothing to train.
@@ -502,6 +598,7 @@ def trainer_main(conn_in: Any, conn_out: Any) -> None:
                 timeout = 0.0
                 kind = msg[0]
                 if kind == "stop":
+                    trainer.save_buffers(force=True)
                     return
                 if kind == "doc":
                     trainer.add_doc(msg[1], msg[2])
@@ -514,13 +611,18 @@ def trainer_main(conn_in: Any, conn_out: Any) -> None:
                 elif kind == "stats":
                     send_message(conn_out, ("stats", trainer.stats()))
         except (EOFError, OSError):
-            return  # the server is gone
+            trainer.save_buffers(force=True)  # the server is gone (maybe crashed): keep what it taught
+            return
         tenant = trainer.next_tenant()
         if tenant is None:
+            trainer.save_buffers()
             continue
         try:
-            send_message(conn_out, ("round", trainer.train_round(tenant).to_dict()))
+            result = trainer.train_round(tenant).to_dict()
+            trainer.save_buffers(force=True)
+            send_message(conn_out, ("round", result))
         except (EOFError, OSError):
+            trainer.save_buffers(force=True)
             return
         except Exception:  # a bad round must not end learning for everyone
             try:
