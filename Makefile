@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test browser peers vllm clean
+.PHONY: setup model demo test browser peers llama-server vllm clean
 
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -34,12 +34,30 @@ test: model browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Optional peer for `adaspec bench engines`: llama.cpp through llama-cpp-python,
-# compiled from source for this CPU (about 8-15 minutes on 2 cores). Its
-# dependencies do not conflict with the pinned ones, so it goes into .venv.
+# compiled from source for this CPU (about 8-15 minutes on 2 cores), with its
+# server extras (`python -m llama_cpp.server`) held to the pinned versions.
+# Its dependencies do not conflict with the pinned ones, so it goes into .venv.
 LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
 peers: setup
 	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
-		$(PY) -m pip install -q --no-binary llama-cpp-python "$(LLAMA_CPP_PYTHON)"
+		$(PY) -m pip install -q -c requirements.lock --no-binary llama-cpp-python "$(LLAMA_CPP_PYTHON)[server]"
+
+# Optional peer for `adaspec bench serve --peer llama-server` and `llama-bench`:
+# llama.cpp's own C++ server (continuous batching, `--parallel N`) and bench,
+# built from the llama.cpp sources vendored in the llama-cpp-python sdist
+# (PyPI), for this CPU, into .peers/llama.cpp/build/bin (about 10-20 minutes on 2 cores).
+LLAMA_CPP_SRC := .peers/llama.cpp
+llama-server: setup
+	mkdir -p .peers
+	test -f $(LLAMA_CPP_SRC)/CMakeLists.txt || ( \
+		$(PY) -m pip download -q --no-deps --no-binary :all: -d .peers "$(LLAMA_CPP_PYTHON)" && \
+		tar xzf .peers/llama_cpp_python-*.tar.gz -C .peers && \
+		mv .peers/llama_cpp_python-*/vendor/llama.cpp $(LLAMA_CPP_SRC) && \
+		rm -rf .peers/llama_cpp_python-* )
+	cmake -S $(LLAMA_CPP_SRC) -B $(LLAMA_CPP_SRC)/build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+		-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+		-DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_UI=OFF >/dev/null
+	cmake --build $(LLAMA_CPP_SRC)/build -j2 --target llama-server llama-bench
 
 # Optional peer: vLLM's CPU build in its own environment (it pins torch 2.13.0+cpu and
 # transformers < 5.20, below adaspec's pins), with adaspec installed into it without its

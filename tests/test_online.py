@@ -523,3 +523,25 @@ def test_the_trainer_process_keeps_its_buffer_when_the_server_dies(tiny_target, 
     assert back.stats()["docs_seen"] == 6
     client.closed = True
     spec.close()
+
+
+def test_candidates_are_judged_on_the_newest_heldout_documents(tiny_target, head, tmp_path):
+    """After a shift, the gate measures today's traffic, not the domain left behind."""
+    H = head.config.hidden_size
+    cfg = OnlineConfig(heldout_every=2, heldout_positions=4096, eval_max_positions=12)
+    tr = OnlineTrainer(head, target_embedding_weight(tiny_target).float(), tmp_path / "v", cfg)
+    docs = _docs(40, H=H)
+    for d in docs:
+        tr.add_doc("acme", d)
+    held = list(tr.tenant("acme").buffer.heldout)
+    assert len(held) == 20
+    packed = tr.heldout_packed("acme")
+    # the newest held-out documents, up to the first that reaches 12 labelled positions, in order
+    newest, n = [], 0
+    for d in reversed(held):
+        if n >= 12:
+            break
+        newest.append(d)
+        n += d.num_labels
+    want = torch.cat([d.to_feature_doc().token_ids for d in reversed(newest)])
+    assert torch.equal(packed.token_ids[: want.numel()], want) and len(newest) < len(held)

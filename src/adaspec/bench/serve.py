@@ -28,9 +28,12 @@ per forward. Greedy outputs are compared across settings and concurrencies
 (batch invariance end to end): ``same`` counts requests whose text equals
 the first setting's at N = 1.
 
-A peer server may be measured the same way: ``--peer llama-cpp`` runs
-``python -m llama_cpp.server`` (llama-cpp-python, on the GGUF the model
-ships in) with the same clients.
+Peer servers may be measured the same way, on the GGUF the model ships in:
+``--peer llama-server`` runs llama.cpp's own C++ server with ``--parallel N``
+(continuous batching; ``make llama-server`` builds it into
+``.peers/llama.cpp/build/bin``, or give ``--llama-server PATH``), and ``--peer
+llama-cpp`` runs ``python -m llama_cpp.server`` (llama-cpp-python's server,
+``make peers``: it serves one request at a time).
 
 Outputs (``--out``): ``serve.jsonl`` (one record per request), ``summary.md``.
 """
@@ -237,6 +240,33 @@ def adaspec_server_cmd(args: argparse.Namespace, speculator: str, port: int, max
     return cmd
 
 
+def llama_server_binary(args: argparse.Namespace) -> str:
+    """llama.cpp's ``llama-server``: ``--llama-server``, else ``make llama-server``'s build, else on PATH.
+
+    Raises:
+        FileNotFoundError: none of them exists.
+    """
+    import shutil
+
+    for cand in (args.llama_server, str(Path(__file__).resolve().parents[3] / ".peers/llama.cpp/build/bin/llama-server"),
+                 shutil.which("llama-server")):
+        if cand and Path(cand).is_file():
+            return cand
+    raise FileNotFoundError("no llama-server binary: run `make llama-server` or give --llama-server PATH")
+
+
+def llama_server_cmd(args: argparse.Namespace, port: int, parallel: int) -> list[str]:
+    """llama.cpp's C++ server with ``parallel`` slots (continuous batching), each with a 2048-token context."""
+    from adaspec.bench.engines import default_gguf
+
+    gguf = args.gguf or default_gguf(args.model)
+    if not gguf:
+        raise ValueError(f"no GGUF file for {args.model} (give --gguf)")
+    return [llama_server_binary(args), "--model", gguf, "--alias", "bench", "--threads", str(args.threads),
+            "--threads-batch", str(args.threads), "--parallel", str(parallel), "--ctx-size", str(2048 * parallel),
+            "--cont-batching", "--port", str(port), "--host", "127.0.0.1", "--no-webui"]
+
+
 def llama_cpp_server_cmd(args: argparse.Namespace, port: int) -> list[str]:
     from adaspec.bench.engines import default_gguf
 
@@ -369,8 +399,10 @@ def serve_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown speculator {s!r}; choose from {', '.join(config.SPECULATORS)}")
     peers = [p.strip() for p in (args.peer or "").split(",") if p.strip()]
     for p in peers:
-        if p != "llama-cpp":
-            raise ValueError(f"unknown peer {p!r} (llama-cpp)")
+        if p not in ("llama-cpp", "llama-server"):
+            raise ValueError(f"unknown peer {p!r} (llama-server, llama-cpp)")
+        if p == "llama-server":
+            llama_server_binary(args)
     jobs = build_jobs(args)
     records: list[Record] = []
     summaries: list[PhaseSummary] = []
@@ -384,10 +416,14 @@ def serve_bench(args: argparse.Namespace) -> int:
             servers = {}
             for name, kind in runs:
                 port = free_port()
-                cmd = (adaspec_server_cmd(args, name, port, max(n, 1)) if kind == "adaspec"
-                       else llama_cpp_server_cmd(args, port))
+                if kind == "adaspec":
+                    cmd = adaspec_server_cmd(args, name, port, max(n, 1))
+                elif name == "llama-server":
+                    cmd = llama_server_cmd(args, port, max(n, 1))
+                else:
+                    cmd = llama_cpp_server_cmd(args, port)
                 print(f"[serve] {name} x {n} clients: {shlex.join(cmd)}", flush=True)
-                health = "/health" if kind == "adaspec" else "/v1/models"
+                health = "/v1/models" if name == "llama-cpp" else "/health"
                 srv = stack.enter_context(ServerProcess(cmd, port, health=health,
                                                         log_path=out / f"server_{name}_{n}.log"))
                 # warm-up (untimed): one short request
@@ -461,7 +497,10 @@ def add_serve_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefix-cache-tokens", type=int, default=8192)
     p.add_argument("--prefill-chunk", type=int, default=256)
-    p.add_argument("--peer", default="", help="peer servers to measure the same way: llama-cpp")
+    p.add_argument("--peer", default="", help="peer servers to measure the same way, comma-separated: "
+                   "llama-server (llama.cpp's C++ server, continuous batching), llama-cpp (llama-cpp-python's)")
+    p.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary "
+                   "(default: `make llama-server`'s build, else PATH)")
     p.add_argument("--gguf", default=None, help="llama.cpp's model file (default: the GGUF the model ships in)")
     p.add_argument("--out", default=DEFAULT_OUT)
 

@@ -63,7 +63,8 @@ class OnlineConfig:
         mix: shares of chain starts drawn from (recent, reservoir, replay);
             an empty part's share goes to the others. Default (0.5, 0.25, 0.25).
         eval_k: lookahead of the held-out evaluation. Default 4.
-        eval_max_positions: most held-out start positions evaluated. Default 512.
+        eval_max_positions: most held-out start positions evaluated, from the newest held-out
+            documents (candidates are judged on recent traffic). Default 512.
         min_gain: relative gain in held-out mean acceptance length a candidate
             needs over the serving version to be published. Default 0.01.
         max_tenants: tenants whose heads and optimizer states stay in the
@@ -396,9 +397,19 @@ class OnlineTrainer:
         return packed, parts
 
     def heldout_packed(self, tenant: str):
-        """The tenant's held-out documents packed for :func:`evaluate_head`, or None when there are none."""
+        """The tenant's newest held-out documents (``eval_max_positions`` labelled positions' worth, newest
+        first) packed for :func:`evaluate_head`, or None when there are none.
+
+        Candidates are judged on recent traffic: after a shift, older held-out documents would mostly measure
+        the domains left behind (replay and the reservoir keep those in training)."""
         st = self.tenant(tenant)
-        docs = [d.to_feature_doc() for d in st.buffer.heldout]
+        newest, n = [], 0
+        for d in reversed(st.buffer.heldout):
+            if n >= self.config.eval_max_positions:
+                break
+            newest.append(d)
+            n += d.num_labels
+        docs = [d.to_feature_doc() for d in reversed(newest)]
         if not docs:
             return None
         try:
