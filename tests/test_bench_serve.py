@@ -42,3 +42,28 @@ def test_sql_phase_shares_schemas():
     schemas = {m[-1]["content"].split("\n\nWrite one SQL query")[0] for _, m in jobs}
     # 16 with the full Spider set; the shipped subset has at most 4 questions per database
     assert 2 * 2 <= len(jobs) <= 16 and len(schemas) <= 2
+
+
+
+def test_llama_server_peer_command(tmp_path, monkeypatch):
+    import argparse
+    import shutil
+
+    import pytest
+
+    from adaspec.bench import serve
+
+    p = argparse.ArgumentParser()
+    serve.add_serve_bench_arguments(p)
+    fake = tmp_path / "llama-server"
+    fake.write_text("")
+    gguf = tmp_path / "m.gguf"
+    gguf.write_text("")
+    args = p.parse_args(["--peer", "llama-server", "--llama-server", str(fake), "--gguf", str(gguf)])
+    cmd = serve.llama_server_cmd(args, 8123, 16)
+    assert cmd[0] == str(fake) and cmd[cmd.index("--parallel") + 1] == "16"
+    assert cmd[cmd.index("--ctx-size") + 1] == str(16 * 2048) and cmd[cmd.index("--model") + 1] == str(gguf)
+    monkeypatch.setattr(serve, "LLAMA_SERVER_BUILD", tmp_path / "none")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="make llama-server"):
+        serve.llama_server_cmd(p.parse_args(["--llama-server", str(tmp_path / "missing")]), 8123, 1)

@@ -66,6 +66,8 @@ DEFAULT_CONVERSATIONS = 8
 DEFAULT_TURNS = 3
 DEFAULT_OUT = "bench_results/serve"
 CHAT_PHASE = "multiturn"
+# where `make llama-server` builds llama.cpp's server (a source checkout's .peers folder)
+LLAMA_SERVER_BUILD = Path(__file__).resolve().parents[3] / ".peers" / "llama.cpp" / "build" / "bin" / "llama-server"
 FOLLOW_UPS = ("Can you explain that in more detail?", "Give a short concrete example.",
               "Summarize the answer in one sentence.", "What is a common mistake here?")
 
@@ -248,8 +250,7 @@ def llama_server_binary(args: argparse.Namespace) -> str:
     """
     import shutil
 
-    for cand in (args.llama_server, str(Path(__file__).resolve().parents[3] / ".peers/llama.cpp/build/bin/llama-server"),
-                 shutil.which("llama-server")):
+    for cand in (args.llama_server, str(LLAMA_SERVER_BUILD), shutil.which("llama-server")):
         if cand and Path(cand).is_file():
             return cand
     raise FileNotFoundError("no llama-server binary: run `make llama-server` or give --llama-server PATH")
