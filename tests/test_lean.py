@@ -318,6 +318,25 @@ def test_real_model_int8_invariant_position_by_position(real_int8):
     assert agree >= 0.85  # measured 0.93-0.96: the two int8 paths round differently
 
 
+@pytest.mark.real_model
+def test_real_model_int8_identical_at_one_and_two_threads(real_int8):
+    """Above a work threshold the GEMM splits output tiles across threads (the LM head at one row, every
+    layer at 8 and 64 rows); each output element is still summed by one thread, so logits are bitwise
+    the same."""
+    hf, lean = real_int8
+    seq = hf.tokenizer.encode("fn main() {\n    let v: Vec<u32> = (1..10).collect();\n")
+    before = torch.get_num_threads()
+    outs = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs[threads] = [feed(lean, seq, chunks)[:2] for chunks in ([1], [8], [64])]
+    finally:
+        torch.set_num_threads(before)
+    for (a, ha), (b, hb) in zip(outs[1], outs[2]):
+        assert torch.equal(a, b) and torch.equal(ha, hb)
+
+
 def test_runtime_cost_table_shape(targets):
     from adaspec.bench.runtime_cost import compare_step_cost, format_compare, matmul_floor_ms
 
