@@ -91,8 +91,13 @@ class Record:
 
 
 # ---------------------------------------------------------------- the client
-async def stream_chat(client: Any, url: str, model: str, messages: list[dict], max_tokens: int) -> dict:
-    """One streaming chat completion: text, usage, TTFT, per-token gaps (seconds)."""
+async def stream_chat(client: Any, url: str, model: str, messages: list[dict], max_tokens: int,
+                      abort_after_first: bool = False) -> dict:
+    """One greedy streaming chat completion: text, usage, TTFT, per-token gaps (seconds).
+
+    With ``abort_after_first`` the client leaves after the first content chunk (``"aborted": True``).
+    An error event inside the stream is answered as status 500 with ``"stream_error": True``.
+    """
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
@@ -110,7 +115,7 @@ async def stream_chat(client: Any, url: str, model: str, messages: list[dict], m
             if d.get("usage"):
                 usage = d["usage"]
             if "error" in d:
-                return {"status": 500, "error": json.dumps(d["error"])[:300]}
+                return {"status": 500, "stream_error": True, "error": json.dumps(d["error"])[:300]}
             for ch in d.get("choices") or []:
                 piece = (ch.get("delta") or {}).get("content") or ""
                 if not piece:
@@ -122,6 +127,8 @@ async def stream_chat(client: Any, url: str, model: str, messages: list[dict], m
                     gaps.append(now - last)
                 last = now
                 text.append(piece)
+            if abort_after_first and text:
+                return {"status": 200, "aborted": True, "text": "".join(text)}
     # a server without include_usage: one token per content chunk (llama.cpp streams token by token)
     n = int((usage or {}).get("completion_tokens", 0)) or (len(gaps) + 1 if first is not None else 0)
     # a chunk carries every token of its step: spread each gap over the tokens after the first chunk
@@ -479,9 +486,16 @@ def serve_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_serve_bench_arguments(p: argparse.ArgumentParser) -> None:
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    """What :func:`adaspec_server_cmd` reads: the model, one thread by default, the prefix cache, prefill chunks."""
     config.add_model_arguments(p)
     p.set_defaults(threads="1")
+    p.add_argument("--prefix-cache-tokens", type=int, default=8192)
+    p.add_argument("--prefill-chunk", type=int, default=256)
+
+
+def add_serve_bench_arguments(p: argparse.ArgumentParser) -> None:
+    add_server_arguments(p)
     p.add_argument("--clients", default=",".join(map(str, DEFAULT_CLIENTS)),
                    help="concurrent streaming clients, comma-separated (default %(default)s)")
     p.add_argument("--speculators", default=",".join(DEFAULT_SPECULATORS),
@@ -496,8 +510,6 @@ def add_serve_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="the sql phase asks its questions of this many Spider databases (they share a schema, "
                    "as text-to-SQL traffic does); 0: the drift phase's sample over all databases")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prefix-cache-tokens", type=int, default=8192)
-    p.add_argument("--prefill-chunk", type=int, default=256)
     p.add_argument("--peer", default="", help="peer servers to measure the same way, comma-separated: "
                    "llama-server (llama.cpp's C++ server, continuous batching), llama-cpp (llama-cpp-python's)")
     p.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary "

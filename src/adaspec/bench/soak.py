@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from adaspec import config
+from adaspec.bench.serve import ServerProcess, adaspec_server_cmd, add_server_arguments, free_port, stream_chat
 
 DEFAULT_CLIENTS = 64
 DEFAULT_MINUTES = 10.0
@@ -102,33 +103,6 @@ async def reference_answer(client: Any, url: str, model: str, messages: list[dic
     return {"text": d["choices"][0]["message"]["content"] or "", "tokens": int(d["usage"]["completion_tokens"])}
 
 
-async def stream_once(client: Any, url: str, model: str, messages: list[dict], max_tokens: int,
-                      abort: bool) -> dict:
-    """One greedy streaming chat completion; with ``abort``, the client leaves after the first content chunk."""
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    text: list[str] = []
-    usage = None
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            return {"status": r.status_code, "error": (await r.aread()).decode(errors="replace")[:300]}
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            d = json.loads(line[6:])
-            if "error" in d:
-                return {"status": 200, "failed": True, "error": json.dumps(d["error"])[:300]}
-            if d.get("usage"):
-                usage = d["usage"]
-            for ch in d.get("choices") or []:
-                piece = (ch.get("delta") or {}).get("content") or ""
-                if piece:
-                    text.append(piece)
-            if abort and text:
-                return {"status": 200, "aborted": True, "text": "".join(text)}
-    return {"status": 200, "text": "".join(text), "tokens": int((usage or {}).get("completion_tokens", -1))}
-
-
 async def run_soak(url: str, model: str, pool: Sequence[tuple[str, list[dict]]], clients: int, duration_s: float,
                    max_tokens: int, abort_every: int = 0,
                    progress: Optional[Callable[[int, float], None]] = None) -> list[SoakRecord]:
@@ -151,13 +125,13 @@ async def run_soak(url: str, model: str, pool: Sequence[tuple[str, list[dict]]],
                 abort = abort_every > 0 and n % abort_every == 0
                 t = time.perf_counter() - t0
                 try:
-                    out = await stream_once(client, url, model, messages, max_tokens, abort)
+                    out = await stream_chat(client, url, model, messages, max_tokens, abort_after_first=abort)
                 except Exception as e:  # noqa: BLE001 - a failed request is a record, not a crash
-                    out = {"status": 0, "failed": True, "error": f"{type(e).__name__}: {e}"}
+                    out = {"status": 0, "stream_error": True, "error": f"{type(e).__name__}: {e}"}
                 rec = SoakRecord(c, key, round(t, 3), out["status"], aborted=bool(out.get("aborted")),
                                  completion_tokens=out.get("tokens", 0), text=out.get("text", ""),
                                  error=out.get("error", ""))
-                if out.get("failed"):
+                if out.get("stream_error"):  # an error event mid-stream or a broken connection: failed
                     rec.status = 0
                 records.append(rec)
                 if progress is not None:
@@ -307,8 +281,6 @@ def render(v: SoakVerdict, header: list[str], clients: int, minutes: float, tok_
 
 
 def soak_from_args(args: argparse.Namespace) -> int:
-    from adaspec.bench.serve import ServerProcess, adaspec_server_cmd, free_port
-
     if args.clients < 1:
         raise ValueError(f"--clients must be >= 1, got {args.clients}")
     if args.minutes <= 0:
@@ -376,8 +348,7 @@ def soak_from_args(args: argparse.Namespace) -> int:
 
 
 def add_soak_arguments(p: argparse.ArgumentParser) -> None:
-    config.add_model_arguments(p)
-    p.set_defaults(threads="1")
+    add_server_arguments(p)
     p.add_argument("--clients", type=int, default=DEFAULT_CLIENTS, help="concurrent streaming clients")
     p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help="how long the load lasts")
     p.add_argument("--speculator", default="atlas", help="the server's --speculator (default %(default)s)")
@@ -389,8 +360,6 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rss-every", type=float, default=5.0, help="seconds between RSS samples")
     p.add_argument("--rss-tolerance", type=float, default=0.10, help="allowed RSS growth after the first minute")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prefix-cache-tokens", type=int, default=8192)
-    p.add_argument("--prefill-chunk", type=int, default=256)
     p.add_argument("--out", default=DEFAULT_OUT)
 
 

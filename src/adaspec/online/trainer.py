@@ -257,7 +257,7 @@ class OnlineTrainer:
             try:
                 with safe_open(str(path), framework="pt") as f:
                     tenant = json.loads((f.metadata() or {}).get("info") or "{}").get("tenant")
-            except Exception as e:  # noqa: BLE001 - unreadable: set aside below when its tenant is known
+            except Exception as e:  # noqa: BLE001 - unreadable header: its tenant is unknown, so it is only reported
                 self.restore_errors[path.parent.name] = f"{path}: {e}"
                 continue
             if isinstance(tenant, str) and path.parent.name == tenant_key(tenant):
@@ -310,11 +310,10 @@ class OnlineTrainer:
     def clear_buffers(self) -> None:
         """Empty every tenant's buffer, files included (after a policy update, old traffic predicts the new
         target less well)."""
-        for tenant, st in self._tenants.items():
+        for st in self._tenants.values():
             st.buffer.clear()
             st.unsaved = False
-            self._drop_buffer_file(tenant)
-        if self.root.is_dir():  # tenants not seen since the start: their saved traffic is the old policy's too
+        if self.root.is_dir():  # every tenant's saved traffic, seen since the start or not
             for path in self.root.glob(f"*/{BUFFER_FILE}"):
                 path.unlink(missing_ok=True)
 
