@@ -337,6 +337,63 @@ def test_real_model_int8_identical_at_one_and_two_threads(real_int8):
         assert torch.equal(a, b) and torch.equal(ha, hb)
 
 
+@pytest.mark.real_model
+def test_real_model_int8_identical_under_every_gemm_isa(real_int8):
+    """The AVX-512 VNNI GEMM (u8-offset vpdpbusd) and the AVX2 one (maddubs) sum the same integer products
+    exactly: logits and hidden states are bitwise the same at 1, 8 and 64 rows per forward."""
+    from adaspec.model.build import lean_kernel
+
+    ext = lean_kernel()
+    isas = ext.available_gemm_isas()
+    if len(isas) < 2:
+        pytest.skip(f"this CPU offers only {isas} (no AVX-512 VNNI): nothing to compare")
+    hf, lean = real_int8
+    seq = hf.tokenizer.encode("SELECT name, COUNT(*) FROM orders GROUP BY name;\n-- top customers\n")
+    before = ext.gemm_isa()
+    outs = {}
+    try:
+        for isa in isas:
+            ext.set_gemm_isa(isa)
+            outs[isa] = [feed(lean, seq, chunks)[:2] for chunks in ([1], [8], [64])]
+    finally:
+        ext.set_gemm_isa(before)
+    for isa in isas[1:]:
+        for (a, ha), (b, hb) in zip(outs[isas[0]], outs[isa]):
+            assert torch.equal(a, b) and torch.equal(ha, hb)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_int8_gemm_exact_under_every_isa(wide):
+    """Every GEMM path equals Int8Linear's math with an exact integer sum, bitwise: rows 1..19 (every tile
+    remainder), K not a multiple of 64, N not a multiple of 4, full-range (|w| up to 127) and 7-bit weights."""
+    from adaspec.model.build import lean_kernel
+
+    ext = lean_kernel()
+    g = torch.Generator().manual_seed(3)
+    N, K = 37, 96 + 32
+    lim = 127 if wide else 64
+    w = torch.randint(-lim, lim + 1, (N, K), generator=g, dtype=torch.int8)
+    w_scale = torch.rand(N, generator=g) * 0.01 + 1e-4
+    bias = torch.randn(N, generator=g)
+    lin = ext.make_linear(w, w_scale, bias, None, 8)
+    assert lin.wide == wide
+    before = ext.gemm_isa()
+    try:
+        for M in range(1, 20):
+            x = torch.randn(M, K, generator=g) * 3
+            s = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30) / 127.0
+            xq = torch.round(x / s).clamp(-127, 127)
+            acc = (xq.double() @ w.double().t()).float()  # exact integers
+            ref = (acc * w_scale) * s + bias
+            for isa in ext.available_gemm_isas():
+                ext.set_gemm_isa(isa)
+                assert torch.equal(ext.linear(lin, x), ref), (isa, M)
+    finally:
+        ext.set_gemm_isa(before)
+    with pytest.raises(RuntimeError, match="gemm isa must be"):
+        ext.set_gemm_isa("sse2")
+
+
 def test_runtime_cost_table_shape(targets):
     from adaspec.bench.runtime_cost import compare_step_cost, format_compare, matmul_floor_ms
 

@@ -22,7 +22,25 @@
 namespace {
 
 constexpr int64_t W = 8;                       // float lanes
-constexpr int64_t PARALLEL_MIN_WORK = 1 << 23;  // multiply-adds per GEMM below which one thread runs
+int64_t g_parallel_min_work = 1 << 23;  // multiply-adds per GEMM below which one thread runs
+
+// The int8 GEMM's instruction set, chosen once at load from what the CPU (and OS) offers:
+// AVX-512 VNNI (vpdpbusd: u8 x s8 products summed four at a time into int32) where
+// present, else AVX2 (maddubs + madd). Both sum the same integer products exactly, so
+// the two give bitwise the same results; set_gemm_isa forces one (tests, benchmarks).
+bool cpu_has_vnni() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+const bool g_has_vnni = cpu_has_vnni();
+bool g_use_vnni = g_has_vnni;
+
+#define ADASPEC_VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
 
 inline float tree_sum(__m256 v) {  // fixed order: ((p0+p4)+(p2+p6)) + ((p1+p5)+(p3+p7))
   alignas(32) float p[8];
@@ -72,6 +90,7 @@ struct Linear {
   float q_max = 127.0f;
   at::Tensor w;           // int8 [N, Kp] or float32 [N, K]
   at::Tensor w_scale;     // float32 [N]
+  at::Tensor w_sum;       // int32 [N]: sum_k w[n][k], for the VNNI path's u8 offset (int8 only)
   at::Tensor bias;        // float32 [N] or undefined
   at::Tensor inv_smooth;  // float32 [K] or undefined: input multiplied by it first
 };
@@ -93,6 +112,7 @@ Linear make_linear(at::Tensor w, at::Tensor w_scale, c10::optional<at::Tensor> b
     padded.narrow(1, 0, L.K).narrow(0, 0, L.N).copy_(w);
     L.w = padded.view({ntiles, 4, L.Kp / 32, 32}).permute({0, 2, 1, 3}).contiguous();
     L.wide = w.abs().max().item<int>() > 64;
+    L.w_sum = w.to(at::kInt).sum(1, /*keepdim=*/false, at::kInt).contiguous();
     TORCH_CHECK(w_scale.numel() == L.N, "w_scale must be [N]");
     L.w_scale = w_scale.to(at::kFloat).contiguous();
     TORCH_CHECK(activation_bits == 7 || activation_bits == 8, "activation bits must be 7 or 8");
@@ -231,13 +251,61 @@ inline void tile_f32(const float* x, int64_t ldx, const float* const* w, int64_t
     for (int j = 0; j < 4; ++j) out[i * ldo + j] = tree_sum(acc[i][j]);
 }
 
+// The AVX-512 VNNI tile: acc[i][j] = sum_k xq[i][k] * w_j[k] for MR rows and the 4 weight
+// rows of a packed tile, exactly. xu holds xq + 128 as u8 (vpdpbusd multiplies u8 by s8);
+// the caller subtracts 128 * sum_k w_j[k]. A 64-byte load takes chunk c of two weight
+// rows (the packing puts rows 0..3 of a chunk side by side), against the row's 32
+// activation bytes broadcast to both halves: lanes 0-7 sum row 0 (or 2), lanes 8-15 row 1 (or 3).
+// |sum| <= K * 255 * 128 fits int32 for K < 65793.
+template <int MR>
+ADASPEC_VNNI inline void tile_vnni(const uint8_t* x, int64_t ldx, const int8_t* wt, int64_t Kp, int32_t* out,
+                                   int64_t ldo) {
+  __m512i acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < Kp; k += 32) {
+    const int8_t* wc = wt + k * 4;  // chunk k / 32: 4 rows x 32 bytes
+    _mm_prefetch(reinterpret_cast<const char*>(wc + 1024), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wc + 1088), _MM_HINT_T0);
+    const __m512i w01 = _mm512_loadu_si512(wc), w23 = _mm512_loadu_si512(wc + 64);
+    for (int i = 0; i < MR; ++i) {
+      const __m512i a = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * ldx + k)));
+      acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], a, w01);
+      acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], a, w23);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    out[i * ldo + 0] = hsum_i32(_mm512_castsi512_si256(acc[i][0]));
+    out[i * ldo + 1] = hsum_i32(_mm512_extracti64x4_epi64(acc[i][0], 1));
+    out[i * ldo + 2] = hsum_i32(_mm512_castsi512_si256(acc[i][1]));
+    out[i * ldo + 3] = hsum_i32(_mm512_extracti64x4_epi64(acc[i][1], 1));
+  }
+}
+
+// Rows [m, m + mr) of tile t through the VNNI tile, mr <= 8, into acc [mr][4] (offset removed).
+ADASPEC_VNNI void rows_vnni(const uint8_t* xu, int64_t Kp, int64_t m, int64_t mr, const int8_t* w, const int32_t* wsum,
+                            int64_t nn, int32_t* acc) {
+  const uint8_t* xr = xu + m * Kp;
+  switch (mr) {
+    case 8: tile_vnni<8>(xr, Kp, w, Kp, acc, 4); break;
+    case 7: tile_vnni<7>(xr, Kp, w, Kp, acc, 4); break;
+    case 6: tile_vnni<6>(xr, Kp, w, Kp, acc, 4); break;
+    case 5: tile_vnni<5>(xr, Kp, w, Kp, acc, 4); break;
+    case 4: tile_vnni<4>(xr, Kp, w, Kp, acc, 4); break;
+    case 3: tile_vnni<3>(xr, Kp, w, Kp, acc, 4); break;
+    case 2: tile_vnni<2>(xr, Kp, w, Kp, acc, 4); break;
+    default: tile_vnni<1>(xr, Kp, w, Kp, acc, 4); break;
+  }
+  for (int64_t i = 0; i < mr; ++i)
+    for (int64_t j = 0; j < 4; ++j) acc[i * 4 + j] -= 128 * (j < nn ? wsum[j] : 0);
+}
+
 // y [M, N] = linear(x [M, K]); scratch holds at least M * (Kp + 4 * N + K) + M bytes-worth of floats.
 // Weights are walked in tiles of 4 output rows; each tile is read from memory
 // once and reused from L1 for every pair of activation rows.
 void linear_forward(const Linear& L, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy) {
   const int64_t N = L.N, Kp = L.Kp;
   const int64_t ntiles = (N + 3) / 4;
-  const bool par = M * N * L.K >= PARALLEL_MIN_WORK;
+  const bool par = M * N * L.K >= g_parallel_min_work;
   if (L.int8) {
     std::vector<int8_t> xq(M * Kp);
     std::vector<float> scales(M), tmp(L.K);
@@ -245,15 +313,25 @@ void linear_forward(const Linear& L, const float* x, int64_t ldx, int64_t M, flo
     const int8_t* wp = L.w.data_ptr<int8_t>();
     const float* ws = L.w_scale.data_ptr<float>();
     const float* bias = L.bias.defined() ? L.bias.data_ptr<float>() : nullptr;
+    const bool vnni = g_use_vnni;
+    std::vector<uint8_t> xu;
+    if (vnni) {  // xq + 128 as u8 (padding columns: 128 against zero weights)
+      xu.resize(M * Kp);
+      for (int64_t i = 0; i < M * Kp; ++i) xu[i] = static_cast<uint8_t>(xq[i]) ^ 0x80u;
+    }
+    const int32_t* wsum = L.w_sum.data_ptr<int32_t>();
+    const int64_t MB = vnni ? 8 : 2;  // rows per tile call
     maybe_parallel(par, ntiles, [&](int64_t t0, int64_t t1) {
-      int32_t acc[2 * 4];
+      int32_t acc[8 * 4];
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = t * 4;
         const int8_t* w = wp + t * 4 * Kp;  // this tile's packed rows
         const int64_t nn = std::min<int64_t>(4, N - n0);
-        for (int64_t m = 0; m < M; m += 2) {
-          const int64_t mr = std::min<int64_t>(2, M - m);
-          if (mr == 2) {
+        for (int64_t m = 0; m < M; m += MB) {
+          const int64_t mr = std::min<int64_t>(MB, M - m);
+          if (vnni) {
+            rows_vnni(xu.data(), Kp, m, mr, w, wsum + n0, nn, acc);
+          } else if (mr == 2) {
             if (L.wide) tile_s8_wide<2>(xq.data() + m * Kp, Kp, w, Kp, acc, 4);
             else tile_s8<2>(xq.data() + m * Kp, Kp, w, Kp, acc, 4);
           } else {
@@ -683,6 +761,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("make_linear", &make_linear, py::arg("w"), py::arg("w_scale"), py::arg("bias"), py::arg("inv_smooth"),
         py::arg("activation_bits"));
   m.def("linear", &linear_py);
+  m.def("gemm_isa", []() { return std::string(g_use_vnni ? "avx512vnni" : "avx2"); },
+        "The int8 GEMM's instruction set in use: 'avx512vnni' or 'avx2'.");
+  m.def("available_gemm_isas", []() {
+        std::vector<std::string> out{"avx2"};
+        if (g_has_vnni) out.push_back("avx512vnni");
+        return out; });
+  m.def("set_gemm_isa", [](const std::string& isa) {
+        TORCH_CHECK(isa == "avx2" || (isa == "avx512vnni" && g_has_vnni),
+                    "gemm isa must be 'avx2'", g_has_vnni ? " or 'avx512vnni'" : " (this CPU lacks AVX-512 VNNI)",
+                    ", got '", isa, "'");
+        g_use_vnni = isa == "avx512vnni"; });
+  m.def("parallel_min_work", []() { return g_parallel_min_work; });
+  m.def("set_parallel_min_work", [](int64_t v) {
+        TORCH_CHECK(v >= 0, "parallel_min_work must be >= 0");
+        g_parallel_min_work = v; });
   py::class_<LeanModel>(m, "LeanModel")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t, at::Tensor, at::Tensor, at::Tensor>())
       .def("add_layer", &LeanModel::add_layer)
