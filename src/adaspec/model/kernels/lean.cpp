@@ -27,7 +27,8 @@ int64_t g_parallel_min_work = 1 << 23;  // multiply-adds per GEMM below which on
 // The int8 GEMM's instruction set, chosen once at load from what the CPU (and OS) offers:
 // AVX-512 VNNI (vpdpbusd: u8 x s8 products summed four at a time into int32) where
 // present, else AVX2 (maddubs + madd). Both sum the same integer products exactly, so
-// the two give bitwise the same results; set_gemm_isa forces one (tests, benchmarks).
+// the two give bitwise the same results. Each int8 Linear is packed for the ISA in use
+// when it is made; set_gemm_isa chooses it for the Linears made after (tests, benchmarks).
 bool cpu_has_vnni() {
 #if defined(__GNUC__) && defined(__x86_64__)
   __builtin_cpu_init();
@@ -87,10 +88,12 @@ struct Linear {
   int64_t N = 0, K = 0, Kp = 0;  // Kp: K rounded up to 32 (int8 rows are zero padded)
   bool int8 = false;
   bool wide = false;  // |w| > 64: int16 pair sums could saturate, use the exact int16 path
+  bool vnni = false;  // packed for the AVX-512 VNNI GEMM (set_gemm_isa at creation), else for AVX2
   float q_max = 127.0f;
-  at::Tensor w;           // int8 [N, Kp] or float32 [N, K]
-  at::Tensor w_scale;     // float32 [N]
-  at::Tensor w_sum;       // int32 [N]: sum_k w[n][k], for the VNNI path's u8 offset (int8 only)
+  at::Tensor w;           // int8, packed (see make_linear), or float32 [N, K]
+  at::Tensor w_scale;     // float32 [N] (VNNI: [Np], zero padded)
+  at::Tensor w_sum;       // int32 [Np]: 128 * sum_k w[n][k], the VNNI path's u8 offset (int8 only)
+  at::Tensor bias_p;      // VNNI: float32 [Np], bias or zeros
   at::Tensor bias;        // float32 [N] or undefined
   at::Tensor inv_smooth;  // float32 [K] or undefined: input multiplied by it first
 };
@@ -105,16 +108,31 @@ Linear make_linear(at::Tensor w, at::Tensor w_scale, c10::optional<at::Tensor> b
   if (w.scalar_type() == at::kChar) {
     L.int8 = true;
     L.Kp = (L.K + 31) / 32 * 32;
-    // packed for the GEMM: [ceil(N/4) tiles][Kp/32 chunks][4 rows][32 bytes], one
-    // contiguous stream per tile (rows past N are zero and ignored)
-    const int64_t ntiles = (L.N + 3) / 4;
-    at::Tensor padded = at::zeros({ntiles * 4, L.Kp}, w.options());
-    padded.narrow(1, 0, L.K).narrow(0, 0, L.N).copy_(w);
-    L.w = padded.view({ntiles, 4, L.Kp / 32, 32}).permute({0, 2, 1, 3}).contiguous();
     L.wide = w.abs().max().item<int>() > 64;
-    L.w_sum = w.to(at::kInt).sum(1, /*keepdim=*/false, at::kInt).contiguous();
     TORCH_CHECK(w_scale.numel() == L.N, "w_scale must be [N]");
     L.w_scale = w_scale.to(at::kFloat).contiguous();
+    L.vnni = g_use_vnni;
+    if (L.vnni) {
+      // packed for the VNNI GEMM: [Np/32 tiles][Kp/4 groups][32 columns][4 bytes]: one
+      // contiguous stream per tile of 32 output columns; a 64-byte load holds 4 consecutive
+      // k of 16 columns, one per int32 lane (columns past N are zero and ignored)
+      const int64_t Np = (L.N + 31) / 32 * 32;
+      at::Tensor padded = at::zeros({Np, L.Kp}, w.options());
+      padded.narrow(1, 0, L.K).narrow(0, 0, L.N).copy_(w);
+      L.w = padded.view({Np / 32, 32, L.Kp / 4, 4}).permute({0, 2, 1, 3}).contiguous();
+      L.w_sum = (padded.to(at::kInt).sum(1, /*keepdim=*/false, at::kInt) * 128).contiguous();
+      L.w_scale = at::zeros({Np}, at::kFloat);
+      L.w_scale.narrow(0, 0, L.N).copy_(w_scale.to(at::kFloat));
+      L.bias_p = at::zeros({Np}, at::kFloat);
+      if (bias.has_value() && bias->defined()) L.bias_p.narrow(0, 0, L.N).copy_(bias->to(at::kFloat));
+    } else {
+      // packed for the AVX2 GEMM: [ceil(N/4) tiles][Kp/32 chunks][4 rows][32 bytes], one
+      // contiguous stream per tile (rows past N are zero and ignored)
+      const int64_t ntiles = (L.N + 3) / 4;
+      at::Tensor padded = at::zeros({ntiles * 4, L.Kp}, w.options());
+      padded.narrow(1, 0, L.K).narrow(0, 0, L.N).copy_(w);
+      L.w = padded.view({ntiles, 4, L.Kp / 32, 32}).permute({0, 2, 1, 3}).contiguous();
+    }
     TORCH_CHECK(activation_bits == 7 || activation_bits == 8, "activation bits must be 7 or 8");
     L.q_max = static_cast<float>((1 << (activation_bits - 1)) - 1);
   } else {
@@ -251,52 +269,73 @@ inline void tile_f32(const float* x, int64_t ldx, const float* const* w, int64_t
     for (int j = 0; j < 4; ++j) out[i * ldo + j] = tree_sum(acc[i][j]);
 }
 
-// The AVX-512 VNNI tile: acc[i][j] = sum_k xq[i][k] * w_j[k] for MR rows and the 4 weight
-// rows of a packed tile, exactly. xu holds xq + 128 as u8 (vpdpbusd multiplies u8 by s8);
-// the caller subtracts 128 * sum_k w_j[k]. A 64-byte load takes chunk c of two weight
-// rows (the packing puts rows 0..3 of a chunk side by side), against the row's 32
-// activation bytes broadcast to both halves: lanes 0-7 sum row 0 (or 2), lanes 8-15 row 1 (or 3).
-// |sum| <= K * 255 * 128 fits int32 for K < 65793.
+// The AVX-512 VNNI GEMM over one tile of 32 output columns for MR rows, exactly:
+// y[i][n] = ((float(sum_k xq[i][k] w[n][k]) * w_scale[n]) * s[i]) + bias[n], the same
+// operations per element as the AVX2 path. xu holds xq + 128 as u8 (vpdpbusd multiplies
+// u8 by s8, four products summed into each int32 lane); 128 * sum_k w[n][k] is taken
+// off after. A 64-byte load holds k .. k+3 of 16 columns, one column per lane, against
+// the row's 4 activation bytes broadcast: no horizontal sum. |sum| <= K * 255 * 128
+// fits int32 for K < 65793.
 template <int MR>
-ADASPEC_VNNI inline void tile_vnni(const uint8_t* x, int64_t ldx, const int8_t* wt, int64_t Kp, int32_t* out,
-                                   int64_t ldo) {
+ADASPEC_VNNI inline void tile_vnni(const uint8_t* x, int64_t ldx, const int8_t* wt, int64_t Kp, const int32_t* wsum,
+                                   const float* ws, const float* bias, const float* scales, float* y, int64_t ldy,
+                                   int64_t nn) {
   __m512i acc[MR][2];
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();
-  for (int64_t k = 0; k < Kp; k += 32) {
-    const int8_t* wc = wt + k * 4;  // chunk k / 32: 4 rows x 32 bytes
-    _mm_prefetch(reinterpret_cast<const char*>(wc + 1024), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wc + 1088), _MM_HINT_T0);
-    const __m512i w01 = _mm512_loadu_si512(wc), w23 = _mm512_loadu_si512(wc + 64);
+  for (int64_t k = 0; k < Kp; k += 4) {
+    const int8_t* wc = wt + k * 32;  // group k / 4: 32 columns x 4 bytes
+    _mm_prefetch(reinterpret_cast<const char*>(wc + 2048), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wc + 2112), _MM_HINT_T0);
+    const __m512i w0 = _mm512_loadu_si512(wc), w1 = _mm512_loadu_si512(wc + 64);
     for (int i = 0; i < MR; ++i) {
-      const __m512i a = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * ldx + k)));
-      acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], a, w01);
-      acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], a, w23);
+      int32_t a4;
+      std::memcpy(&a4, x + i * ldx + k, 4);
+      const __m512i a = _mm512_set1_epi32(a4);
+      acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], a, w0);
+      acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], a, w1);
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    out[i * ldo + 0] = hsum_i32(_mm512_castsi512_si256(acc[i][0]));
-    out[i * ldo + 1] = hsum_i32(_mm512_extracti64x4_epi64(acc[i][0], 1));
-    out[i * ldo + 2] = hsum_i32(_mm512_castsi512_si256(acc[i][1]));
-    out[i * ldo + 3] = hsum_i32(_mm512_extracti64x4_epi64(acc[i][1], 1));
+  const __mmask16 m0 = nn >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nn) - 1);
+  const __mmask16 m1 = nn >= 32 ? 0xFFFF : (nn <= 16 ? 0 : static_cast<__mmask16>((1u << (nn - 16)) - 1));
+  for (int h = 0; h < 2; ++h) {
+    const __m512i off = _mm512_loadu_si512(wsum + 16 * h);
+    const __m512 wsv = _mm512_loadu_ps(ws + 16 * h);
+    const __m512 bv = bias ? _mm512_loadu_ps(bias + 16 * h) : _mm512_setzero_ps();
+    const __mmask16 mk = h ? m1 : m0;
+    for (int i = 0; i < MR; ++i) {
+      __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][h], off));
+      v = _mm512_mul_ps(v, wsv);
+      v = _mm512_mul_ps(v, _mm512_set1_ps(scales[i]));
+      if (bias) v = _mm512_add_ps(v, bv);  // as Int8Linear: (acc * w_scale) * s + bias
+      _mm512_mask_storeu_ps(y + i * ldy + 16 * h, mk, v);
+    }
   }
 }
 
-// Rows [m, m + mr) of tile t through the VNNI tile, mr <= 8, into acc [mr][4] (offset removed).
-ADASPEC_VNNI void rows_vnni(const uint8_t* xu, int64_t Kp, int64_t m, int64_t mr, const int8_t* w, const int32_t* wsum,
-                            int64_t nn, int32_t* acc) {
-  const uint8_t* xr = xu + m * Kp;
-  switch (mr) {
-    case 8: tile_vnni<8>(xr, Kp, w, Kp, acc, 4); break;
-    case 7: tile_vnni<7>(xr, Kp, w, Kp, acc, 4); break;
-    case 6: tile_vnni<6>(xr, Kp, w, Kp, acc, 4); break;
-    case 5: tile_vnni<5>(xr, Kp, w, Kp, acc, 4); break;
-    case 4: tile_vnni<4>(xr, Kp, w, Kp, acc, 4); break;
-    case 3: tile_vnni<3>(xr, Kp, w, Kp, acc, 4); break;
-    case 2: tile_vnni<2>(xr, Kp, w, Kp, acc, 4); break;
-    default: tile_vnni<1>(xr, Kp, w, Kp, acc, 4); break;
+// y [M, N] for tiles [t0, t1) of 32 columns: rows 8 at a time against each tile.
+ADASPEC_VNNI void gemm_vnni(const Linear& L, const uint8_t* xu, const float* scales, int64_t M, float* y, int64_t ldy,
+                            int64_t t0, int64_t t1) {
+  const int64_t Kp = L.Kp;
+  const int8_t* wp = L.w.data_ptr<int8_t>();
+  const int32_t* wsum = L.w_sum.data_ptr<int32_t>();
+  const float* ws = L.w_scale.data_ptr<float>();
+  const float* bias = L.bias.defined() ? L.bias_p.data_ptr<float>() : nullptr;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t n0 = t * 32, nn = std::min<int64_t>(32, L.N - n0);
+    const int8_t* w = wp + t * 32 * Kp;
+    const float* bt = bias ? bias + n0 : nullptr;
+    for (int64_t m = 0; m < M; m += 8) {
+      const int64_t mr = std::min<int64_t>(8, M - m);
+      const uint8_t* xr = xu + m * Kp;
+      float* yr = y + m * ldy + n0;
+      switch (mr) {
+#define ADASPEC_TILE(R) case R: tile_vnni<R>(xr, Kp, w, Kp, wsum + n0, ws + n0, bt, scales + m, yr, ldy, nn); break;
+        ADASPEC_TILE(8) ADASPEC_TILE(7) ADASPEC_TILE(6) ADASPEC_TILE(5)
+        ADASPEC_TILE(4) ADASPEC_TILE(3) ADASPEC_TILE(2) ADASPEC_TILE(1)
+#undef ADASPEC_TILE
+      }
+    }
   }
-  for (int64_t i = 0; i < mr; ++i)
-    for (int64_t j = 0; j < 4; ++j) acc[i * 4 + j] -= 128 * (j < nn ? wsum[j] : 0);
 }
 
 // y [M, N] = linear(x [M, K]); scratch holds at least M * (Kp + 4 * N + K) + M bytes-worth of floats.
@@ -313,25 +352,22 @@ void linear_forward(const Linear& L, const float* x, int64_t ldx, int64_t M, flo
     const int8_t* wp = L.w.data_ptr<int8_t>();
     const float* ws = L.w_scale.data_ptr<float>();
     const float* bias = L.bias.defined() ? L.bias.data_ptr<float>() : nullptr;
-    const bool vnni = g_use_vnni;
-    std::vector<uint8_t> xu;
-    if (vnni) {  // xq + 128 as u8 (padding columns: 128 against zero weights)
-      xu.resize(M * Kp);
+    if (L.vnni) {  // xq + 128 as u8 (padding columns: 128 against zero weights)
+      std::vector<uint8_t> xu(M * Kp);
       for (int64_t i = 0; i < M * Kp; ++i) xu[i] = static_cast<uint8_t>(xq[i]) ^ 0x80u;
+      const int64_t nt = (N + 31) / 32;
+      maybe_parallel(par, nt, [&](int64_t t0, int64_t t1) { gemm_vnni(L, xu.data(), scales.data(), M, y, ldy, t0, t1); });
+      return;
     }
-    const int32_t* wsum = L.w_sum.data_ptr<int32_t>();
-    const int64_t MB = vnni ? 8 : 2;  // rows per tile call
     maybe_parallel(par, ntiles, [&](int64_t t0, int64_t t1) {
-      int32_t acc[8 * 4];
+      int32_t acc[2 * 4];
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = t * 4;
         const int8_t* w = wp + t * 4 * Kp;  // this tile's packed rows
         const int64_t nn = std::min<int64_t>(4, N - n0);
-        for (int64_t m = 0; m < M; m += MB) {
-          const int64_t mr = std::min<int64_t>(MB, M - m);
-          if (vnni) {
-            rows_vnni(xu.data(), Kp, m, mr, w, wsum + n0, nn, acc);
-          } else if (mr == 2) {
+        for (int64_t m = 0; m < M; m += 2) {
+          const int64_t mr = std::min<int64_t>(2, M - m);
+          if (mr == 2) {
             if (L.wide) tile_s8_wide<2>(xq.data() + m * Kp, Kp, w, Kp, acc, 4);
             else tile_s8<2>(xq.data() + m * Kp, Kp, w, Kp, acc, 4);
           } else {
@@ -757,12 +793,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("N", &Linear::N)
       .def_readonly("K", &Linear::K)
       .def_readonly("int8", &Linear::int8)
-      .def_readonly("wide", &Linear::wide);
+      .def_readonly("wide", &Linear::wide)
+      .def_property_readonly("isa", [](const Linear& L) { return std::string(L.vnni ? "avx512vnni" : "avx2"); });
   m.def("make_linear", &make_linear, py::arg("w"), py::arg("w_scale"), py::arg("bias"), py::arg("inv_smooth"),
         py::arg("activation_bits"));
   m.def("linear", &linear_py);
   m.def("gemm_isa", []() { return std::string(g_use_vnni ? "avx512vnni" : "avx2"); },
-        "The int8 GEMM's instruction set in use: 'avx512vnni' or 'avx2'.");
+        "The int8 GEMM's instruction set for Linears made from now on: 'avx512vnni' or 'avx2'.");
   m.def("available_gemm_isas", []() {
         std::vector<std::string> out{"avx2"};
         if (g_has_vnni) out.push_back("avx512vnni");
