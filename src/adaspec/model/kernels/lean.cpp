@@ -624,23 +624,31 @@ class LeanModel {
     }
   }
 
-  // scores of rows [row, row + G) (clamped to R) against the 8 keys of kt ([D, 8]) into sc[., s0 .. s0 + 8)
+  // scores of rows [row, row + G) (clamped to R) against every 8-key group of slots [0, S)
+  // into sc: each score is the row's FMA chain over d = 0 .. D-1 (lane = key), then * scale.
+  // The G query rows are first copied to qt [D][G], so one pointer walks them.
   template <int G>
-  void score_rows(const float* qkv, int64_t ld, int64_t r0, int64_t g, int64_t n_rep, int64_t row, int64_t R,
-                  const float* kt, float scale, float* sc, int64_t Spad, int64_t s0) const {
-    const float* qr[G];
+  void score_group(const float* qkv, int64_t ld, int64_t r0, int64_t g, int64_t n_rep, int64_t row, int64_t R,
+                   const float* kg, const int64_t* btq, int64_t blk_elems, int64_t S, float scale, float* sc,
+                   int64_t Spad) const {
+    alignas(32) float qt[512 * G];
     for (int i = 0; i < G; ++i) {
       const int64_t rw = std::min(row + i, R - 1);
-      qr[i] = qkv + (r0 + rw / n_rep) * ld + (g * n_rep + rw % n_rep) * D_;
-    }
-    __m256 a[G];
-    for (int i = 0; i < G; ++i) a[i] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D_; ++d) {
-      const __m256 kv = _mm256_loadu_ps(kt + d * W);
-      for (int i = 0; i < G; ++i) a[i] = _mm256_fmadd_ps(_mm256_set1_ps(qr[i][d]), kv, a[i]);
+      const float* qr = qkv + (r0 + rw / n_rep) * ld + (g * n_rep + rw % n_rep) * D_;
+      for (int64_t d = 0; d < D_; ++d) qt[d * G + i] = qr[d];
     }
     const __m256 vs = _mm256_set1_ps(scale);
-    for (int i = 0; i < G && row + i < R; ++i) _mm256_storeu_ps(sc + (row + i) * Spad + s0, _mm256_mul_ps(a[i], vs));
+    for (int64_t s0 = 0; s0 < S; s0 += W) {
+      const float* kt = kg + btq[s0 / B_] * blk_elems + (s0 % B_ / W) * D_ * W;  // [D, 8]
+      __m256 a[G];
+      for (int i = 0; i < G; ++i) a[i] = _mm256_setzero_ps();
+      const float* qd = qt;
+      for (int64_t d = 0; d < D_; ++d, qd += G) {
+        const __m256 kv = _mm256_loadu_ps(kt + d * W);
+        for (int i = 0; i < G; ++i) a[i] = _mm256_fmadd_ps(_mm256_set1_ps(qd[i]), kv, a[i]);
+      }
+      for (int i = 0; i < G && row + i < R; ++i) _mm256_storeu_ps(sc + (row + i) * Spad + s0, _mm256_mul_ps(a[i], vs));
+    }
   }
 
   // Row r of request q (fed index t) attends to slots [0, P) and to P + a for a in
@@ -678,18 +686,14 @@ class LeanModel {
       for (int64_t g = 0; g < Hkv_; ++g) {
         const float* kg = kpool + l * NB * blk_elems + g * B_ * D_;
         const float* vg = vpool + l * NB * blk_elems + g * B_ * D_;
-        // scores of every slot in [0, S), 8 keys at a time
-        for (int64_t s0 = 0; s0 < S; s0 += W) {
-          const float* kt = kg + btq[s0 / B_] * blk_elems + (s0 % B_ / W) * D_ * W;  // [D, 8]
-          // G rows at a time: G independent FMA chains hide the FMA latency (each chain is one
-          // row's sequential sum over d, whatever group the row falls in: invariant)
-          for (int64_t row = 0; row < R;) {
-            const int64_t left = R - row;
-            if (left >= 8) score_rows<8>(qkv, ld, r0, g, n_rep, row, R, kt, scale, &sc[0], Spad, s0);
-            else if (left >= 3) score_rows<4>(qkv, ld, r0, g, n_rep, row, R, kt, scale, &sc[0], Spad, s0);
-            else score_rows<2>(qkv, ld, r0, g, n_rep, row, R, kt, scale, &sc[0], Spad, s0);
-            row += left >= 8 ? 8 : (left >= 3 ? 4 : 2);
-          }
+        // scores of every slot in [0, S), G rows at a time: G independent FMA chains hide the FMA
+        // latency (each chain is one row's sequential sum over d, whatever group the row falls in)
+        for (int64_t row = 0; row < R;) {
+          const int64_t left = R - row;
+          if (left >= 8) score_group<8>(qkv, ld, r0, g, n_rep, row, R, kg, btq, blk_elems, S, scale, &sc[0], Spad);
+          else if (left >= 3) score_group<4>(qkv, ld, r0, g, n_rep, row, R, kg, btq, blk_elems, S, scale, &sc[0], Spad);
+          else score_group<2>(qkv, ld, r0, g, n_rep, row, R, kg, btq, blk_elems, S, scale, &sc[0], Spad);
+          row += left >= 8 ? 8 : (left >= 3 ? 4 : 2);
         }
         // softmax per row over its compact key list, in place: slots [0, P) stay, the visible
         // fed slots are gathered right after them (vis is increasing, so reads stay ahead of writes)
@@ -738,6 +742,21 @@ class LeanModel {
           for (int64_t row = 0; row < R; ++row) {
             const float* er = &sc[row * Spad];
             float* ar = &acc[row * D_];
+            if (nd == 8) {  // head dim 64: the row's 8 accumulators stay in registers
+              __m256 a[8];
+              for (int c = 0; c < 8; ++c) a[c] = _mm256_loadu_ps(ar + c * W);
+              for (int64_t j = j0; j < j1;) {  // key by key, one pool block at a time
+                const int64_t off = j % B_, n = std::min(j1 - j, B_ - off);
+                const float* vr = vg + btq[j / B_] * blk_elems + off * D_;
+                for (int64_t u = 0; u < n; ++u, vr += 64) {
+                  const __m256 ej = _mm256_set1_ps(er[j + u]);
+                  for (int c = 0; c < 8; ++c) a[c] = _mm256_fmadd_ps(ej, _mm256_loadu_ps(vr + c * W), a[c]);
+                }
+                j += n;
+              }
+              for (int c = 0; c < 8; ++c) _mm256_storeu_ps(ar + c * W, a[c]);
+              continue;
+            }
             for (int64_t c0 = 0; c0 < nd; c0 += 8) {  // up to 8 registers (64 floats) of the row
               const int64_t nc = std::min<int64_t>(8, nd - c0);
               __m256 a[8];
