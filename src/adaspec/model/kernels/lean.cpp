@@ -630,7 +630,12 @@ class LeanModel {
   template <int G>
   void score_group(const float* qkv, int64_t ld, int64_t r0, int64_t g, int64_t n_rep, int64_t row, int64_t R,
                    const float* kg, const int64_t* btq, int64_t blk_elems, int64_t S, float scale, float* sc,
-                   int64_t Spad) const {
+                   int64_t Spad, const int64_t* last_vis, int64_t P) const {
+    // slots past the last one any of the G rows sees are never read: not scored
+    const int64_t t_hi = std::min(row + G - 1, R - 1) / n_rep;
+    int64_t hi = 0;
+    for (int64_t t = row / n_rep; t <= t_hi; ++t) hi = std::max(hi, P + last_vis[t] + 1);
+    S = std::min(S, hi);
     alignas(32) float qt[512 * G];
     for (int i = 0; i < G; ++i) {
       const int64_t rw = std::min(row + i, R - 1);
@@ -682,7 +687,12 @@ class LeanModel {
       if (static_cast<int64_t>(sc.size()) < R * Spad) sc.resize(R * Spad);
       if (static_cast<int64_t>(acc.size()) < R * D_) acc.resize(R * D_);
       if (static_cast<int64_t>(nvis.size()) < T) nvis.resize(T);
-      for (int64_t t = 0; t < T; ++t) nvis[t] = vptr[r0 + t + 1] - vptr[r0 + t];
+      thread_local std::vector<int64_t> last_vis;  // per fed token: the last fed index it sees (-1: none)
+      if (static_cast<int64_t>(last_vis.size()) < T) last_vis.resize(T);
+      for (int64_t t = 0; t < T; ++t) {
+        nvis[t] = vptr[r0 + t + 1] - vptr[r0 + t];
+        last_vis[t] = nvis[t] ? vidx[vptr[r0 + t + 1] - 1] : -1;
+      }
       for (int64_t g = 0; g < Hkv_; ++g) {
         const float* kg = kpool + l * NB * blk_elems + g * B_ * D_;
         const float* vg = vpool + l * NB * blk_elems + g * B_ * D_;
@@ -690,9 +700,9 @@ class LeanModel {
         // latency (each chain is one row's sequential sum over d, whatever group the row falls in)
         for (int64_t row = 0; row < R;) {
           const int64_t left = R - row;
-          if (left >= 8) score_group<8>(qkv, ld, r0, g, n_rep, row, R, kg, btq, blk_elems, S, scale, &sc[0], Spad);
-          else if (left >= 3) score_group<4>(qkv, ld, r0, g, n_rep, row, R, kg, btq, blk_elems, S, scale, &sc[0], Spad);
-          else score_group<2>(qkv, ld, r0, g, n_rep, row, R, kg, btq, blk_elems, S, scale, &sc[0], Spad);
+          if (left >= 8) score_group<8>(qkv, ld, r0, g, n_rep, row, R, kg, btq, blk_elems, S, scale, &sc[0], Spad, &last_vis[0], P);
+          else if (left >= 3) score_group<4>(qkv, ld, r0, g, n_rep, row, R, kg, btq, blk_elems, S, scale, &sc[0], Spad, &last_vis[0], P);
+          else score_group<2>(qkv, ld, r0, g, n_rep, row, R, kg, btq, blk_elems, S, scale, &sc[0], Spad, &last_vis[0], P);
           row += left >= 8 ? 8 : (left >= 3 ? 4 : 2);
         }
         // softmax per row over its compact key list, in place: slots [0, P) stay, the visible
@@ -774,12 +784,24 @@ class LeanModel {
           const int64_t t = row / n_rep, nv = nvis[t];
           const int64_t* vis = vidx + vptr[r0 + t];
           float* ar = &acc[row * D_];
-          for (int64_t j = 0; j < nv; ++j) {
-            const int64_t slot = P + vis[j];
-            const float* vr = vg + btq[slot / B_] * blk_elems + (slot % B_) * D_;
-            const __m256 ej = _mm256_set1_ps(sc[row * Spad + P + j]);
-            for (int64_t c = 0; c < D_; c += W)
-              _mm256_storeu_ps(ar + c, _mm256_fmadd_ps(ej, _mm256_loadu_ps(vr + c), _mm256_loadu_ps(ar + c)));
+          if (nd == 8) {  // head dim 64: accumulators in registers
+            __m256 a[8];
+            for (int c = 0; c < 8; ++c) a[c] = _mm256_loadu_ps(ar + c * W);
+            for (int64_t j = 0; j < nv; ++j) {
+              const int64_t slot = P + vis[j];
+              const float* vr = vg + btq[slot / B_] * blk_elems + (slot % B_) * D_;
+              const __m256 ej = _mm256_set1_ps(sc[row * Spad + P + j]);
+              for (int c = 0; c < 8; ++c) a[c] = _mm256_fmadd_ps(ej, _mm256_loadu_ps(vr + c * W), a[c]);
+            }
+            for (int c = 0; c < 8; ++c) _mm256_storeu_ps(ar + c * W, a[c]);
+          } else {
+            for (int64_t j = 0; j < nv; ++j) {
+              const int64_t slot = P + vis[j];
+              const float* vr = vg + btq[slot / B_] * blk_elems + (slot % B_) * D_;
+              const __m256 ej = _mm256_set1_ps(sc[row * Spad + P + j]);
+              for (int64_t c = 0; c < D_; c += W)
+                _mm256_storeu_ps(ar + c, _mm256_fmadd_ps(ej, _mm256_loadu_ps(vr + c), _mm256_loadu_ps(ar + c)));
+            }
           }
           const __m256 dv = _mm256_set1_ps(denom[row]);
           float* orow = out + (r0 + t) * Hq_ * D_ + (g * n_rep + row % n_rep) * D_;
