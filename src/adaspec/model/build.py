@@ -17,7 +17,11 @@ from typing import Optional
 import torch
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
-_CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-std=c++17"]
+# -fopenmp: at::parallel_for is inline OpenMP in the headers; compiled without it, the
+# GEMM's output tiles were never split across threads. The extension links libgomp.so.1,
+# which resolves to the copy torch already loaded (one OpenMP runtime per process).
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-std=c++17", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
 _STATE: dict = {}  # "module": the loaded extension or None, "error": why it is None
 
 
@@ -43,7 +47,7 @@ def lean_kernel():
             name = f"adaspec_lean_{h.hexdigest()[:12]}"
             module = build_and_load(
                 name, extension_dir(name),
-                lambda build_dir: load(name=name, sources=[str(s) for s in sources], extra_cflags=_CFLAGS,
+                lambda build_dir: load(name=name, sources=[str(s) for s in sources], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
                                        build_directory=build_dir, verbose=False),
                 what="lean core's C++ kernel")
         except Exception as exc:  # no compiler, no ninja, no AVX2, a compile error ...

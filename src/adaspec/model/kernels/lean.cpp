@@ -22,7 +22,7 @@
 namespace {
 
 constexpr int64_t W = 8;                       // float lanes
-int64_t g_parallel_min_work = 1 << 23;  // multiply-adds per GEMM below which one thread runs
+int64_t g_parallel_min_work = 1 << 18;  // multiply-adds per GEMM (attention) below which one thread runs
 
 // The int8 GEMM's instruction set, chosen once at load from what the CPU (and OS) offers:
 // AVX-512 VNNI (vpdpbusd: u8 x s8 products summed four at a time into int32) where
@@ -674,9 +674,13 @@ class LeanModel {
     const float* vpool = v_pool.data_ptr<float>();
     const int64_t n_rep = Hq_ / Hkv_, blk_elems = Hkv_ * B_ * D_;
     const float scale = 1.0f / std::sqrt(static_cast<float>(D_));
-    for (int64_t q = 0; q < Q; ++q) {
+    // One task per (request, kv head): a task writes only its rows' slice of out for its
+    // heads, and every sum inside it runs in the same order whichever thread runs it.
+    int64_t work = 0;
+    for (int64_t q = 0; q < Q; ++q) work += (rr[q + 1] - rr[q]) * (pre[q] + rr[q + 1] - rr[q]);
+    auto head = [&](int64_t q, int64_t g) {
       const int64_t r0 = rr[q], T = rr[q + 1] - r0, P = pre[q];
-      if (T == 0) continue;
+      if (T == 0) return;
       const int64_t S = P + T;                      // slots holding keys this call may read
       const int64_t Spad = (S + W - 1) / W * W;
       const int64_t R = T * n_rep;                  // query vectors per kv head
@@ -693,7 +697,6 @@ class LeanModel {
         nvis[t] = vptr[r0 + t + 1] - vptr[r0 + t];
         last_vis[t] = nvis[t] ? vidx[vptr[r0 + t + 1] - 1] : -1;
       }
-      for (int64_t g = 0; g < Hkv_; ++g) {
         const float* kg = kpool + l * NB * blk_elems + g * B_ * D_;
         const float* vg = vpool + l * NB * blk_elems + g * B_ * D_;
         // scores of every slot in [0, S), G rows at a time: G independent FMA chains hide the FMA
@@ -807,8 +810,10 @@ class LeanModel {
           float* orow = out + (r0 + t) * Hq_ * D_ + (g * n_rep + row % n_rep) * D_;
           for (int64_t c = 0; c < D_; c += W) _mm256_storeu_ps(orow + c, _mm256_div_ps(_mm256_loadu_ps(ar + c), dv));
         }
-      }
-    }
+    };
+    maybe_parallel(work * Hq_ * D_ >= g_parallel_min_work, Q * Hkv_, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) head(i / Hkv_, i % Hkv_);
+    });
   }
 
   int64_t H_, Hq_, Hkv_, D_, I_;
