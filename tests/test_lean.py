@@ -410,6 +410,28 @@ def test_runtime_cost_table_shape(targets):
     assert "| 16 | lean |" in table and "matmuls only" in table
 
 
+def test_forward_floors_table(targets):
+    from adaspec.bench.runtime_cost import compare_step_cost, format_floors, forward_floors, measure_machine
+
+    _, lean = targets["llama", "int8"]
+    dec = lean.decoder
+    H, Hq, Hkv, D = dec.hidden_size, dec.num_heads, dec.num_kv_heads, dec.head_dim
+    inter = lean.model.config.intermediate_size if hasattr(lean, "model") else None
+    if inter is not None:  # every linear once: 1 byte per int8 weight + a float32 scale per output channel
+        per_layer = [((Hq + 2 * Hkv) * D, H), (H, Hq * D), (2 * inter, H), (H, inter)]
+        want = dec.num_layers * sum(n * k + 4 * n for n, k in per_layer) + dec.vocab_size * H + 4 * dec.vocab_size
+        assert dec.weight_bytes() == want
+    assert dec.kv_bytes(10) == 10 * dec.num_layers * 2 * Hkv * D * 4
+    machine = measure_machine(seconds=0.05)
+    assert machine["bandwidth_gbs"] > 0 and machine["fp32_gflops"] > 0
+    f1, f8 = forward_floors(dec, 1, 16, machine), forward_floors(dec, 8, 16, machine)
+    assert f8["attention_flop_ms"] == pytest.approx(f1["attention_flop_ms"] * 8 * 24 / 17)
+    assert f8["memory_ms"] > f1["memory_ms"] > 0
+    res = compare_step_cost({"lean": lean}, ks=[1, 8], contexts=[16], repeats=1)
+    table = format_floors(res, dec, {1: 0.01}, machine)
+    assert "| 16 | 1 |" in table and "| 16 | 8 |" in table and "memory floor" in table
+
+
 def test_long_prefill_is_split_and_identical(targets):
     _, lean = targets["qwen2", "int8"]
     ids = prompt_ids(300, seed=9)

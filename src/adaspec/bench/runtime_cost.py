@@ -88,6 +88,71 @@ def matmul_floor_ms(target: TargetModel, rows: int = 1, repeats: int = 9) -> dic
     return out
 
 
+def measure_machine(seconds: float = 0.5) -> dict[str, float]:
+    """What this machine does at the current torch thread count: read bandwidth and fp32 peak.
+
+    ``bandwidth_gbs``: GB/s of a ``sum`` over a 256 MB float32 tensor (read once, far larger
+    than the caches); ``fp32_gflops``: GFLOP/s of a 1024 x 1024 float32 matmul (torch's BLAS,
+    which uses every vector extension the CPU has: a strict peak for an AVX2 kernel). Best of
+    several runs of each.
+    """
+    import torch
+
+    big = torch.ones(64 * 2 ** 20)  # 256 MB
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    bw, fl = 0.0, 0.0
+    t_end = time.perf_counter() + seconds
+    for i in range(20):
+        t0 = time.perf_counter()
+        big.sum()
+        bw = max(bw, big.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        fl = max(fl, 2 * 1024 ** 3 / (time.perf_counter() - t0) / 1e9)
+        if i >= 4 and time.perf_counter() > t_end:
+            break
+    return {"bandwidth_gbs": bw, "fp32_gflops": fl}
+
+
+def forward_floors(decoder, k: int, context: int, machine: dict[str, float]) -> dict[str, float]:
+    """Floors of one lean forward of ``k`` new tokens after ``context`` cached ones, in ms.
+
+    ``memory_ms``: weight bytes plus the K/V bytes attention reads, over the measured read
+    bandwidth (the bound at small k); ``attention_flop_ms``: attention's multiply-adds
+    (q.k and p.v for every fed token against every position it sees, 4 FLOPs per position per
+    head dim per query head per layer) over the measured fp32 peak.
+    """
+    positions = context + k
+    mem = (decoder.weight_bytes() + decoder.kv_bytes(positions)) / (machine["bandwidth_gbs"] * 1e9) * 1e3
+    flops = 4.0 * k * positions * decoder.num_heads * decoder.head_dim * decoder.num_layers
+    return {"memory_ms": mem, "attention_flop_ms": flops / (machine["fp32_gflops"] * 1e9) * 1e3}
+
+
+def format_floors(results: dict[int, dict[str, dict[int, float]]], decoder, matmuls: dict[int, float],
+                  machine: dict[str, float]) -> str:
+    """Markdown: the lean forward beside its floors, per context and k (``matmuls``: ms of the
+    linear layers alone by rows; the rest of the forward is attention, norms, RoPE, SiLU)."""
+    rows = [f"machine: read bandwidth {machine['bandwidth_gbs']:.1f} GB/s, fp32 peak {machine['fp32_gflops']:.0f} "
+            f"GFLOP/s (at this thread count); weights {decoder.weight_bytes() / 1e6:.1f} MB", "",
+            "| context | k | lean ms | memory floor ms | lean / memory floor | matmuls ms | rest ms "
+            "| attention FLOP floor ms | rest / attention floor |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for ctx, per in results.items():
+        lean = per.get("lean")
+        if not lean:
+            continue
+        for k in sorted(lean):
+            f = forward_floors(decoder, k, ctx, machine)
+            mm = matmuls.get(k)
+            rest = lean[k] - mm if mm is not None else None
+            cells = [str(ctx), str(k), f"{lean[k]:.1f}", f"{f['memory_ms']:.1f}", f"{lean[k] / f['memory_ms']:.2f}x",
+                     f"{mm:.1f}" if mm is not None else "-", f"{rest:.1f}" if rest is not None else "-",
+                     f"{f['attention_flop_ms']:.2f}",
+                     f"{rest / f['attention_flop_ms']:.1f}x" if rest is not None else "-"]
+            rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def format_compare(results: dict[int, dict[str, dict[int, float]]], floors: dict[str, float]) -> str:
     """Markdown: one row per (context, system), ms per k and the ratio of k=8 to k=1."""
     ctx0 = next(iter(results))
@@ -139,6 +204,12 @@ def cli_step_cost(args) -> int:
                 for n, v in matmul_floor_ms(lean if lean is not None else base, rows=rows).items():
                     floors[f"{n} k={rows}"] = v
         table = f"### {dtype}\n\n" + format_compare(results, floors)
+        lean = systems.get("lean")
+        if lean is not None:
+            mms = {}
+            for k in sorted({1, 2, 4, 8, 16} & set(range(1, args.max_k + 1))):
+                mms[k] = matmul_floor_ms(lean, rows=k)["lean"]
+            table += "\n\n" + format_floors(results, lean.decoder, mms, measure_machine())
         print(table, flush=True)
         text.append(table)
     if args.out:

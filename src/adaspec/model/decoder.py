@@ -366,6 +366,15 @@ class LeanDecoder:
             v[:, bd, :, od] = v_rows
         cache.truncate(start + len(src))
 
+    def weight_bytes(self) -> int:
+        """Bytes of weights one forward reads: every linear layer once (int8: 1 byte per weight plus
+        4 per output channel's scale; float32: 4 per weight)."""
+        return int(self._km.weight_bytes())
+
+    def kv_bytes(self, positions: int) -> int:
+        """Bytes of K and V (float32) that attention over ``positions`` cached positions reads."""
+        return positions * self.num_layers * 2 * self.num_kv_heads * self.head_dim * 4
+
     def matmuls_only(self, rows: int) -> None:
         """Run every linear layer once over ``rows`` rows (the matmul floor of a forward)."""
         self._km.matmuls_only(rows)

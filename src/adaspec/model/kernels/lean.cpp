@@ -563,6 +563,14 @@ class LeanModel {
     return {logits, hidden};
   }
 
+  // Bytes of weights one forward reads (every linear layer once, unpadded; int8 1 byte, fp32 4).
+  int64_t weight_bytes() const {
+    auto b = [](const Linear& L) { return L.N * L.K * (L.int8 ? 1 : 4) + (L.int8 ? L.N * 4 : 0); };
+    int64_t total = head_.N ? b(head_) : 0;
+    for (const Layer& ly : layers_) total += b(ly.qkv) + b(ly.o) + b(ly.gate_up) + b(ly.down);
+    return total;
+  }
+
   // Every linear layer once over M rows of zeros-free input: the matmul floor.
   void matmuls_only(int64_t M) {
     const int64_t Nqkv = (Hq_ + 2 * Hkv_) * D_;
@@ -864,6 +872,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer", &LeanModel::add_layer)
       .def("set_head", &LeanModel::set_head)
       .def("num_layers", &LeanModel::num_layers)
+      .def("weight_bytes", &LeanModel::weight_bytes)
       .def("matmuls_only", &LeanModel::matmuls_only, py::call_guard<py::gil_scoped_release>())
       .def("forward", &LeanModel::forward, py::call_guard<py::gil_scoped_release>());
 }
