@@ -123,3 +123,46 @@ def test_speculators_and_controller_do_not_import_transformers_or_the_engine():
         text = path.read_text(encoding="utf-8")
         assert "import transformers" not in text and "from transformers" not in text, path
         assert "adaspec.engine" not in _imports(path) and "adaspec.target" not in _imports(path), path
+
+
+def test_thread_governor_drops_to_one_thread_while_others_are_busy():
+    from adaspec.threads import ThreadGovernor
+
+    clock = [0.0]
+    state = {"busy": 0.0, "own": 0.0}
+    applied = []
+
+    def sample():
+        return clock[0], state["busy"], state["own"]
+
+    gov = ThreadGovernor(2, interval_s=1.0, busy_cores=0.25, sample=sample, set_threads=applied.append,
+                         clock=lambda: clock[0])
+    assert gov.available and gov.poll() == 2
+
+    def advance(seconds, own_cores, other_cores):
+        clock[0] += seconds
+        state["own"] += own_cores * seconds
+        state["busy"] += (own_cores + other_cores) * seconds
+        return gov.poll()
+
+    assert advance(1.0, 2.0, 0.0) == 2 and applied == []     # only this process: stays at 2
+    assert advance(1.0, 1.0, 0.9) == 1 and applied == [1]     # another process took most of a core
+    assert advance(0.5, 1.0, 0.0) == 1                         # within the interval: no new look
+    assert advance(1.0, 1.0, 0.1) == 2 and applied == [1, 2]  # quiet again
+    assert gov.switches == 2
+    assert ThreadGovernor(2, sample=lambda: None).available is False
+    with pytest.raises(ValueError, match="threads must be"):
+        ThreadGovernor(0)
+
+
+def test_wait_policy_bounds_spinning_unless_the_user_chose():
+    import subprocess
+    import sys
+
+    code = "import adaspec, os; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.split()
+    assert out == ["100000", "None"]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "PASSIVE"},
+                         capture_output=True, text=True).stdout.split()
+    assert out == ["None", "PASSIVE"]

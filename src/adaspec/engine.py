@@ -505,6 +505,7 @@ class Engine:
         """
         if state.finished:
             return StepResult(finish_reason=state.finish_reason)
+        self._poll_threads()
         if state.prefilling:  # started with prefill=False, or preempted: the rest of the KV first
             self._reuse_prefix(state)
             out = self.target.forward(state.kv, state.token_ids[state.prefill_pos:state.prefill_len], last_only=True)
@@ -579,6 +580,7 @@ class Engine:
         """
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
+        self._poll_threads()
         if not hasattr(self.target, "forward_batch"):
             return [self.step(s) if not s.finished else None for s in states]
         from adaspec.model.decoder import BatchRequest
@@ -634,6 +636,12 @@ class Engine:
         for spec in self.speculators.values():
             spec.on_verify(fed_rows, forward_s)
         return [done.get(id(s)) for s in states]
+
+    def _poll_threads(self) -> None:
+        """Let ``--threads auto``'s governor (:class:`adaspec.threads.ThreadGovernor`) look at the machine."""
+        governor = getattr(self.target, "thread_governor", None)
+        if governor is not None:
+            governor.poll()
 
     def _capture_features(self, state: RequestState, out, rows: list[int]) -> None:
         """Hand the features of the committed positions (fed ``rows``) to the speculators that learn from them."""

@@ -1,15 +1,21 @@
 """Intra-op threads: a default that is never slower than one thread on a busy machine.
 
-On a 2-core machine with any other process busy, OpenMP's default spin-waiting
-makes a multi-threaded forward many times slower (BENCHMARKS.md, "Threads"), while on
-a quiet machine a second thread can help. So:
+A second thread pays only if the OpenMP team wakes at once for each of the ~150
+parallel regions of a forward: with idle threads sleeping (``OMP_WAIT_POLICY=PASSIVE``)
+a 2-thread forward is slower than a 1-thread one, and with threads that spin, a
+second thread beside another busy process makes it several times slower
+(BENCHMARKS.md, "Threads"). So:
 
-- ``adaspec`` sets ``OMP_WAIT_POLICY=PASSIVE`` before torch is first imported
-  (unless the user set it): idle OpenMP threads sleep instead of spinning, so
-  a team never fights another process for a core;
+- ``adaspec`` sets ``GOMP_SPINCOUNT`` (bounded spinning, about 0.1 ms, then sleep)
+  before torch is first imported, unless the user set ``OMP_WAIT_POLICY`` or
+  ``GOMP_SPINCOUNT``: the team stays awake within a forward and sleeps between them;
 - ``--threads auto`` (the default) starts on one thread and, once the target
   is loaded, times one-token forwards at one thread and at one per core
-  (:func:`tune_threads`), keeping the faster. A number pins the count.
+  (:func:`tune_threads`), keeping the faster;
+- where it keeps more than one, a :class:`ThreadGovernor` watches, about once a
+  second, how much CPU other processes use (``/proc/stat`` less this process's
+  own time) and drops to one thread while they use more than a quarter of a core,
+  going back once they stop. A number pins the count (no governor).
 """
 
 from __future__ import annotations
@@ -24,10 +30,14 @@ THREADS_AUTO = "auto"
 WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
 
 
+SPIN_COUNT_ENV = "GOMP_SPINCOUNT"
+SPIN_COUNT = "100000"  # libgomp's spin iterations before a waiting thread sleeps (its default: 300000)
+
+
 def passive_wait_policy() -> None:
-    """Ask OpenMP to let idle threads sleep (only effective before torch is imported; user's choice wins)."""
-    if "torch" not in sys.modules:
-        os.environ.setdefault(WAIT_POLICY_ENV, "PASSIVE")
+    """Bound OpenMP's spin-waiting (only effective before torch is imported; the user's setting wins)."""
+    if "torch" not in sys.modules and WAIT_POLICY_ENV not in os.environ:
+        os.environ.setdefault(SPIN_COUNT_ENV, SPIN_COUNT)
 
 
 def parse_threads(value: Any) -> int | str:
@@ -112,6 +122,93 @@ def tune_threads(target: Any, value: Any = THREADS_AUTO, log: Optional[Callable[
         chosen = cores if many < 0.95 * one else 1
         note = f"1-token forward {one:.1f} ms at 1 thread, {many:.1f} ms at {cores}"
     torch.set_num_threads(chosen)
+    if chosen > 1:
+        governor = ThreadGovernor(chosen, log=log)
+        if governor.available:
+            try:
+                target.thread_governor = governor
+            except AttributeError:  # a target that takes no attributes: no governor
+                pass
     if log is not None:
-        log(f"threads: {chosen} (auto: {note}; {WAIT_POLICY_ENV}={os.environ.get(WAIT_POLICY_ENV, 'unset')})")
+        log(f"threads: {chosen} (auto: {note}; {WAIT_POLICY_ENV}={os.environ.get(WAIT_POLICY_ENV, 'unset')}, "
+            f"{SPIN_COUNT_ENV}={os.environ.get(SPIN_COUNT_ENV, 'unset')})")
     return chosen
+
+
+def cpu_sample() -> Optional[tuple[float, float, float]]:
+    """``(monotonic s, CPU seconds the whole machine spent busy, CPU seconds of this process)``,
+    or None where ``/proc/stat`` cannot be read."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 4:
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    t = os.times()
+    return time.monotonic(), (sum(fields[:8]) - idle) / tick, t.user + t.system
+
+
+class ThreadGovernor:
+    """``--threads auto`` at run time: more than one thread only while other processes leave the cores free.
+
+    :meth:`poll` is called from the step loop; at most once per ``interval_s`` it
+    compares the machine's busy CPU time with this process's own over the last
+    interval. When other processes used more than ``busy_cores`` cores, it sets
+    one thread (a spinning team beside a busy process is several times slower than
+    one thread); when they used less, ``threads`` again. Switching the count does
+    not change any result (the kernels are bitwise thread-count invariant).
+
+    Args:
+        threads: the count to use on a quiet machine (:func:`tune_threads`'s choice).
+        interval_s: seconds between looks.
+        busy_cores: other processes' CPU use (cores) above which one thread runs.
+        sample: the CPU sampler (tests pass their own); :func:`cpu_sample` by default.
+        set_threads: applies a count (default ``torch.set_num_threads``).
+        clock: monotonic seconds, the sampler's clock (tests pass their own).
+    """
+
+    def __init__(self, threads: int, interval_s: float = 1.0, busy_cores: float = 0.25,
+                 log: Optional[Callable[[str], None]] = None,
+                 sample: Callable[[], Optional[tuple[float, float, float]]] = cpu_sample,
+                 set_threads: Optional[Callable[[int], None]] = None,
+                 clock: Callable[[], float] = time.monotonic):
+        if threads < 1 or interval_s <= 0 or busy_cores < 0:
+            raise ValueError(f"threads must be >= 1, interval_s > 0 and busy_cores >= 0, got "
+                             f"{threads}, {interval_s}, {busy_cores}")
+        self.threads, self.interval_s, self.busy_cores = threads, interval_s, busy_cores
+        self.current = threads
+        self.switches = 0
+        self._log, self._sample = log, sample
+        self._set, self._clock = set_threads, clock
+        self._last = sample()
+        self._next = (self._last[0] if self._last else 0.0) + interval_s
+        self.available = self._last is not None
+
+    def poll(self) -> int:
+        """Look again if ``interval_s`` has passed; returns the thread count now in use."""
+        if self._last is None or self._clock() < self._next:
+            return self.current
+        now = self._sample()
+        if now is None:
+            return self.current
+        wall = now[0] - self._last[0]
+        if wall < self.interval_s:
+            return self.current
+        others = max(0.0, (now[1] - self._last[1]) - (now[2] - self._last[2])) / wall
+        self._last, self._next = now, now[0] + self.interval_s
+        want = 1 if others > self.busy_cores else self.threads
+        if want != self.current:
+            if self._set is None:
+                import torch
+
+                torch.set_num_threads(want)
+            else:
+                self._set(want)
+            self.current = want
+            self.switches += 1
+            if self._log is not None:
+                self._log(f"threads: {want} (other processes use {others:.2f} cores)")
+        return self.current
