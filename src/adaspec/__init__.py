@@ -1,9 +1,9 @@
 """adaspec: adaptive speculative decoding that gets faster the longer it runs."""
 
-from adaspec.threads import passive_wait_policy as _passive_wait_policy
+from adaspec.threads import bounded_wait_policy as _bounded_wait_policy
 
-# Before torch is first imported: OpenMP threads that sleep when idle never fight
-# another process for a core (see adaspec.threads).
-_passive_wait_policy()
+# Before torch is first imported: OpenMP threads spin briefly, then sleep, so a team
+# stays awake within a forward and never spins long against another process (see adaspec.threads).
+_bounded_wait_policy()
 
 __version__ = "0.1.0"

@@ -34,7 +34,7 @@ SPIN_COUNT_ENV = "GOMP_SPINCOUNT"
 SPIN_COUNT = "100000"  # libgomp's spin iterations before a waiting thread sleeps (its default: 300000)
 
 
-def passive_wait_policy() -> None:
+def bounded_wait_policy() -> None:
     """Bound OpenMP's spin-waiting (only effective before torch is imported; the user's setting wins)."""
     if "torch" not in sys.modules and WAIT_POLICY_ENV not in os.environ:
         os.environ.setdefault(SPIN_COUNT_ENV, SPIN_COUNT)
