@@ -537,3 +537,26 @@ def test_controller_does_not_draft_when_no_draft_can_pay_in_the_batch():
     assert d.lookahead == 0 and Counting.calls == 0  # no drafting time spent under load
     ctl.propose(ProposeContext(**ctx), 16)  # alone it always drafts (and decides from the draft)
     assert Counting.calls == 1
+
+
+def test_batch_speculation_gate_keeps_the_faster_mode_per_batch_size():
+    from adaspec.engine import BatchSpeculationGate
+
+    gate = BatchSpeculationGate(alpha=0.5, warmup=2, explore_every=4)
+    assert all(gate.choose(1) for _ in range(10))  # a lone request always speculates
+    assert [gate.bucket(n) for n in (1, 2, 3, 4, 7, 8, 16, 64)] == [0, 1, 1, 2, 2, 3, 4, 4]
+    # 16 requests: drafting measures slower (100 vs 150 tok/s), 4 requests: faster
+    for batch, on_rate, off_rate in ((16, 100.0, 150.0), (4, 90.0, 60.0)):
+        modes = []
+        for _ in range(4):  # warm-up alternates until each mode has 2 steps
+            on = gate.choose(batch)
+            modes.append(on)
+            gate.observe(batch, on, int(on_rate if on else off_rate), 1.0)
+        assert sorted(modes) == [False, False, True, True]
+        later = [gate.choose(batch) for _ in range(16)]
+        best = on_rate > off_rate
+        assert later.count(best) == 12 and later.count(not best) == 4  # one step in 4 explores the other
+    st = gate.stats()
+    assert st["16"]["off_tok_s"] == 150.0 and st["4"]["on_tok_s"] == 90.0
+    with pytest.raises(ValueError, match="alpha must be"):
+        BatchSpeculationGate(alpha=0)

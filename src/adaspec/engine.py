@@ -117,6 +117,74 @@ class RequestState:
         return len(self.prompt_ids)
 
 
+class BatchSpeculationGate:
+    """Whether a continuous-batching step drafts at all, from the batch tokens per second measured both ways.
+
+    The controller prices each request's draft against the cost curve of a batched
+    forward, but not the Python-side work a draft adds per request (drafting,
+    verifying, committing), which grows with the batch; under load that can make
+    speculation slower than none. So per batch-size bucket (2-3, 4-7, 8-15, 16+
+    decoding requests; a lone request always speculates) this keeps the mean
+    tokens emitted per second of pure decode steps with drafting on and off, each
+    an exponential moving average over about ``1 / alpha`` steps. Until both modes
+    have ``warmup`` steps in a bucket they alternate; then the faster one runs,
+    and the other is tried every ``explore_every``-th step, so a shift (a workload
+    whose drafts start to pay, or stop) is seen. Off means plain decoding for that
+    step: outputs do not change (speculation is lossless either way).
+
+    Args:
+        alpha: weight of the newest step in each average.
+        warmup: steps of each mode per bucket before choosing.
+        explore_every: one step in this many runs the slower mode.
+    """
+
+    def __init__(self, alpha: float = 0.1, warmup: int = 4, explore_every: int = 16):
+        if not 0 < alpha <= 1 or warmup < 1 or explore_every < 2:
+            raise ValueError(f"alpha must be in (0, 1], warmup >= 1, explore_every >= 2; got {alpha}, {warmup}, "
+                             f"{explore_every}")
+        self.alpha, self.warmup, self.explore_every = alpha, warmup, explore_every
+        self._rate: dict[tuple[int, bool], float] = {}
+        self._count: dict[tuple[int, bool], int] = {}
+        self._steps: dict[int, int] = {}
+
+    @staticmethod
+    def bucket(batch: int) -> int:
+        """0 for a lone request, else floor(log2(batch)) capped at 4 (16+)."""
+        return 0 if batch <= 1 else min(4, batch.bit_length() - 1)
+
+    def choose(self, batch: int) -> bool:
+        """True: this step drafts (``batch`` decoding requests)."""
+        b = self.bucket(batch)
+        if b == 0:
+            return True
+        n = self._steps.get(b, 0)
+        self._steps[b] = n + 1
+        on, off = self._count.get((b, True), 0), self._count.get((b, False), 0)
+        if on < self.warmup or off < self.warmup:
+            return on <= off
+        best = self._rate[(b, True)] >= self._rate[(b, False)]
+        return (not best) if n % self.explore_every == 0 else best
+
+    def observe(self, batch: int, speculated: bool, emitted: int, seconds: float) -> None:
+        """A pure decode step's outcome: ``emitted`` tokens committed over all requests in ``seconds``."""
+        b = self.bucket(batch)
+        if b == 0 or seconds <= 0:
+            return
+        key = (b, bool(speculated))
+        rate = emitted / seconds
+        self._rate[key] = rate if key not in self._rate else (1 - self.alpha) * self._rate[key] + self.alpha * rate
+        self._count[key] = self._count.get(key, 0) + 1
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per bucket (its smallest batch size): measured tok/s with drafting on and off, and steps of each."""
+        out: dict[str, dict[str, float]] = {}
+        for (b, on), rate in sorted(self._rate.items()):
+            d = out.setdefault(str(1 << b), {})
+            d["on_tok_s" if on else "off_tok_s"] = rate
+            d["on_steps" if on else "off_steps"] = self._count[(b, on)]
+        return out
+
+
 class Engine:
     """Runs requests on a target model with speculative decoding.
 
@@ -166,6 +234,7 @@ class Engine:
         # Committed prompt prefixes -> cached KV (adaspec.prefix_cache.PrefixCache); None: off.
         self.prefix_cache = None
         self.last_batch = (0, 0)  # (requests, rows fed) of the last step_batch forward
+        self.batch_gate = BatchSpeculationGate()  # step_batch: drafting on or off, by measured batch tok/s
         self._live: set[str] = set()  # request ids started and not yet released
         # Shared prefills of request groups (``start(share_prefill=...)``): key -> _SharedPrefill.
         self._shared_prefills: dict[str, _SharedPrefill] = {}
@@ -598,9 +667,14 @@ class Engine:
         rows = sum(len(p) for _, p in chunks) + len(decoding)  # every decoding request feeds >= 1 row
         tokens = float(len(decoding))
         plans = []
+        t_step = time.perf_counter()
+        speculate = self.batch_gate.choose(len(decoding))
         for s in decoding:  # 1. propose, each priced beside the batch so far
             t0 = time.perf_counter()
-            lookahead, proposal = self._propose(s, batch=(rows - 1, tokens - 1.0))
+            if speculate:
+                lookahead, proposal = self._propose(s, batch=(rows - 1, tokens - 1.0))
+            else:
+                lookahead, proposal = 0, DraftProposal()
             draft_s = time.perf_counter() - t0
             if proposal.tree is not None:
                 fed = [s.token_ids[-1]] + proposal.tree.tokens
@@ -631,6 +705,9 @@ class Engine:
             s.prefill_pos += len(part)
             if not s.prefilling:
                 self._prefilled(s, out.hidden[-1])
+        if not chunks and decoding:  # a pure decode step: what it emitted per second, for the gate
+            emitted = sum(len(r.token_ids) for r in done.values())
+            self.batch_gate.observe(len(decoding), speculate, emitted, time.perf_counter() - t_step)
         fed_rows = self.last_batch[1]
         self.controller.on_verify(fed_rows, forward_s)  # the cost model learns the batch forward's cost
         for spec in self.speculators.values():
