@@ -150,6 +150,23 @@ def _initial_stats(target, calibration_ids):
     return stats
 
 
+def _fresh_load_stats(model, calibration_ids, collect):
+    """Activation statistics of ``model`` computed as a fresh int8 load computes them: the served
+    config carries the invariant attention, but a fresh load calibrates before installing it (with
+    transformers' default, sdpa). Another attention kernel moves the statistics in the last bits,
+    which can move a SmoothQuant factor and so an int8 weight's rounding."""
+    configs = [model.config] + [getattr(model.config, n, None) for n in ("text_config", "decoder")]
+    configs = [c for c in configs if c is not None and hasattr(c, "_attn_implementation")]
+    saved = [c._attn_implementation for c in configs]
+    try:
+        for c in configs:
+            c._attn_implementation = "sdpa"
+        return collect(model, calibration_ids)
+    finally:
+        for c, v in zip(configs, saved):
+            c._attn_implementation = v
+
+
 def prepare_weights(target, source: StateSource, calibration: str = "initial") -> PreparedWeights:
     """Build new weights for ``target`` without touching what it serves.
 
@@ -178,7 +195,10 @@ def prepare_weights(target, source: StateSource, calibration: str = "initial") -
         from adaspec.quant.convert import DEFAULT_SMOOTH_ALPHA, quantize_model_int8
 
         ids = default_calibration_ids(target.tokenizer)
-        stats = _initial_stats(target, ids) if calibration == "initial" else collect_activation_stats(model, ids)
+        if calibration == "initial":
+            stats = _initial_stats(target, ids)
+        else:
+            stats = _fresh_load_stats(model, ids, collect_activation_stats)
         report = quantize_model_int8(model, ids, stats=stats, smooth_alpha=DEFAULT_SMOOTH_ALPHA)
         report["policy_calibration"] = calibration
     kernel = None
