@@ -148,6 +148,7 @@ def test_thread_governor_drops_to_one_thread_while_others_are_busy():
     assert advance(1.0, 2.0, 0.0) == 2 and applied == []     # only this process: stays at 2
     assert advance(1.0, 1.0, 0.9) == 1 and applied == [1]     # another process took most of a core
     assert advance(0.5, 1.0, 0.0) == 1                         # within the interval: no new look
+    assert advance(1.0, 1.0, 0.2) == 1 and applied == [1]     # between half the threshold and it: stays
     assert advance(1.0, 1.0, 0.1) == 2 and applied == [1, 2]  # quiet again
     assert gov.switches == 2
     assert ThreadGovernor(2, sample=lambda: None).available is False

@@ -158,7 +158,7 @@ class ThreadGovernor:
     compares the machine's busy CPU time with this process's own over the last
     interval. When other processes used more than ``busy_cores`` cores, it sets
     one thread (a spinning team beside a busy process is several times slower than
-    one thread); when they used less, ``threads`` again. Switching the count does
+    one thread); once they use less than half of that, ``threads`` again. Switching the count does
     not change any result (the kernels are bitwise thread-count invariant).
 
     Args:
@@ -199,7 +199,8 @@ class ThreadGovernor:
             return self.current
         others = max(0.0, (now[1] - self._last[1]) - (now[2] - self._last[2])) / wall
         self._last, self._next = now, now[0] + self.interval_s
-        want = 1 if others > self.busy_cores else self.threads
+        # hysteresis: down above busy_cores, back up only below half of it (no flapping at the threshold)
+        want = 1 if others > self.busy_cores else (self.threads if others < self.busy_cores / 2 else self.current)
         if want != self.current:
             if self._set is None:
                 import torch
