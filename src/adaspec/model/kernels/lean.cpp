@@ -349,16 +349,16 @@ void linear_forward(const Linear& L, const float* x, int64_t ldx, int64_t M, flo
     std::vector<int8_t> xq(M * Kp);
     std::vector<float> scales(M), tmp(L.K);
     quantize_rows(L, x, ldx, M, xq.data(), scales.data(), tmp.data());
+    if (L.vnni) {  // xq + 128 as u8, in place (padding columns: 128 against zero weights)
+      uint8_t* xu = reinterpret_cast<uint8_t*>(xq.data());
+      for (int64_t i = 0; i < M * Kp; ++i) xu[i] ^= 0x80u;
+      const int64_t nt = (N + 31) / 32;
+      maybe_parallel(par, nt, [&](int64_t t0, int64_t t1) { gemm_vnni(L, xu, scales.data(), M, y, ldy, t0, t1); });
+      return;
+    }
     const int8_t* wp = L.w.data_ptr<int8_t>();
     const float* ws = L.w_scale.data_ptr<float>();
     const float* bias = L.bias.defined() ? L.bias.data_ptr<float>() : nullptr;
-    if (L.vnni) {  // xq + 128 as u8 (padding columns: 128 against zero weights)
-      std::vector<uint8_t> xu(M * Kp);
-      for (int64_t i = 0; i < M * Kp; ++i) xu[i] = static_cast<uint8_t>(xq[i]) ^ 0x80u;
-      const int64_t nt = (N + 31) / 32;
-      maybe_parallel(par, nt, [&](int64_t t0, int64_t t1) { gemm_vnni(L, xu.data(), scales.data(), M, y, ldy, t0, t1); });
-      return;
-    }
     maybe_parallel(par, ntiles, [&](int64_t t0, int64_t t1) {
       int32_t acc[2 * 4];
       for (int64_t t = t0; t < t1; ++t) {
@@ -705,119 +705,119 @@ class LeanModel {
         nvis[t] = vptr[r0 + t + 1] - vptr[r0 + t];
         last_vis[t] = nvis[t] ? vidx[vptr[r0 + t + 1] - 1] : -1;
       }
-        const float* kg = kpool + l * NB * blk_elems + g * B_ * D_;
-        const float* vg = vpool + l * NB * blk_elems + g * B_ * D_;
-        // scores of every slot in [0, S), G rows at a time: G independent FMA chains hide the FMA
-        // latency (each chain is one row's sequential sum over d, whatever group the row falls in)
-        for (int64_t row = 0; row < R;) {
-          const int64_t left = R - row;
-          if (left >= 8) score_group<8>(qkv, ld, r0, g, n_rep, row, R, kg, btq, blk_elems, S, scale, &sc[0], Spad, &last_vis[0], P);
-          else if (left >= 3) score_group<4>(qkv, ld, r0, g, n_rep, row, R, kg, btq, blk_elems, S, scale, &sc[0], Spad, &last_vis[0], P);
-          else score_group<2>(qkv, ld, r0, g, n_rep, row, R, kg, btq, blk_elems, S, scale, &sc[0], Spad, &last_vis[0], P);
-          row += left >= 8 ? 8 : (left >= 3 ? 4 : 2);
+      const float* kg = kpool + l * NB * blk_elems + g * B_ * D_;
+      const float* vg = vpool + l * NB * blk_elems + g * B_ * D_;
+      // scores of every slot in [0, S), G rows at a time: G independent FMA chains hide the FMA
+      // latency (each chain is one row's sequential sum over d, whatever group the row falls in)
+      for (int64_t row = 0; row < R;) {
+        const int64_t left = R - row;
+        if (left >= 8) score_group<8>(qkv, ld, r0, g, n_rep, row, R, kg, btq, blk_elems, S, scale, &sc[0], Spad, &last_vis[0], P);
+        else if (left >= 3) score_group<4>(qkv, ld, r0, g, n_rep, row, R, kg, btq, blk_elems, S, scale, &sc[0], Spad, &last_vis[0], P);
+        else score_group<2>(qkv, ld, r0, g, n_rep, row, R, kg, btq, blk_elems, S, scale, &sc[0], Spad, &last_vis[0], P);
+        row += left >= 8 ? 8 : (left >= 3 ? 4 : 2);
+      }
+      // softmax per row over its compact key list, in place: slots [0, P) stay, the visible
+      // fed slots are gathered right after them (vis is increasing, so reads stay ahead of writes)
+      std::vector<float> denom(R);
+      for (int64_t row = 0; row < R; ++row) {
+        const int64_t t = row / n_rep, nv = nvis[t], n = P + nv;
+        float* er = &sc[row * Spad];
+        const int64_t* vis = vidx + vptr[r0 + t];
+        for (int64_t j = 0; j < nv; ++j) er[P + j] = er[P + vis[j]];
+        const int64_t nfull = n / W;
+        __m256 vmax = _mm256_set1_ps(er[0]);
+        for (int64_t b = 0; b < nfull; ++b) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(er + b * W));
+        alignas(32) float mb[8];
+        _mm256_store_ps(mb, vmax);
+        float m = mb[0];
+        for (int i = 1; i < 8; ++i) m = std::max(m, mb[i]);
+        for (int64_t j = nfull * W; j < n; ++j) m = std::max(m, er[j]);  // max: exact in any order
+        const __m256 vm = _mm256_set1_ps(m);
+        __m256 lane = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nfull; ++b) {
+          const __m256 y = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(er + b * W), vm));
+          _mm256_storeu_ps(er + b * W, y);
+          lane = _mm256_add_ps(lane, y);
         }
-        // softmax per row over its compact key list, in place: slots [0, P) stay, the visible
-        // fed slots are gathered right after them (vis is increasing, so reads stay ahead of writes)
-        std::vector<float> denom(R);
+        if (nfull * W < n) {  // the last partial lane block: keys past the row's weigh exactly 0
+          const int64_t valid = n - nfull * W;
+          alignas(32) float buf[8];
+          for (int i = 0; i < 8; ++i) buf[i] = i < valid ? er[nfull * W + i] : m;
+          alignas(32) float yb[8];
+          _mm256_store_ps(yb, exp_ps(_mm256_sub_ps(_mm256_load_ps(buf), vm)));
+          for (int i = static_cast<int>(valid); i < 8; ++i) yb[i] = 0.0f;
+          const __m256 y = _mm256_load_ps(yb);
+          _mm256_storeu_ps(er + nfull * W, y);
+          lane = _mm256_add_ps(lane, y);
+        }
+        denom[row] = tree_sum(lane);
+      }
+      // weighted sum of V in compact order: prefix slots (shared by all rows), then visible fed
+      // slots. Keys in blocks of VB, rows inner, the row's accumulator in registers within a
+      // block: V is read once per block for all rows, and each row still adds keys in j order.
+      constexpr int64_t VB = 64;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      const int64_t nd = D_ / W;
+      for (int64_t j0 = 0; j0 < P; j0 += VB) {
+        const int64_t j1 = std::min(P, j0 + VB);
         for (int64_t row = 0; row < R; ++row) {
-          const int64_t t = row / n_rep, nv = nvis[t], n = P + nv;
-          float* er = &sc[row * Spad];
-          const int64_t* vis = vidx + vptr[r0 + t];
-          for (int64_t j = 0; j < nv; ++j) er[P + j] = er[P + vis[j]];
-          const int64_t nfull = n / W;
-          __m256 vmax = _mm256_set1_ps(er[0]);
-          for (int64_t b = 0; b < nfull; ++b) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(er + b * W));
-          alignas(32) float mb[8];
-          _mm256_store_ps(mb, vmax);
-          float m = mb[0];
-          for (int i = 1; i < 8; ++i) m = std::max(m, mb[i]);
-          for (int64_t j = nfull * W; j < n; ++j) m = std::max(m, er[j]);  // max: exact in any order
-          const __m256 vm = _mm256_set1_ps(m);
-          __m256 lane = _mm256_setzero_ps();
-          for (int64_t b = 0; b < nfull; ++b) {
-            const __m256 y = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(er + b * W), vm));
-            _mm256_storeu_ps(er + b * W, y);
-            lane = _mm256_add_ps(lane, y);
-          }
-          if (nfull * W < n) {  // the last partial lane block: keys past the row's weigh exactly 0
-            const int64_t valid = n - nfull * W;
-            alignas(32) float buf[8];
-            for (int i = 0; i < 8; ++i) buf[i] = i < valid ? er[nfull * W + i] : m;
-            alignas(32) float yb[8];
-            _mm256_store_ps(yb, exp_ps(_mm256_sub_ps(_mm256_load_ps(buf), vm)));
-            for (int i = static_cast<int>(valid); i < 8; ++i) yb[i] = 0.0f;
-            const __m256 y = _mm256_load_ps(yb);
-            _mm256_storeu_ps(er + nfull * W, y);
-            lane = _mm256_add_ps(lane, y);
-          }
-          denom[row] = tree_sum(lane);
-        }
-        // weighted sum of V in compact order: prefix slots (shared by all rows), then visible fed
-        // slots. Keys in blocks of VB, rows inner, the row's accumulator in registers within a
-        // block: V is read once per block for all rows, and each row still adds keys in j order.
-        constexpr int64_t VB = 64;
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        const int64_t nd = D_ / W;
-        for (int64_t j0 = 0; j0 < P; j0 += VB) {
-          const int64_t j1 = std::min(P, j0 + VB);
-          for (int64_t row = 0; row < R; ++row) {
-            const float* er = &sc[row * Spad];
-            float* ar = &acc[row * D_];
-            if (nd == 8) {  // head dim 64: the row's 8 accumulators stay in registers
-              __m256 a[8];
-              for (int c = 0; c < 8; ++c) a[c] = _mm256_loadu_ps(ar + c * W);
-              for (int64_t j = j0; j < j1;) {  // key by key, one pool block at a time
-                const int64_t off = j % B_, n = std::min(j1 - j, B_ - off);
-                const float* vr = vg + btq[j / B_] * blk_elems + off * D_;
-                for (int64_t u = 0; u < n; ++u, vr += 64) {
-                  const __m256 ej = _mm256_set1_ps(er[j + u]);
-                  for (int c = 0; c < 8; ++c) a[c] = _mm256_fmadd_ps(ej, _mm256_loadu_ps(vr + c * W), a[c]);
-                }
-                j += n;
-              }
-              for (int c = 0; c < 8; ++c) _mm256_storeu_ps(ar + c * W, a[c]);
-              continue;
-            }
-            for (int64_t c0 = 0; c0 < nd; c0 += 8) {  // up to 8 registers (64 floats) of the row
-              const int64_t nc = std::min<int64_t>(8, nd - c0);
-              __m256 a[8];
-              for (int64_t c = 0; c < nc; ++c) a[c] = _mm256_loadu_ps(ar + (c0 + c) * W);
-              for (int64_t j = j0; j < j1; ++j) {
-                const float* vr = vg + btq[j / B_] * blk_elems + (j % B_) * D_ + c0 * W;
-                const __m256 ej = _mm256_set1_ps(er[j]);
-                for (int64_t c = 0; c < nc; ++c) a[c] = _mm256_fmadd_ps(ej, _mm256_loadu_ps(vr + c * W), a[c]);
-              }
-              for (int64_t c = 0; c < nc; ++c) _mm256_storeu_ps(ar + (c0 + c) * W, a[c]);
-            }
-          }
-        }
-        for (int64_t row = 0; row < R; ++row) {
-          const int64_t t = row / n_rep, nv = nvis[t];
-          const int64_t* vis = vidx + vptr[r0 + t];
+          const float* er = &sc[row * Spad];
           float* ar = &acc[row * D_];
-          if (nd == 8) {  // head dim 64: accumulators in registers
+          if (nd == 8) {  // head dim 64: the row's 8 accumulators stay in registers
             __m256 a[8];
             for (int c = 0; c < 8; ++c) a[c] = _mm256_loadu_ps(ar + c * W);
-            for (int64_t j = 0; j < nv; ++j) {
-              const int64_t slot = P + vis[j];
-              const float* vr = vg + btq[slot / B_] * blk_elems + (slot % B_) * D_;
-              const __m256 ej = _mm256_set1_ps(sc[row * Spad + P + j]);
-              for (int c = 0; c < 8; ++c) a[c] = _mm256_fmadd_ps(ej, _mm256_loadu_ps(vr + c * W), a[c]);
+            for (int64_t j = j0; j < j1;) {  // key by key, one pool block at a time
+              const int64_t off = j % B_, n = std::min(j1 - j, B_ - off);
+              const float* vr = vg + btq[j / B_] * blk_elems + off * D_;
+              for (int64_t u = 0; u < n; ++u, vr += 64) {
+                const __m256 ej = _mm256_set1_ps(er[j + u]);
+                for (int c = 0; c < 8; ++c) a[c] = _mm256_fmadd_ps(ej, _mm256_loadu_ps(vr + c * W), a[c]);
+              }
+              j += n;
             }
             for (int c = 0; c < 8; ++c) _mm256_storeu_ps(ar + c * W, a[c]);
-          } else {
-            for (int64_t j = 0; j < nv; ++j) {
-              const int64_t slot = P + vis[j];
-              const float* vr = vg + btq[slot / B_] * blk_elems + (slot % B_) * D_;
-              const __m256 ej = _mm256_set1_ps(sc[row * Spad + P + j]);
-              for (int64_t c = 0; c < D_; c += W)
-                _mm256_storeu_ps(ar + c, _mm256_fmadd_ps(ej, _mm256_loadu_ps(vr + c), _mm256_loadu_ps(ar + c)));
-            }
+            continue;
           }
-          const __m256 dv = _mm256_set1_ps(denom[row]);
-          float* orow = out + (r0 + t) * Hq_ * D_ + (g * n_rep + row % n_rep) * D_;
-          for (int64_t c = 0; c < D_; c += W) _mm256_storeu_ps(orow + c, _mm256_div_ps(_mm256_loadu_ps(ar + c), dv));
+          for (int64_t c0 = 0; c0 < nd; c0 += 8) {  // up to 8 registers (64 floats) of the row
+            const int64_t nc = std::min<int64_t>(8, nd - c0);
+            __m256 a[8];
+            for (int64_t c = 0; c < nc; ++c) a[c] = _mm256_loadu_ps(ar + (c0 + c) * W);
+            for (int64_t j = j0; j < j1; ++j) {
+              const float* vr = vg + btq[j / B_] * blk_elems + (j % B_) * D_ + c0 * W;
+              const __m256 ej = _mm256_set1_ps(er[j]);
+              for (int64_t c = 0; c < nc; ++c) a[c] = _mm256_fmadd_ps(ej, _mm256_loadu_ps(vr + c * W), a[c]);
+            }
+            for (int64_t c = 0; c < nc; ++c) _mm256_storeu_ps(ar + (c0 + c) * W, a[c]);
+          }
         }
+      }
+      for (int64_t row = 0; row < R; ++row) {
+        const int64_t t = row / n_rep, nv = nvis[t];
+        const int64_t* vis = vidx + vptr[r0 + t];
+        float* ar = &acc[row * D_];
+        if (nd == 8) {  // head dim 64: accumulators in registers
+          __m256 a[8];
+          for (int c = 0; c < 8; ++c) a[c] = _mm256_loadu_ps(ar + c * W);
+          for (int64_t j = 0; j < nv; ++j) {
+            const int64_t slot = P + vis[j];
+            const float* vr = vg + btq[slot / B_] * blk_elems + (slot % B_) * D_;
+            const __m256 ej = _mm256_set1_ps(sc[row * Spad + P + j]);
+            for (int c = 0; c < 8; ++c) a[c] = _mm256_fmadd_ps(ej, _mm256_loadu_ps(vr + c * W), a[c]);
+          }
+          for (int c = 0; c < 8; ++c) _mm256_storeu_ps(ar + c * W, a[c]);
+        } else {
+          for (int64_t j = 0; j < nv; ++j) {
+            const int64_t slot = P + vis[j];
+            const float* vr = vg + btq[slot / B_] * blk_elems + (slot % B_) * D_;
+            const __m256 ej = _mm256_set1_ps(sc[row * Spad + P + j]);
+            for (int64_t c = 0; c < D_; c += W)
+              _mm256_storeu_ps(ar + c, _mm256_fmadd_ps(ej, _mm256_loadu_ps(vr + c), _mm256_loadu_ps(ar + c)));
+          }
+        }
+        const __m256 dv = _mm256_set1_ps(denom[row]);
+        float* orow = out + (r0 + t) * Hq_ * D_ + (g * n_rep + row % n_rep) * D_;
+        for (int64_t c = 0; c < D_; c += W) _mm256_storeu_ps(orow + c, _mm256_div_ps(_mm256_loadu_ps(ar + c), dv));
+      }
     };
     maybe_parallel(work * Hq_ * D_ >= g_parallel_min_work, Q * Hkv_, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) head(i / Hkv_, i % Hkv_);
