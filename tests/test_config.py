@@ -167,3 +167,91 @@ def test_wait_policy_bounds_spinning_unless_the_user_chose():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "PASSIVE"},
                          capture_output=True, text=True).stdout.split()
     assert out == ["None", "PASSIVE"]
+
+
+def test_cost_tables_are_measured_once_per_machine_setting_and_read_back(tiny_target, tmp_path, monkeypatch):
+    """The controller's verify-cost tables: measured on the first start, read from disk on the next (no
+    forward), measured again for another thread count, after damage to the file, or with the cache off."""
+    import torch
+
+    from adaspec import step_cost
+
+    monkeypatch.setenv("ADASPEC_CACHE", str(tmp_path))
+    monkeypatch.delenv("ADASPEC_COST_CACHE", raising=False)
+    calls = []
+    real_step, real_batch = step_cost.measure_step_cost, step_cost.measure_batch_cost
+    monkeypatch.setattr(step_cost, "measure_step_cost", lambda *a, **k: calls.append("step") or real_step(*a, **k))
+    monkeypatch.setattr(step_cost, "measure_batch_cost", lambda *a, **k: calls.append("batch") or real_batch(*a, **k))
+
+    def fresh_start():  # a new process: nothing kept on the target
+        for attr in ("_adaspec_verify_ms_table", "_adaspec_batch_ms_table"):
+            monkeypatch.delattr(tiny_target, attr, raising=False)
+        return config.calibrated_cost_model(tiny_target)
+
+    first = fresh_start()
+    assert calls == ["step", "batch"]
+    (stored,) = (tmp_path / "costs").glob("*.json")
+    second = fresh_start()
+    assert calls == ["step", "batch"], "read back, not measured"
+    assert second.verify == first.verify and second.batch == first.batch and first.batch
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        fresh_start()
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == ["step", "batch"] * 2, "another thread count is measured anew"
+    assert len(list((tmp_path / "costs").glob("*.json"))) == 2
+
+    stored.write_text('{"verify_ms": {"1": -3')  # damaged: measured again, and replaced
+    fresh_start()
+    assert calls == ["step", "batch"] * 3
+    fresh_start()
+    assert calls == ["step", "batch"] * 3
+
+    monkeypatch.setenv("ADASPEC_COST_CACHE", "0")
+    fresh_start()
+    assert calls == ["step", "batch"] * 4
+
+
+def test_auto_threads_takes_one_thread_on_a_busy_machine_without_timing_more(monkeypatch):
+    """``--threads auto`` at start-up: other processes busy while the one-thread forwards ran -> one
+    thread, and the multi-thread forwards (seconds each beside a busy process) are not timed; on a
+    quiet machine both are timed, the faster is set, and a team that runs 3x slower is cut short."""
+    import torch
+
+    from adaspec import threads
+
+    class Target:
+        pass
+
+    calls, logs = [], []
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(threads, "_forward_ms", lambda t, n, give_up_ms=None: calls.append(n) or 10.0)
+        samples = iter([(0.0, 0.0, 0.0), (1.0, 1.1, 0.2)])  # others: 0.9 cores
+        monkeypatch.setattr(threads, "cpu_sample", lambda: next(samples))
+        assert threads.tune_threads(Target(), THREADS_AUTO, log=logs.append) == 1
+        assert calls == [1, 1] and "other processes used 0.90 cores" in logs[-1]
+
+        calls.clear()
+        monkeypatch.setattr(threads, "_forward_ms",
+                            lambda t, n, give_up_ms=None: calls.append((n, give_up_ms)) or (10.0 if n == 1 else 6.0))
+        samples = iter([(0.0, 0.0, 0.0), (1.0, 0.3, 0.25)])  # others: 0.05 cores
+        monkeypatch.setattr(threads, "cpu_sample", lambda: next(samples))
+        t = Target()
+        assert threads.tune_threads(t, THREADS_AUTO, log=logs.append) == 2
+        assert calls == [(1, None), (1, None), (2, 30.0), (2, 30.0)] and "6.0 ms at 2" in logs[-1]
+        assert isinstance(t.thread_governor, threads.ThreadGovernor)
+
+        calls.clear()
+        monkeypatch.setattr(threads, "_forward_ms",
+                            lambda t, n, give_up_ms=None: calls.append(n) or (10.0 if n == 1 else 95.0))
+        samples = iter([(0.0, 0.0, 0.0), (1.0, 0.3, 0.25)])
+        monkeypatch.setattr(threads, "cpu_sample", lambda: next(samples))
+        assert threads.tune_threads(Target(), THREADS_AUTO) == 1
+        assert calls == [1, 1, 2], "a team 3x slower than one thread is timed once"
+    finally:
+        torch.set_num_threads(before)

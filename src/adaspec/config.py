@@ -197,26 +197,42 @@ def load_config_target(cfg: EngineConfig, log: Callable[[str], None] | None = No
 
 
 def calibrated_cost_model(target: "TargetModel") -> "CostModel":
-    """The controller's cost model, seeded with verify times measured on ``target`` (~3 s, once per target).
+    """The controller's cost model, seeded with verify times measured on ``target``.
 
-    The measured table is kept on the target, so every controller built for
-    it (e.g. chain and tree mode side by side in a benchmark) starts from the
-    same curve; each gets its own :class:`CostModel`, whose scale then
+    Measured once per model, machine, build and thread count and kept on disk
+    (:mod:`adaspec.cost_cache`; 3 to 30 s of forwards, by how fast the CPU's
+    int8 multiply-adds are), and kept on the target, so every controller built
+    for it (e.g. chain and tree mode side by side in a benchmark) starts from
+    the same curve; each gets its own :class:`CostModel`, whose scale then
     follows its own forwards.
     """
+    from adaspec import cost_cache
     from adaspec.controller import CostModel
-    from adaspec.step_cost import measure_step_cost
 
     table = getattr(target, "_adaspec_verify_ms_table", None)
+    batch = getattr(target, "_adaspec_batch_ms_table", None)
+    batched = hasattr(target, "forward_batch")
     if table is None:
-        table = measure_step_cost(target, ks=CALIBRATION_TOKENS_FED, repeats=3, prompt_len=32)
+        what = {"tokens_fed": list(CALIBRATION_TOKENS_FED), "batch_rows": list(CALIBRATION_BATCH_ROWS) if batched
+                else None, "repeats": 3, "prompt_len": 32}
+        key = cost_cache.cache_key(target, what)
+        stored = cost_cache.load(key)
+        if stored is not None and (stored["batch_ms"] or not batched):
+            table, batch = stored["verify_ms"], stored["batch_ms"]
+        else:
+            from adaspec.step_cost import measure_batch_cost, measure_step_cost
+
+            table = measure_step_cost(target, ks=CALIBRATION_TOKENS_FED, repeats=3, prompt_len=32)
+            if batched:  # continuous batching: the cost of one batched forward by rows fed, past the table above
+                batch = measure_batch_cost(target, rows=CALIBRATION_BATCH_ROWS, repeats=3, prompt_len=32)
+            cost_cache.save(key, table, batch)
         try:
             target._adaspec_verify_ms_table = dict(table)
-        except AttributeError:  # a target that takes no attributes: measure again next time
+            if batch:
+                target._adaspec_batch_ms_table = dict(batch)
+        except AttributeError:  # a target that takes no attributes: read (or measure) again next time
             pass
-    batch = getattr(target, "_adaspec_batch_ms_table", None)
-    if batch is None and hasattr(target, "forward_batch"):
-        # continuous batching: the cost of one batched forward by rows fed, past the table above
+    elif batch is None and batched:
         from adaspec.step_cost import measure_batch_cost
 
         batch = measure_batch_cost(target, rows=CALIBRATION_BATCH_ROWS, repeats=3, prompt_len=32)

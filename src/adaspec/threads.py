@@ -32,6 +32,8 @@ WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
 
 SPIN_COUNT_ENV = "GOMP_SPINCOUNT"
 SPIN_COUNT = "100000"  # libgomp's spin iterations before a waiting thread sleeps (its default: 300000)
+#: other processes' CPU use (cores) above which ``--threads auto`` runs one thread
+BUSY_CORES = 0.25
 
 
 def bounded_wait_policy() -> None:
@@ -86,7 +88,9 @@ def apply_threads(value: Any, log: Optional[Callable[[str], None]] = None) -> in
     return n
 
 
-def _forward_ms(target: Any, n: int) -> float:
+def _forward_ms(target: Any, n: int, give_up_ms: Optional[float] = None) -> float:
+    """Median ms of 5 one-token forwards at ``n`` threads (after one untimed); past the
+    first, a forward slower than ``give_up_ms`` ends the measurement (it returns that time)."""
     import torch
 
     torch.set_num_threads(n)
@@ -97,15 +101,29 @@ def _forward_ms(target: Any, n: int) -> float:
         t0 = time.perf_counter()
         target.forward(kv, [(11 * i + 5) % target.vocab_size])
         times.append((time.perf_counter() - t0) * 1000.0)
+        if give_up_ms is not None and i >= 1 and times[-1] > give_up_ms:
+            return times[-1]
     return statistics.median(times[1:])
+
+
+def others_cores(before: Optional[tuple[float, float, float]], after: Optional[tuple[float, float, float]]
+                 ) -> Optional[float]:
+    """Cores other processes kept busy between two :func:`cpu_sample` s (None if either is None)."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return max(0.0, (after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0])
 
 
 def tune_threads(target: Any, value: Any = THREADS_AUTO, log: Optional[Callable[[str], None]] = None) -> int:
     """For ``--threads auto``: keep one thread per core only where it measures faster than one thread.
 
     Times a few one-token forwards (about 0.3 s) at 1 thread and at
-    :func:`available_cores` threads, interleaved, and sets the faster (one
-    thread unless the other is at least 5% faster). A pinned count is left as is.
+    :func:`available_cores` threads and sets the faster (one thread unless the
+    other is at least 5% faster). Where other processes kept more than
+    :data:`BUSY_CORES` cores busy while the one-thread forwards ran, one thread
+    is set without trying more: a spinning team beside a busy process is several
+    times slower than one thread, and timing it would cost seconds of start-up.
+    A pinned count is left as is.
 
     Returns:
         the thread count now set.
@@ -117,10 +135,19 @@ def tune_threads(target: Any, value: Any = THREADS_AUTO, log: Optional[Callable[
     cores = available_cores()
     chosen, note = 1, "one core"
     if cores > 1:
+        before = cpu_sample()
         one = min(_forward_ms(target, 1), _forward_ms(target, 1))
-        many = min(_forward_ms(target, cores), _forward_ms(target, cores))
-        chosen = cores if many < 0.95 * one else 1
-        note = f"1-token forward {one:.1f} ms at 1 thread, {many:.1f} ms at {cores}"
+        if before is not None:
+            time.sleep(max(0.0, 0.2 - (time.monotonic() - before[0])))  # a window /proc/stat's ticks resolve
+        others = others_cores(before, cpu_sample())
+        if others is not None and others > BUSY_CORES:
+            note = f"other processes used {others:.2f} cores at start-up; 1-token forward {one:.1f} ms at 1 thread"
+        else:
+            many = _forward_ms(target, cores, give_up_ms=3.0 * one)
+            if many < 3.0 * one:
+                many = min(many, _forward_ms(target, cores, give_up_ms=3.0 * one))
+            chosen = cores if many < 0.95 * one else 1
+            note = f"1-token forward {one:.1f} ms at 1 thread, {many:.1f} ms at {cores}"
     torch.set_num_threads(chosen)
     if chosen > 1:
         governor = ThreadGovernor(chosen, log=log)
@@ -170,7 +197,7 @@ class ThreadGovernor:
         clock: monotonic seconds, the sampler's clock (tests pass their own).
     """
 
-    def __init__(self, threads: int, interval_s: float = 1.0, busy_cores: float = 0.25,
+    def __init__(self, threads: int, interval_s: float = 1.0, busy_cores: float = BUSY_CORES,
                  log: Optional[Callable[[str], None]] = None,
                  sample: Callable[[], Optional[tuple[float, float, float]]] = cpu_sample,
                  set_threads: Optional[Callable[[int], None]] = None,
@@ -194,10 +221,9 @@ class ThreadGovernor:
         now = self._sample()
         if now is None:
             return self.current
-        wall = now[0] - self._last[0]
-        if wall < self.interval_s:
+        if now[0] - self._last[0] < self.interval_s:
             return self.current
-        others = max(0.0, (now[1] - self._last[1]) - (now[2] - self._last[2])) / wall
+        others = others_cores(self._last, now)
         self._last, self._next = now, now[0] + self.interval_s
         # hysteresis: down above busy_cores, back up only below half of it (no flapping at the threshold)
         want = 1 if others > self.busy_cores else (self.threads if others < self.busy_cores / 2 else self.current)
