@@ -247,3 +247,37 @@ def test_tiny_temperature_is_greedy_not_nan(tiny_target):
     got = Engine(tiny_target, [NgramSpeculator()], lookahead=4).generate(
         prompt, SamplingParams(max_tokens=6, temperature=5e-324, seed=1)).token_ids
     assert got == want
+
+
+@pytest.mark.parametrize("speculator", ["suffix", "atlas"])
+def test_f17_request_state_does_not_leak_into_the_next_request(tiny_target, speculator):
+    """F17: after a request with a long repeated pattern ends (finished, or aborted mid-way), no speculator
+    nor the controller keeps state under its id, and an unrelated request right after it gets exactly a
+    fresh engine's tokens (greedy and seeded sampling)."""
+    from adaspec import config
+
+    def engine():
+        cfg = config.EngineConfig(model="tiny", speculator=speculator, calibrate=False)
+        return Engine(tiny_target, controller=config.build_controller(cfg, tiny_target))
+
+    pattern = "ab cd ab cd ab cd ab cd ab cd ab cd ab cd ab cd ab cd ab cd"
+    other = "The weather in Paris in spring is"
+    warm = engine()
+    a = warm.start(warm.encode_prompt(pattern), SamplingParams(max_tokens=48, ignore_eos=True), request_id="a")
+    while not a.finished:
+        warm.step(a)
+    cut = warm.start(warm.encode_prompt(pattern + " ab"), SamplingParams(max_tokens=48, ignore_eos=True),
+                     request_id="cut")
+    for _ in range(3):
+        warm.step(cut)
+    warm.abort(cut)
+    parts = [warm.controller, *warm.speculators.values()]
+    for part in parts:
+        for attr in ("_requests", "_pending", "_tenant_of"):
+            held = getattr(part, attr, None)
+            if isinstance(held, dict):
+                assert not {"a", "cut"} & set(held), (type(part).__name__, attr)
+    assert not warm._live
+    for params in (SamplingParams(max_tokens=32, ignore_eos=True),
+                   SamplingParams(max_tokens=32, ignore_eos=True, temperature=1.0, seed=7)):
+        assert warm.generate(other, params).token_ids == engine().generate(other, params).token_ids
