@@ -166,6 +166,14 @@ def check_grammar(grammar: str, tokenizer: Any, vocab_size: int) -> None:
     m = _llg().LLMatcher(grammar_tokenizer(tokenizer, vocab_size), grammar)
     if m.is_error():
         raise ValueError(m.get_error())
+    # The first mask and the tokens forced from the start: a grammar that compiles yet forces an
+    # endless output (a schema that requires itself) fails here, not in the middle of a batched step.
+    m.compute_logit_bias()
+    forced = m.compute_ff_tokens()
+    if forced and not m.is_error():
+        m.consume_tokens(forced)
+    if m.is_error():
+        raise ValueError(f"the grammar cannot produce a complete output: {m.get_error()}")
 
 
 _NEG_INF = torch.tensor(float("-inf"))

@@ -72,6 +72,7 @@ from adaspec.server.scheduler import (
 )
 from adaspec.server.schemas import (
     MAX_STOP_SEQUENCES,
+    SEED_MAX,
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -244,6 +245,11 @@ def create_app(
 
 # ---------------------------------------------------------------- routes
 def _install_routes(app: FastAPI, ctx: ServerState) -> None:
+    @app.head("/health", include_in_schema=False)
+    async def health_head() -> Response:
+        """Liveness for probes that send HEAD (load balancers, ``curl -I``)."""
+        return Response(status_code=200)
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         """Liveness and load."""
@@ -418,10 +424,7 @@ async def _wait(request: Request, ctx: ServerState, job: Job, kind: type) -> Any
                 raise queue_timeout_error(job.timeout_s)
             continue
         if isinstance(ev, Failed):
-            if isinstance(ev.error, ApiError):
-                raise ev.error
-            raise ApiError(500, f"internal error: {type(ev.error).__name__}: {ev.error}", type="server_error",
-                           code="internal_error")
+            raise _stream_error(ev)  # its own ApiError, else a 500 naming only the exception type
         if isinstance(ev, kind):
             return ev
 
@@ -477,10 +480,16 @@ def _short_repr(value: Any, limit: int = 40) -> str:
 
 
 def _fan_out(job: Job, n: int) -> list[Job]:
-    """``n`` jobs for one request's ``n`` choices: one prefill shared, choice i seeded ``seed + i``."""
+    """``n`` jobs for one request's ``n`` choices: one prefill shared, choice i seeded ``seed + i``
+    (modulo 2**64, into the accepted seed range: seeds are taken modulo 2**64 everywhere)."""
     jobs = []
     for i in range(n):
-        params = job.params if job.params.seed is None else dataclasses.replace(job.params, seed=job.params.seed + i)
+        seed = job.params.seed
+        if seed is not None:
+            seed += i
+            if seed > SEED_MAX:
+                seed -= 2**64
+        params = job.params if seed is None else dataclasses.replace(job.params, seed=seed)
         jobs.append(dataclasses.replace(job, request_id=f"{job.request_id}-{i}", params=params,
                                         share_prefill=(job.request_id, n), group_id=job.request_id,
                                         events=None, loop=None, cancelled=threading.Event()))
@@ -491,6 +500,11 @@ async def _run_n(request: Request, ctx: ServerState, jobs: list[Job], req: Any,
                  make_format: Callable[[Job], "_Format"]) -> Response:
     """:func:`_run` for the ``n`` jobs of one request: choices by index, usage summed once."""
     scheduler = ctx.scheduler
+    capacity = scheduler.max_active + scheduler.max_queue
+    if len(jobs) > capacity:  # could never fit: not a "retry later"
+        raise ApiError(400, f"n={len(jobs)} exceeds this server's capacity of {capacity} concurrent choices "
+                       f"(--max-active {scheduler.max_active} + --max-queue {scheduler.max_queue})", param="n",
+                       code="invalid_value")
     submitted: list[Job] = []
     try:
         for job in jobs:
@@ -635,11 +649,20 @@ def _parse_json_object(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise ApiError(400, "the request body is empty; expected a JSON object", code="invalid_json")
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the request body is not valid UTF-8 (byte {e.start}: {e.reason})",
+                       code="invalid_encoding")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})",
+                       code="invalid_json")
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply", code="invalid_json")
     if not isinstance(obj, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    _check_strings(obj)
     return obj
 
 
@@ -835,6 +858,7 @@ def _parse(raw: bytes, model: type[BaseModel]) -> Any:
     if not isinstance(obj, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(obj).__name__}",
                        code="invalid_json")
+    _check_strings(obj)
     try:
         return model.model_validate(obj)
     except ValidationError as e:
@@ -859,6 +883,11 @@ def _check_common(req: Any, ctx: ServerState) -> None:
                        param="stop")
     for s in stops:
         _check_text(s, "stop")
+    vocab = int(ctx.engine.target.vocab_size)
+    for i, t in enumerate(getattr(req, "stop_token_ids", None) or []):
+        if not 0 <= t < vocab:
+            raise ApiError(400, f"stop_token_ids[{i}]={t} is not a token id (0..{vocab - 1})",
+                           param="stop_token_ids", code="invalid_value")
     for name in ("max_tokens", "max_completion_tokens"):
         value = getattr(req, name, None)
         if value is not None and value > ctx.max_model_len:
@@ -870,6 +899,26 @@ def _check_model(model: str, ctx: ServerState, param: Optional[str]) -> None:
     if model not in (ctx.served_model_name, ctx.engine.target.name):
         raise ApiError(404, f"The model '{model}' does not exist; this server serves '{ctx.served_model_name}'",
                        param=param, code="model_not_found")
+
+
+def _check_strings(obj: Any) -> None:
+    """Every string of a decoded JSON body (keys included) is valid Unicode: JSON's ``\\ud800``
+    escapes decode to lone surrogates, which no tokenizer, grammar or response encoder takes.
+
+    Raises:
+        ApiError: 400 ``invalid_encoding`` naming the first such field (``tools[0].function.name``).
+    """
+    stack: list[tuple[Any, str]] = [(obj, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, path or "body")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, f"{path}.<key>" if path else "<key>")
+                stack.append((item, f"{path}.{key}" if path else key))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
 
 
 def _check_text(text: str, param: str) -> None:
@@ -1032,10 +1081,18 @@ def _model_card(ctx: ServerState) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- errors
+class _AsciiJSONResponse(JSONResponse):
+    """Error bodies as ASCII JSON: a message that quotes the client's text (a model name, a path)
+    stays encodable whatever that text holds (a lone surrogate would make UTF-8 encoding fail)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def _install_error_handlers(app: FastAPI, ctx: ServerState) -> None:
     def respond(err: ApiError) -> JSONResponse:
         ctx.metrics.record_error(err.status, err.code)
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+        return _AsciiJSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
