@@ -646,6 +646,8 @@ async def _update_weights(request: Request, ctx: ServerState) -> dict[str, Any]:
 
 
 def _parse_json_object(raw: bytes) -> dict[str, Any]:
+    """Decode a JSON object body; every failure (empty, not UTF-8, not JSON, nested too deeply, not an
+    object, a lone surrogate in any string) is a 400 naming the problem."""
     if not raw.strip():
         raise ApiError(400, "the request body is empty; expected a JSON object", code="invalid_json")
     try:
@@ -661,7 +663,8 @@ def _parse_json_object(raw: bytes) -> dict[str, Any]:
     except RecursionError:
         raise ApiError(400, "the request body is nested too deeply", code="invalid_json")
     if not isinstance(obj, dict):
-        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+        raise ApiError(400, f"the request body must be a JSON object, got {type(obj).__name__}",
+                       code="invalid_json")
     _check_strings(obj)
     return obj
 
@@ -841,24 +844,7 @@ def _finite(logprob: float) -> float:
 # ---------------------------------------------------------------- request checks
 def _parse(raw: bytes, model: type[BaseModel]) -> Any:
     """Decode and validate a JSON body; every failure is a 400 naming the problem."""
-    if not raw.strip():
-        raise ApiError(400, "the request body is empty; expected a JSON object", code="invalid_json")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ApiError(400, f"the request body is not valid UTF-8 (byte {e.start}: {e.reason})",
-                       code="invalid_encoding")
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})",
-                       code="invalid_json")
-    except RecursionError:
-        raise ApiError(400, "the request body is nested too deeply", code="invalid_json")
-    if not isinstance(obj, dict):
-        raise ApiError(400, f"the request body must be a JSON object, got {type(obj).__name__}",
-                       code="invalid_json")
-    _check_strings(obj)
+    obj = _parse_json_object(raw)
     try:
         return model.model_validate(obj)
     except ValidationError as e:
