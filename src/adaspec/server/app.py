@@ -301,7 +301,6 @@ def _install_routes(app: FastAPI, ctx: ServerState) -> None:
         messages = []
         for i, m in enumerate(req.messages):
             text = m.text()
-            _check_text(text, f"messages[{i}].content")
             if m.tool_calls and m.role != "assistant":
                 raise ApiError(400, "only assistant messages may carry tool_calls", param=f"messages[{i}].tool_calls")
             if m.role == "tool" and not m.tool_call_id:
@@ -867,8 +866,6 @@ def _check_common(req: Any, ctx: ServerState) -> None:
     if len(stops) > MAX_STOP_SEQUENCES:
         raise ApiError(400, f"at most {MAX_STOP_SEQUENCES} stop sequences are supported, got {len(stops)}",
                        param="stop")
-    for s in stops:
-        _check_text(s, "stop")
     vocab = int(ctx.engine.target.vocab_size)
     for i, t in enumerate(getattr(req, "stop_token_ids", None) or []):
         if not 0 <= t < vocab:
@@ -918,7 +915,6 @@ def _check_text(text: str, param: str) -> None:
 def _single_prompt(prompt: Any) -> Any:
     """One prompt (text or token ids) from OpenAI's prompt forms."""
     if isinstance(prompt, str):
-        _check_text(prompt, "prompt")
         return prompt
     if prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
