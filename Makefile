@@ -37,10 +37,11 @@ test: model browser
 # compiled from source for this CPU (about 8-15 minutes on 2 cores), with its
 # server extras (`python -m llama_cpp.server`) held to the pinned versions.
 # Its dependencies do not conflict with the pinned ones, so it goes into .venv.
-LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
+LLAMA_CPP_PYTHON_VERSION ?= 0.3.36
+LLAMA_CPP_PYTHON := llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
 peers: setup
 	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
-		$(PY) -m pip install -q -c requirements.lock --no-binary llama-cpp-python "$(LLAMA_CPP_PYTHON)[server]"
+		$(PY) -m pip install -q -c requirements.lock --no-binary llama-cpp-python "llama-cpp-python[server]==$(LLAMA_CPP_PYTHON_VERSION)"
 
 # Optional peer for `adaspec bench serve --peer llama-server` and `llama-bench`:
 # llama.cpp's own C++ server (continuous batching, `--parallel N`) and bench,

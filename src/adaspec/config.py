@@ -361,7 +361,11 @@ def build_engine(cfg: EngineConfig, target: Optional["TargetModel"] = None,
 
     cfg.validate()
     target = target if target is not None else load_config_target(cfg, log=log)
-    return Engine(target, controller=build_controller(cfg, target))
+    engine = Engine(target, controller=build_controller(cfg, target))
+    from adaspec.model.decoder import _trim_heap
+
+    _trim_heap()  # loading leaves tens of MB of freed heap mapped (glibc)
+    return engine
 
 
 # --------------------------------------------------------------------------- learned state

@@ -63,7 +63,9 @@ def grammar_tokenizer(tokenizer: Any, vocab_size: int) -> Any:
         if key not in _TOKENIZERS:
             import llguidance.hf  # noqa: PLC0415
 
-            _TOKENIZERS[key] = llguidance.hf.from_tokenizer(tokenizer, n_vocab=int(vocab_size))
+            from adaspec.model.tokenizer import hf_tokenizer
+
+            _TOKENIZERS[key] = llguidance.hf.from_tokenizer(hf_tokenizer(tokenizer), n_vocab=int(vocab_size))
         return _TOKENIZERS[key]
 
 

@@ -170,6 +170,10 @@ def load_target(
             a one-line note on stderr saying why), "lean" (or raise), "transformers".
             ``$ADASPEC_RUNTIME`` overrides "auto".
 
+    An int8 model on the lean core whose int8 model cache exists (every load after
+    the first) is built from that file without transformers
+    (:func:`adaspec.model.fast_load.load_fast`; bitwise the same target).
+
     Returns:
         a :class:`TargetModel` (a :class:`adaspec.model.target.LeanTarget` on the lean core).
 
@@ -185,13 +189,24 @@ def load_target(
         runtime = os.environ.get("ADASPEC_RUNTIME", "auto") or "auto"
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from adaspec.models import resolve_model
 
     if num_threads:
         torch.set_num_threads(num_threads)
     path = resolve_model(name)
+    if dtype == "int8" and runtime in ("auto", "lean"):
+        from adaspec.model.build import lean_kernel
+        from adaspec.model.fast_load import load_fast
+
+        try:
+            lean_kernel()
+            fast = load_fast(name, path, max_model_len=max_model_len)
+        except RuntimeError:  # no kernel: "auto" falls back below with its note, "lean" raises there
+            fast = None
+        if fast is not None:
+            return fast
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.eval()

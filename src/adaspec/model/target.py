@@ -10,7 +10,7 @@ training).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -26,10 +26,34 @@ class LeanTarget(TargetModel):
     Attributes (besides :class:`~adaspec.target.TargetModel`'s):
         decoder: the :class:`~adaspec.model.decoder.LeanDecoder`.
         runtime: "lean".
+        fast_tensors: set by :func:`adaspec.model.fast_load.load_fast` (``model`` is then a
+            :class:`~adaspec.model.fast_load.LazyModule`): the vocabulary size, EOS ids,
+            embedding, LM head and final norm, read from the int8 cache without loading
+            ``model``. Used only while ``model`` is that stand-in (a weight update
+            replaces it, and then the new module answers).
     """
 
     decoder: Optional[LeanDecoder] = None
     runtime: str = "lean"
+    fast_tensors: Optional[Any] = None
+
+    def current_fast_tensors(self) -> Optional[Any]:
+        """:attr:`fast_tensors` while they describe the served weights, else None."""
+        if self.fast_tensors is None:
+            return None
+        from adaspec.model.fast_load import LazyModule
+
+        return self.fast_tensors if isinstance(self.model, LazyModule) else None
+
+    @property
+    def vocab_size(self) -> int:
+        fast = self.current_fast_tensors()
+        return fast.vocab_size if fast is not None else super().vocab_size
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        fast = self.current_fast_tensors()
+        return set(fast.eos_token_ids) if fast is not None else super().eos_token_ids
 
     def new_cache(self) -> LeanKVCache:
         return self.decoder.new_cache()

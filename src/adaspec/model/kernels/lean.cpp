@@ -108,19 +108,39 @@ Linear make_linear(at::Tensor w, at::Tensor w_scale, c10::optional<at::Tensor> b
   if (w.scalar_type() == at::kChar) {
     L.int8 = true;
     L.Kp = (L.K + 31) / 32 * 32;
-    L.wide = w.abs().max().item<int>() > 64;
+    w = w.contiguous();
+    const int8_t* wp = w.data_ptr<int8_t>();
+    const int64_t N = L.N, K = L.K, Kp = L.Kp;
+    int wmax = 0;  // max |w|, exact in any order
+    for (int64_t i = 0; i < N * K; ++i) wmax = std::max(wmax, std::abs(static_cast<int>(wp[i])));
+    L.wide = wmax > 64;
     TORCH_CHECK(w_scale.numel() == L.N, "w_scale must be [N]");
     L.w_scale = w_scale.to(at::kFloat).contiguous();
     L.vnni = g_use_vnni;
     if (L.vnni) {
       // packed for the VNNI GEMM: [Np/32 tiles][Kp/4 groups][32 columns][4 bytes]: one
       // contiguous stream per tile of 32 output columns; a 64-byte load holds 4 consecutive
-      // k of 16 columns, one per int32 lane (columns past N are zero and ignored)
-      const int64_t Np = (L.N + 31) / 32 * 32;
-      at::Tensor padded = at::zeros({Np, L.Kp}, w.options());
-      padded.narrow(1, 0, L.K).narrow(0, 0, L.N).copy_(w);
-      L.w = padded.view({Np / 32, 32, L.Kp / 4, 4}).permute({0, 2, 1, 3}).contiguous();
-      L.w_sum = (padded.to(at::kInt).sum(1, /*keepdim=*/false, at::kInt) * 128).contiguous();
+      // k of 16 columns, one per int32 lane (columns past N are zero and ignored).
+      // Written directly (no padded or widened copies: a large LM head's int32 copy
+      // was most of the peak memory of a start-up).
+      const int64_t Np = (N + 31) / 32 * 32;
+      L.w = at::zeros({Np / 32, Kp / 4, 32, 4}, w.options());
+      L.w_sum = at::zeros({Np}, at::kInt);
+      int8_t* dst = L.w.data_ptr<int8_t>();
+      int32_t* wsum = L.w_sum.data_ptr<int32_t>();
+      at::parallel_for(0, Np / 32, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t)
+          for (int64_t c = 0; c < 32 && t * 32 + c < N; ++c) {
+            const int8_t* row = wp + (t * 32 + c) * K;
+            int8_t* out = dst + (t * (Kp / 4) * 32 + c) * 4;
+            int32_t sum = 0;
+            for (int64_t k = 0; k < K; ++k) {
+              out[(k / 4) * 128 + (k % 4)] = row[k];
+              sum += row[k];
+            }
+            wsum[t * 32 + c] = sum * 128;  // 128 * sum_k w[n][k], the u8 offset's correction
+          }
+      });
       L.w_scale = at::zeros({Np}, at::kFloat);
       L.w_scale.narrow(0, 0, L.N).copy_(w_scale.to(at::kFloat));
       L.bias_p = at::zeros({Np}, at::kFloat);
