@@ -195,11 +195,9 @@ def load_target(
         torch.set_num_threads(num_threads)
     path = resolve_model(name)
     if dtype == "int8" and runtime in ("auto", "lean"):
-        from adaspec.model.build import lean_kernel
         from adaspec.model.fast_load import load_fast
 
         try:
-            lean_kernel()
             fast = load_fast(name, path, max_model_len=max_model_len)
         except RuntimeError:  # no kernel: "auto" falls back below with its note, "lean" raises there
             fast = None

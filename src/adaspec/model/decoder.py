@@ -406,6 +406,34 @@ def _int8_parts(mod: nn.Module):
     return None
 
 
+def stack_int8_linear(ext, blocks: Sequence[tuple]):
+    """One kernel int8 Linear from row blocks stacked along the output dimension (they share an input).
+
+    Each block keeps its own int8 rows, per-row scales and bias, so the result equals the
+    separate layers bitwise; a block without a bias gets zeros where another has one.
+
+    Args:
+        blocks: ``(w, w_scale, bias, inv_smooth, activation_bits)`` per block: ``[n, K]`` int8,
+            ``[n]`` float32, ``[n]`` float32 or None, ``[K]`` float32 or None, 7 or 8.
+
+    Raises:
+        ValueError: the blocks differ in activation bits or input smoothing.
+    """
+    if len({b[4] for b in blocks}) != 1:
+        raise ValueError("stacked layers must share activation bits")
+    smooth = blocks[0][3]
+    for b in blocks[1:]:
+        if (b[3] is None) != (smooth is None) or (smooth is not None and not torch.equal(b[3], smooth)):
+            raise ValueError("stacked layers must share their input smoothing")
+    w = blocks[0][0] if len(blocks) == 1 else torch.cat([b[0] for b in blocks])  # (cat copies even one tensor)
+    scale = torch.cat([b[1] for b in blocks])
+    bias = None
+    if any(b[2] is not None for b in blocks):
+        bias = torch.cat([b[2] if b[2] is not None else torch.zeros(b[0].shape[0]) for b in blocks])
+    return ext.make_linear(w.contiguous(), scale.float().contiguous(), bias,
+                           None if smooth is None else smooth.detach().float(), blocks[0][4])
+
+
 def _linear(ext, mods: Sequence[nn.Module], kinds: set):
     """One kernel Linear for ``mods`` stacked along the output dimension (they share an input).
 
@@ -417,20 +445,8 @@ def _linear(ext, mods: Sequence[nn.Module], kinds: set):
     if all(p is not None for p in parts):
         kinds.add("int8")
         lins = [p[0] for p in parts]
-        if len({lin.activation_bits for lin in lins}) != 1:
-            raise ValueError("stacked layers must share activation bits")
-        smooth = lins[0].inv_smooth
-        for lin in lins[1:]:
-            if (lin.inv_smooth is None) != (smooth is None) or (smooth is not None and not torch.equal(lin.inv_smooth, smooth)):
-                raise ValueError("stacked layers must share their input smoothing")
-        w = torch.cat([lin._w_int8[sl] for lin, sl in parts])
-        scale = torch.cat([lin.w_scale[sl] for lin, sl in parts])
-        has_bias = any(lin.bias is not None for lin in lins)
-        bias = torch.cat([lin.bias.detach()[sl] if lin.bias is not None else torch.zeros(sl.stop - sl.start)
-                          for lin, sl in parts]) if has_bias else None
-        made = ext.make_linear(w.contiguous(), scale.float().contiguous(), bias,
-                               None if smooth is None else smooth.detach().float(), lins[0].activation_bits)
-        del w
+        made = stack_int8_linear(ext, [(lin._w_int8[sl], lin.w_scale[sl], None if lin.bias is None else lin.bias.detach()[sl],
+                                        lin.inv_smooth, lin.activation_bits) for lin, sl in parts])
         for lin in lins:  # layer by layer, so two copies of every weight never coexist
             lin.release_int8()
         return made

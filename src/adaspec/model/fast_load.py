@@ -139,15 +139,11 @@ class _CachedInt8:
     def __init__(self, path: Path) -> None:
         from safetensors import safe_open
 
-        from adaspec.quant.cache import read_tensors
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             keys = list(f.keys())
             self.tensors = {k: f.get_tensor(k) for k in keys if not k.endswith("/w_int8")}
         self.path = path
-        self.weight_keys = [k for k in keys if k.endswith("/w_int8")]
-        self._read_tensors = read_tensors
         for k, src in json.loads(meta.get("aliases", "{}")).items():
             self.tensors[k] = self.tensors[src]
         self.report = json.loads(meta["report"])
@@ -162,52 +158,30 @@ class _CachedInt8:
         """A non-linear tensor of the quantized model's state dict (``KeyError`` if absent)."""
         return self.tensors[f"rest/{name}"]
 
-    def int8_weight(self, entry: dict) -> torch.Tensor:
-        """``[N, K]`` int8 weight of a layout entry, read into ordinary memory."""
-        k = f"lin/{entry['key']}/w_int8"
-        return self._read_tensors(self.path, [k])[k]
-
     def linear(self, ext, paths: list[str]):
         """One kernel Linear for the modules ``paths`` stacked along the output dimension,
-        as :func:`adaspec.model.decoder._linear` stacks their Int8Linears.
+        with :func:`adaspec.model.decoder.stack_int8_linear`, as ``_linear`` stacks their Int8Linears.
 
         Raises:
             ValueError: a path that is not a cached int8 layer, or layers that cannot be stacked.
         """
-        parts = []
+        from adaspec.model.decoder import stack_int8_linear
+        from adaspec.quant.cache import read_tensors
+
+        blocks, weights = [], {}
         for p in paths:
             if p not in self.members:
                 raise ValueError(f"{p}: not an int8 layer of the cached model")
-            parts.append(self.members[p])
-        entries = [e for e, _ in parts]
-        if len({e["activation_bits"] for e in entries}) != 1:
-            raise ValueError("stacked layers must share activation bits")
-        weights, scales, biases, smooths = [], [], [], []
-        by_key: dict[str, torch.Tensor] = {}
-        for e, rows in parts:
+            e, rows = self.members[p]
             k = f"lin/{e['key']}"
-            if e["key"] not in by_key:
-                by_key[e["key"]] = self.int8_weight(e)
-            w = by_key[e["key"]]
+            if e["key"] not in weights:  # a fused group's rows share one read
+                weights[e["key"]] = read_tensors(self.path, [f"{k}/w_int8"])[f"{k}/w_int8"]
+            w = weights[e["key"]]
             sl = rows if rows is not None else slice(0, w.shape[0])
-            weights.append(w[sl])
-            scales.append(self.tensors[f"{k}/w_scale"][sl])
             bias = self.tensors.get(f"{k}/bias")
-            biases.append(None if bias is None else bias.detach()[sl])
-            smooths.append(self.tensors.get(f"{k}/inv_smooth"))
-        smooth = smooths[0]
-        for s in smooths[1:]:
-            if (s is None) != (smooth is None) or (smooth is not None and not torch.equal(s, smooth)):
-                raise ValueError("stacked layers must share their input smoothing")
-        w = weights[0] if len(weights) == 1 else torch.cat(weights)  # (cat copies even one tensor)
-        scale = torch.cat(scales)
-        bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([b if b is not None else torch.zeros(wt.shape[0]) for b, wt in zip(biases, weights)])
-        made = ext.make_linear(w.contiguous(), scale.float().contiguous(), bias,
-                               None if smooth is None else smooth.detach().float(), entries[0]["activation_bits"])
-        del w, weights, by_key
-        return made
+            blocks.append((w[sl], self.tensors[f"{k}/w_scale"][sl], None if bias is None else bias[sl],
+                           self.tensors.get(f"{k}/inv_smooth"), e["activation_bits"]))
+        return stack_int8_linear(ext, blocks)
 
 
 def load_fast(name: str, folder: Path, max_model_len: Optional[int] = None,
