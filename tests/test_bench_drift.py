@@ -459,3 +459,15 @@ def test_bad_bench_arguments_are_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "at least one dtype" in err and "int4" in err and "--skip must be >= 0" in err
     assert not (tmp_path / "d").exists()
+
+
+def test_mismatch_cell_lists_whole_entries_then_a_count():
+    from types import SimpleNamespace
+
+    from adaspec.bench.report import _mismatch_cell
+
+    assert _mismatch_cell([]) == "none"
+    ms = [SimpleNamespace(request_index=i, phase="rust", prompt_id=f"HumanEval/{i}", first_mismatch=3) for i in range(8)]
+    cell = _mismatch_cell(ms)
+    assert cell.count("(rust HumanEval/") == 5 and cell.endswith("and 3 more (first_mismatch in drift.jsonl)")
+    assert _mismatch_cell(ms[:2]) == "#0 (rust HumanEval/0, token 3), #1 (rust HumanEval/1, token 3)"

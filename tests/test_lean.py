@@ -131,6 +131,39 @@ def test_int8_close_to_transformers_int8_path(targets, arch):
     assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.9
 
 
+def test_kv_dtype_defaults_and_override(tiny_dirs, monkeypatch):
+    from adaspec.model.kv import kv_dtype_for
+
+    assert kv_dtype_for("int8") == torch.float16 and kv_dtype_for("float32") == torch.float32
+    monkeypatch.setenv("ADASPEC_KV_DTYPE", "float32")
+    assert kv_dtype_for("int8") == torch.float32
+    monkeypatch.setenv("ADASPEC_KV_DTYPE", "bfloat16")
+    with pytest.raises(ValueError, match="ADASPEC_KV_DTYPE"):
+        kv_dtype_for("int8")
+    with pytest.raises(ValueError, match="dtype"):
+        BlockPool(num_layers=1, num_kv_heads=1, head_dim=8, num_blocks=1, block_size=8, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_float16_kv_entries_are_the_float32_entries_rounded(tiny_dirs, targets, arch, monkeypatch):
+    """The float16 pool holds exactly float32's K/V rounded to nearest (layer 0, whose K/V do not
+    depend on attention), and the logits stay close to a float32 pool's."""
+    hf, lean16 = targets[arch, "int8"]
+    assert lean16.decoder.pool.dtype == torch.float16
+    monkeypatch.setenv("ADASPEC_KV_DTYPE", "float32")
+    lean32 = lean_target(load_target(str(tiny_dirs[arch]), dtype="int8", max_model_len=512, runtime="transformers"))
+    assert lean32.decoder.pool.dtype == torch.float32
+    ids = prompt_ids(40, seed=5)
+    out16, _, kv16 = feed(lean16, ids, [40])
+    out32, _, kv32 = feed(lean32, ids, [40])
+    k16, v16 = kv_entries(lean16, kv16, range(40))
+    k32, v32 = kv_entries(lean32, kv32, range(40))
+    assert torch.equal(k16[:, 0], k32[:, 0].half()) and torch.equal(v16[:, 0], v32[:, 0].half())
+    scale = float(out32.abs().max())  # a random tiny model amplifies rounding (as int8 vs transformers)
+    assert float((out16 - out32).abs().max()) < 0.05 * scale
+    assert float((out16.argmax(-1) == out32.argmax(-1)).float().mean()) >= 0.85
+
+
 # --------------------------------------------------------------------------- invariance
 
 
@@ -421,7 +454,8 @@ def test_forward_floors_table(targets):
         per_layer = [((Hq + 2 * Hkv) * D, H), (H, Hq * D), (2 * inter, H), (H, inter)]
         want = dec.num_layers * sum(n * k + 4 * n for n, k in per_layer) + dec.vocab_size * H + 4 * dec.vocab_size
         assert dec.weight_bytes() == want
-    assert dec.kv_bytes(10) == 10 * dec.num_layers * 2 * Hkv * D * 4
+    assert dec.pool.dtype == torch.float16  # an int8 model's K/V default (kv_dtype_for)
+    assert dec.kv_bytes(10) == 10 * dec.num_layers * 2 * Hkv * D * 2
     machine = measure_machine(seconds=0.05)
     assert machine["bandwidth_gbs"] > 0 and machine["fp32_gflops"] > 0
     f1, f8 = forward_floors(dec, 1, 16, machine), forward_floors(dec, 8, 16, machine)

@@ -153,6 +153,11 @@ def test_errors_name_the_parameter(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], tools=[bad])
     assert e.value.body["param"] == "tools[0].function.parameters"
+    for choice in ("required", {"type": "function", "function": {"name": WEATHER["function"]["name"]}}):
+        with pytest.raises(openai.BadRequestError) as e:  # a forced call leaves nothing for a format to shape
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], tools=[WEATHER],
+                                           tool_choice=choice, response_format={"type": "json_object"})
+        assert e.value.body["param"] == "response_format" and "tool_choice" in e.value.body["message"]
 
 
 def test_penalties_and_logit_bias_accepted(client, tiny_target):

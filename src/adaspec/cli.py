@@ -167,13 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text for one prompt")
     config.add_model_arguments(g)
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, help="the prompt text (raw, unless --chat)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as one user message in the chat template")
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-tokens", type=int, default=64, help="new tokens at most (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 decodes greedily (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: keep the smallest set of tokens whose probability reaches this "
+                        "(default: %(default)s, off)")
+    g.add_argument("--top-k", type=int, default=0,
+                   help="sample among the k most likely tokens only; 0 keeps all (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="sampling seed: the same seed gives the same output under any speculator "
+                        "(default: unseeded)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--logprobs", type=int, default=None, help="return logprobs with this many top alternatives")
     config.add_speculator_arguments(g, "folder of learned-state snapshots: restored at start, written at the end")

@@ -84,6 +84,7 @@ def cache_key(target: Any, what: dict) -> str:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "kernel": _kernel_identity(target),
+        "kv_dtype": str(getattr(getattr(getattr(target, "decoder", None), "pool", None), "dtype", "")),
         "what": what,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]

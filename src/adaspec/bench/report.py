@@ -392,6 +392,16 @@ class Table:
     note: str = ""
 
 
+def _mismatch_cell(ms: Sequence, shown: int = 5) -> str:
+    """The first ``shown`` mismatching requests, whole, then how many more (drift.jsonl lists them all)."""
+    if not ms:
+        return "none"
+    cell = ", ".join(f"#{m.request_index} ({m.phase} {m.prompt_id}, token {m.first_mismatch})" for m in ms[:shown])
+    if len(ms) > shown:
+        cell += f", and {len(ms) - shown} more (first_mismatch in drift.jsonl)"
+    return cell
+
+
 def _f(v: Optional[float], digits: int = 1, suffix: str = "") -> str:
     return "-" if v is None else f"{v:.{digits}f}{suffix}"
 
@@ -443,8 +453,7 @@ def summary_tables(s: DriftSummary) -> list[Table]:
               "controller's own part of it plus its bookkeeping after each step, same denominator."),
         Table("greedy output identical to plain decoding", ["system", "identical / checked", "mismatches"],
               [[sy, f"{s.matched[sy]}/{s.checked[sy]}",
-                ", ".join(f"#{m.request_index} ({m.phase} {m.prompt_id}, token {m.first_mismatch})"
-                          for m in s.mismatches if m.system == sy)[:300] or "none"]
+                _mismatch_cell([m for m in s.mismatches if m.system == sy])]
                for sy in s.systems if s.checked[sy]],
               "Every system of this engine must match plain decoding token for token. Other engines "
               "(hf-*, vllm-*) are listed for reference: on int8 they run other arithmetic (transformers: "

@@ -20,7 +20,7 @@ KERNEL_DIR = Path(__file__).parent / "kernels"
 # -fopenmp: at::parallel_for is inline OpenMP in the headers; compiled without it, the
 # GEMM's output tiles were never split across threads. The extension links libgomp.so.1,
 # which resolves to the copy torch already loaded (one OpenMP runtime per process).
-_CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-std=c++17", "-fopenmp"]
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-std=c++17", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _STATE: dict = {}  # "module": the loaded extension or None, "error": why it is None
 

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from adaspec.model.kv import BlockPool, LeanKVCache
+from adaspec.model.kv import BlockPool, LeanKVCache, kv_dtype_for
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
 # Longest chain one kernel call gets; longer prefills are split (bitwise the same result).
@@ -194,7 +194,7 @@ class LeanDecoder:
         _trim_heap()
         dtype = kinds.pop()
         pool_tokens = pool_tokens or 8 * max_positions
-        pool = BlockPool(len(inner.layers), Hkv, D, -(-pool_tokens // block_size), block_size)
+        pool = BlockPool(len(inner.layers), Hkv, D, -(-pool_tokens // block_size), block_size, kv_dtype_for(dtype))
         return cls(km, num_layers=len(inner.layers), hidden_size=H, num_heads=Hq, num_kv_heads=Hkv, head_dim=D,
                    vocab_size=int(embed.shape[0] if model.lm_head is None else _out_features(model.lm_head)),
                    max_positions=max_positions, dtype=dtype, pool=pool)
@@ -372,8 +372,8 @@ class LeanDecoder:
         return int(self._km.weight_bytes())
 
     def kv_bytes(self, positions: int) -> int:
-        """Bytes of K and V (float32) that attention over ``positions`` cached positions reads."""
-        return positions * self.num_layers * 2 * self.num_kv_heads * self.head_dim * 4
+        """Bytes of K and V (the pool's dtype) that attention over ``positions`` cached positions reads."""
+        return positions * self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.pool.keys.element_size()
 
     def matmuls_only(self, rows: int) -> None:
         """Run every linear layer once over ``rows`` rows (the matmul floor of a forward)."""

@@ -239,7 +239,7 @@ def _build(name: str, folder: Path, config: dict, tokenizer: Any, path: Path, ma
            pool_tokens: Optional[int]) -> Any:
     from adaspec.model.build import lean_kernel
     from adaspec.model.decoder import LeanDecoder, _trim_heap
-    from adaspec.model.kv import BlockPool
+    from adaspec.model.kv import BlockPool, kv_dtype_for
     from adaspec.model.target import LeanTarget
 
     cached = _CachedInt8(path)
@@ -271,7 +271,7 @@ def _build(name: str, folder: Path, config: dict, tokenizer: Any, path: Path, ma
     head_entry, head_rows = cached.members["lm_head"]
     vocab = int(cached.tensors[f"lin/{head_entry['key']}/w_scale"].shape[0])
     pool_tokens = pool_tokens or 8 * window
-    pool = BlockPool(L, Hkv, D, -(-pool_tokens // 64), 64)
+    pool = BlockPool(L, Hkv, D, -(-pool_tokens // 64), 64, kv_dtype_for("int8"))
     decoder = LeanDecoder(km, num_layers=L, hidden_size=H, num_heads=Hq, num_kv_heads=Hkv, head_dim=D,
                           vocab_size=vocab, max_positions=window, dtype="int8", pool=pool)
     report = dict(cached.report)

@@ -6,11 +6,17 @@ block ids plus a length. Slot ``i`` of a request holds position ``i`` of its
 committed sequence, so rollback after a rejection is a length change
 (:meth:`LeanKVCache.truncate`), and blocks past the new length go back to the pool.
 
-Layouts (float32; L layers, NB blocks, Hkv kv heads, B = block_size, D = head dim):
+Layouts (L layers, NB blocks, Hkv kv heads, B = block_size, D = head dim):
 
 - keys ``[L, NB, Hkv, B / 8, D, 8]``: 8 consecutive positions side by side per
   d, so the attention kernel scores 8 keys with one vector FMA chain;
 - values ``[L, NB, Hkv, B, D]``.
+
+Entries are float16 for an int8 model (llama.cpp's default K/V type: half the bytes
+one-token decoding reads at long context, twice the positions per GiB) and float32
+for a float32 one (the reference path); ``ADASPEC_KV_DTYPE`` = ``float16`` /
+``float32`` overrides (:func:`kv_dtype_for`). A float16 entry is rounded once, when
+written, and read back exactly, so invariance holds as with float32.
 
 The pool is allocated once with ``torch.empty`` (virtual memory: pages are
 committed when first written), so a large ``num_blocks`` costs only what
@@ -24,6 +30,26 @@ from typing import Any
 
 import torch
 
+_KV_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def kv_dtype_for(weights_dtype: str) -> torch.dtype:
+    """The K/V pool dtype for a decoder whose linear layers are ``weights_dtype`` (``"int8"`` or
+    ``"float32"``): ``ADASPEC_KV_DTYPE`` if set (``float16``, ``float32`` or ``auto``), else float16
+    for int8 weights and float32 for float32 ones.
+
+    Raises:
+        ValueError: ``ADASPEC_KV_DTYPE`` is set to something else.
+    """
+    import os
+
+    name = os.environ.get("ADASPEC_KV_DTYPE", "auto").strip().lower() or "auto"
+    if name == "auto":
+        return torch.float16 if weights_dtype == "int8" else torch.float32
+    if name not in _KV_DTYPES:
+        raise ValueError(f"ADASPEC_KV_DTYPE must be one of auto, float16, float32; got {name!r}")
+    return _KV_DTYPES[name]
+
 
 class PoolExhausted(RuntimeError):
     """No free block left in the :class:`BlockPool`."""
@@ -36,15 +62,23 @@ class BlockPool:
         keys, values: the pool tensors (layouts in the module docstring).
         block_size: positions per block (a multiple of 8).
         num_blocks: blocks in the pool.
+        dtype: ``torch.float32`` or ``torch.float16``, the entries' type.
+
+    Raises:
+        ValueError: ``block_size`` is not a multiple of 8, or ``dtype`` is neither.
     """
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int = 64):
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int = 64,
+                 dtype: torch.dtype = torch.float32):
         if block_size % 8:
             raise ValueError(f"block_size must be a multiple of 8, got {block_size}")
+        if dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"KV pool dtype must be torch.float32 or torch.float16, got {dtype}")
+        self.dtype = dtype
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.keys = torch.empty(num_layers, num_blocks, num_kv_heads, block_size // 8, head_dim, 8)
-        self.values = torch.empty(num_layers, num_blocks, num_kv_heads, block_size, head_dim)
+        self.keys = torch.empty(num_layers, num_blocks, num_kv_heads, block_size // 8, head_dim, 8, dtype=dtype)
+        self.values = torch.empty(num_layers, num_blocks, num_kv_heads, block_size, head_dim, dtype=dtype)
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: low ids first
 
     @property

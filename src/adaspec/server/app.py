@@ -947,6 +947,7 @@ def _apply_tools_and_format(req: ChatCompletionRequest, ctx: ServerState, params
     Raises:
         ApiError: 400 naming the parameter: duplicate function names, a
             ``tool_choice`` without tools or naming an unknown function, a
+            forced ``tool_choice`` with a ``response_format`` other than text, a
             malformed parameters or response schema.
     """
     tools = req.tools or []
@@ -989,6 +990,10 @@ def _apply_tools_and_format(req: ChatCompletionRequest, ctx: ServerState, params
         schema = fmt.json_schema.schema_
         grammar = compiled(lambda: constraints.json_schema_grammar(schema), "response_format.json_schema.schema")
     if choice == "required" or isinstance(choice, NamedToolChoice):
+        if fmt is not None and fmt.type != "text":  # the output is forced to be a tool call: no format can apply
+            raise ApiError(400, f"response_format {fmt.type!r} cannot be combined with a forced tool_choice (the "
+                           "output must be a tool call); constrain the call's arguments with the function's "
+                           "parameters schema instead", param="response_format")
         if params.ignore_eos:
             raise ApiError(400, "ignore_eos cannot be combined with a forced tool_choice", param="ignore_eos")
         chosen = [t for t in tools if choice == "required" or t.function.name == choice.function.name]

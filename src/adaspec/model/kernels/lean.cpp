@@ -24,6 +24,23 @@ namespace {
 constexpr int64_t W = 8;                       // float lanes
 int64_t g_parallel_min_work = 1 << 18;  // multiply-adds per GEMM (attention) below which one thread runs
 
+// K/V pool elements: float32, or float16 held as raw bits (uint16_t). A float16 entry is
+// rounded once, to nearest even, when it is written (F16C), and every read widens it back
+// exactly, so every forward that reads a slot sees the same value, whichever forward wrote it.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline void store_kv(float* p, float x) { *p = x; }
+inline void store_kv(uint16_t* p, float x) { *p = _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT); }
+inline void store_kv_row(float* p, const float* x, int64_t n) { std::memcpy(p, x, n * sizeof(float)); }
+inline void store_kv_row(uint16_t* p, const float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) store_kv(p + i, x[i]);
+}
+
 // The int8 GEMM's instruction set, chosen once at load from what the CPU (and OS) offers:
 // AVX-512 VNNI (vpdpbusd: u8 x s8 products summed four at a time into int32) where
 // present, else AVX2 (maddubs + madd). Both sum the same integer products exactly, so
@@ -513,7 +530,7 @@ class LeanModel {
   // block_table [Q, NBmax] int64 (pool block of each block of B slots),
   // vis_ptr [M+1] / vis_idx [nnz] int64: per row, the fed indices (within its request)
   // it attends to besides the prefix, increasing, ending with its own;
-  // k_pool [L, NB, Hkv, B/8, D, 8] and v_pool [L, NB, Hkv, B, D] float32;
+  // k_pool [L, NB, Hkv, B/8, D, 8] and v_pool [L, NB, Hkv, B, D], both float32 or both float16;
   // logit_rows [R] int64. Returns {logits [R, V], hidden [R, H] after the final norm}.
   std::vector<at::Tensor> forward(at::Tensor token_ids, at::Tensor positions, at::Tensor req_rows,
                                   at::Tensor req_prefix, at::Tensor block_table, at::Tensor vis_ptr,
@@ -522,7 +539,10 @@ class LeanModel {
     const int64_t M = token_ids.numel();
     const int64_t L = num_layers();
     TORCH_CHECK(L > 0 && norm_.defined(), "model not built");
-    TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && k_pool.scalar_type() == at::kFloat, "pools");
+    TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() &&
+                (k_pool.scalar_type() == at::kFloat || k_pool.scalar_type() == at::kHalf) &&
+                v_pool.scalar_type() == k_pool.scalar_type(), "pools: contiguous, both float32 or both float16");
+    const bool kv16 = k_pool.scalar_type() == at::kHalf;
     TORCH_CHECK(k_pool.size(0) == L && k_pool.size(2) == Hkv_ && v_pool.size(3) == B_ && v_pool.size(4) == D_,
                 "pool shape");
     const int64_t* ids = token_ids.data_ptr<int64_t>();
@@ -553,8 +573,18 @@ class LeanModel {
       for (int64_t m = 0; m < M; ++m) {  // RoPE on q and k heads
         rope_heads(qp + m * Nqkv, Nqkv, Hq_ + Hkv_, D_, cp + pos[m] * D_, sp + pos[m] * D_);
       }
-      write_kv(l, qp, Nqkv, req_rows, req_prefix, block_table, k_pool, v_pool);
-      attention(l, qp, Nqkv, ap, req_rows, req_prefix, block_table, vis_ptr, vis_idx, k_pool, v_pool);
+      if (kv16) {
+        auto* kp = reinterpret_cast<uint16_t*>(k_pool.data_ptr<at::Half>());
+        auto* vp = reinterpret_cast<uint16_t*>(v_pool.data_ptr<at::Half>());
+        write_kv(l, qp, Nqkv, req_rows, req_prefix, block_table, k_pool.size(1), kp, vp);
+        attention(l, qp, Nqkv, ap, req_rows, req_prefix, block_table, vis_ptr, vis_idx, k_pool.size(1),
+                  static_cast<const uint16_t*>(kp), static_cast<const uint16_t*>(vp));
+      } else {
+        float *kp = k_pool.data_ptr<float>(), *vp = v_pool.data_ptr<float>();
+        write_kv(l, qp, Nqkv, req_rows, req_prefix, block_table, k_pool.size(1), kp, vp);
+        attention(l, qp, Nqkv, ap, req_rows, req_prefix, block_table, vis_ptr, vis_idx, k_pool.size(1),
+                  static_cast<const float*>(kp), static_cast<const float*>(vp));
+      }
       linear_forward(ly.o, ap, Hq_ * D_, M, tp, H_);
       add_rows(hp, tp, M * H_);
       rmsnorm_rows(hp, ly.ln2.data_ptr<float>(), eps_, M, H_, xp);
@@ -627,13 +657,13 @@ class LeanModel {
   }
 
   // K goes to [.., block, g, off / 8, d, off % 8] (8 keys side by side per d), V to [.., block, g, off, d].
+  template <typename KV>
   void write_kv(int64_t l, const float* qkv, int64_t ld, const at::Tensor& req_rows, const at::Tensor& req_prefix,
-                const at::Tensor& block_table, at::Tensor& k_pool, at::Tensor& v_pool) const {
-    const int64_t Q = req_prefix.numel(), NBmax = block_table.size(1), NB = k_pool.size(1);
+                const at::Tensor& block_table, int64_t NB, KV* kp, KV* vp) const {
+    const int64_t Q = req_prefix.numel(), NBmax = block_table.size(1);
     const int64_t* rr = req_rows.data_ptr<int64_t>();
     const int64_t* pre = req_prefix.data_ptr<int64_t>();
     const int64_t* bt = block_table.data_ptr<int64_t>();
-    float *kp = k_pool.data_ptr<float>(), *vp = v_pool.data_ptr<float>();
     const int64_t blk_elems = Hkv_ * B_ * D_;
     for (int64_t q = 0; q < Q; ++q) {
       for (int64_t r = rr[q]; r < rr[q + 1]; ++r) {
@@ -644,20 +674,50 @@ class LeanModel {
         const float* kr = qkv + r * ld + Hq_ * D_;
         const float* vr = kr + Hkv_ * D_;
         for (int64_t g = 0; g < Hkv_; ++g) {
-          float* kb = kp + (l * NB + blk) * blk_elems + g * B_ * D_ + (off / W) * D_ * W + off % W;
-          for (int64_t d = 0; d < D_; ++d) kb[d * W] = kr[g * D_ + d];
-          std::memcpy(vp + (l * NB + blk) * blk_elems + (g * B_ + off) * D_, vr + g * D_, D_ * sizeof(float));
+          KV* kb = kp + (l * NB + blk) * blk_elems + g * B_ * D_ + (off / W) * D_ * W + off % W;
+          for (int64_t d = 0; d < D_; ++d) store_kv(kb + d * W, kr[g * D_ + d]);
+          store_kv_row(vp + (l * NB + blk) * blk_elems + (g * B_ + off) * D_, vr + g * D_, D_);
         }
       }
+    }
+  }
+
+  // acc rows [NR, 64] += sum over keys j in [j0, j1), in j order, of p[row][j] * V[j] for a
+  // head dim of 64 (p rows Spad apart, acc rows 64 apart). Each half of the head (32 floats)
+  // keeps NR x 4 accumulators in registers, and each V load feeds all NR rows; every output
+  // element is still its own FMA chain over j in order, so the rows' sums do not depend on
+  // how many rows share the pass.
+  template <int NR, typename KV>
+  void values_rows64(const float* p, int64_t Spad, float* acc, const KV* vg, const int64_t* btq,
+                     int64_t blk_elems, int64_t j0, int64_t j1) const {
+    for (int h = 0; h < 2; ++h) {
+      __m256 a[NR][4];
+      for (int r = 0; r < NR; ++r)
+        for (int c = 0; c < 4; ++c) a[r][c] = _mm256_loadu_ps(acc + r * 64 + (h * 4 + c) * W);
+      for (int64_t j = j0; j < j1;) {  // key by key, one pool block at a time
+        const int64_t off = j % B_, n = std::min(j1 - j, B_ - off);
+        const KV* vr = vg + btq[j / B_] * blk_elems + off * 64 + h * 32;
+        for (int64_t u = 0; u < n; ++u, vr += 64) {
+          __m256 e[NR];
+          for (int r = 0; r < NR; ++r) e[r] = _mm256_set1_ps(p[r * Spad + j + u]);
+          for (int c = 0; c < 4; ++c) {
+            const __m256 v = load8(vr + c * W);
+            for (int r = 0; r < NR; ++r) a[r][c] = _mm256_fmadd_ps(e[r], v, a[r][c]);
+          }
+        }
+        j += n;
+      }
+      for (int r = 0; r < NR; ++r)
+        for (int c = 0; c < 4; ++c) _mm256_storeu_ps(acc + r * 64 + (h * 4 + c) * W, a[r][c]);
     }
   }
 
   // scores of rows [row, row + G) (clamped to R) against every 8-key group of slots [0, S)
   // into sc: each score is the row's FMA chain over d = 0 .. D-1 (lane = key), then * scale.
   // The G query rows are first copied to qt [D][G], so one pointer walks them.
-  template <int G>
+  template <int G, typename KV>
   void score_group(const float* qkv, int64_t ld, int64_t r0, int64_t g, int64_t n_rep, int64_t row, int64_t R,
-                   const float* kg, const int64_t* btq, int64_t blk_elems, int64_t S, float scale, float* sc,
+                   const KV* kg, const int64_t* btq, int64_t blk_elems, int64_t S, float scale, float* sc,
                    int64_t Spad, const int64_t* last_vis, int64_t P) const {
     // slots past the last one any of the G rows sees are never read: not scored
     const int64_t t_hi = std::min(row + G - 1, R - 1) / n_rep;
@@ -670,18 +730,46 @@ class LeanModel {
       const float* qr = qkv + (r0 + rw / n_rep) * ld + (g * n_rep + rw % n_rep) * D_;
       for (int64_t d = 0; d < D_; ++d) qt[d * G + i] = qr[d];
     }
-    const __m256 vs = _mm256_set1_ps(scale);
-    for (int64_t s0 = 0; s0 < S; s0 += W) {
-      const float* kt = kg + btq[s0 / B_] * blk_elems + (s0 % B_ / W) * D_ * W;  // [D, 8]
-      __m256 a[G];
-      for (int i = 0; i < G; ++i) a[i] = _mm256_setzero_ps();
-      const float* qd = qt;
-      for (int64_t d = 0; d < D_; ++d, qd += G) {
-        const __m256 kv = _mm256_loadu_ps(kt + d * W);
-        for (int i = 0; i < G; ++i) a[i] = _mm256_fmadd_ps(_mm256_set1_ps(qd[i]), kv, a[i]);
+    // KG key groups at a time, so that at least 8 independent chains hide the FMA latency
+    // when few rows are scored (one-token decoding: G = n_rep rows)
+    constexpr int KG = G >= 8 ? 1 : (G >= 4 ? 2 : (G == 3 ? 3 : 4));
+    const int64_t ng = (S + W - 1) / W;
+    int64_t gi = 0;
+    for (; gi + KG <= ng; gi += KG) {
+      // fetch the key groups after these into cache while these are scored (K is read from
+      // memory once per forward; blocks are 8-key groups of D x 8 elements, not contiguous)
+      for (int64_t b = gi + KG; b < std::min(ng, gi + 2 * KG); ++b) {
+        const char* nk = reinterpret_cast<const char*>(kg + btq[b * W / B_] * blk_elems + (b * W % B_ / W) * D_ * W);
+        for (int64_t o = 0; o < static_cast<int64_t>(D_ * W * sizeof(KV)); o += 64) _mm_prefetch(nk + o, _MM_HINT_T0);
       }
-      for (int i = 0; i < G && row + i < R; ++i) _mm256_storeu_ps(sc + (row + i) * Spad + s0, _mm256_mul_ps(a[i], vs));
+      score_keys<G, KG>(qt, kg, btq, blk_elems, gi * W, scale, sc, Spad, row, R);
     }
+    for (; gi < ng; ++gi) score_keys<G, 1>(qt, kg, btq, blk_elems, gi * W, scale, sc, Spad, row, R);
+  }
+
+  // scores of the G rows in qt [D][G] against key groups s0, s0 + 8, ... (KG of them).
+  template <int G, int KG, typename KV>
+  void score_keys(const float* qt, const KV* kg, const int64_t* btq, int64_t blk_elems, int64_t s0, float scale,
+                  float* sc, int64_t Spad, int64_t row, int64_t R) const {
+    const KV* kt[KG];
+    for (int b = 0; b < KG; ++b) {
+      const int64_t s = s0 + b * W;
+      kt[b] = kg + btq[s / B_] * blk_elems + (s % B_ / W) * D_ * W;  // [D, 8]
+    }
+    __m256 a[KG][G];
+    for (int b = 0; b < KG; ++b)
+      for (int i = 0; i < G; ++i) a[b][i] = _mm256_setzero_ps();
+    const float* qd = qt;
+    for (int64_t d = 0; d < D_; ++d, qd += G) {
+      for (int b = 0; b < KG; ++b) {
+        const __m256 kv = load8(kt[b] + d * W);
+        for (int i = 0; i < G; ++i) a[b][i] = _mm256_fmadd_ps(_mm256_set1_ps(qd[i]), kv, a[b][i]);
+      }
+    }
+    const __m256 vs = _mm256_set1_ps(scale);
+    for (int b = 0; b < KG; ++b)
+      for (int i = 0; i < G && row + i < R; ++i)
+        _mm256_storeu_ps(sc + (row + i) * Spad + s0 + b * W, _mm256_mul_ps(a[b][i], vs));
   }
 
   // Row r of request q (fed index t) attends to slots [0, P) and to P + a for a in
@@ -689,17 +777,16 @@ class LeanModel {
   // 8-key lane FMA chains over d (same arithmetic for every key), softmax lanes by
   // j then a fixed tree, weighted sum of V in j order: nothing depends on T, on
   // the other rows or on which keys other rows see.
+  template <typename KV>
   void attention(int64_t l, const float* qkv, int64_t ld, float* out, const at::Tensor& req_rows,
                  const at::Tensor& req_prefix, const at::Tensor& block_table, const at::Tensor& vis_ptr,
-                 const at::Tensor& vis_idx, const at::Tensor& k_pool, const at::Tensor& v_pool) const {
-    const int64_t Q = req_prefix.numel(), NBmax = block_table.size(1), NB = k_pool.size(1);
+                 const at::Tensor& vis_idx, int64_t NB, const KV* kpool, const KV* vpool) const {
+    const int64_t Q = req_prefix.numel(), NBmax = block_table.size(1);
     const int64_t* rr = req_rows.data_ptr<int64_t>();
     const int64_t* pre = req_prefix.data_ptr<int64_t>();
     const int64_t* bt = block_table.data_ptr<int64_t>();
     const int64_t* vptr = vis_ptr.data_ptr<int64_t>();
     const int64_t* vidx = vis_idx.data_ptr<int64_t>();
-    const float* kpool = k_pool.data_ptr<float>();
-    const float* vpool = v_pool.data_ptr<float>();
     const int64_t n_rep = Hq_ / Hkv_, blk_elems = Hkv_ * B_ * D_;
     const float scale = 1.0f / std::sqrt(static_cast<float>(D_));
     // One task per (request, kv head): a task writes only its rows' slice of out for its
@@ -725,16 +812,17 @@ class LeanModel {
         nvis[t] = vptr[r0 + t + 1] - vptr[r0 + t];
         last_vis[t] = nvis[t] ? vidx[vptr[r0 + t + 1] - 1] : -1;
       }
-      const float* kg = kpool + l * NB * blk_elems + g * B_ * D_;
-      const float* vg = vpool + l * NB * blk_elems + g * B_ * D_;
+      const KV* kg = kpool + l * NB * blk_elems + g * B_ * D_;
+      const KV* vg = vpool + l * NB * blk_elems + g * B_ * D_;
       // scores of every slot in [0, S), G rows at a time: G independent FMA chains hide the FMA
       // latency (each chain is one row's sequential sum over d, whatever group the row falls in)
       for (int64_t row = 0; row < R;) {
         const int64_t left = R - row;
-        if (left >= 8) score_group<8>(qkv, ld, r0, g, n_rep, row, R, kg, btq, blk_elems, S, scale, &sc[0], Spad, &last_vis[0], P);
-        else if (left >= 3) score_group<4>(qkv, ld, r0, g, n_rep, row, R, kg, btq, blk_elems, S, scale, &sc[0], Spad, &last_vis[0], P);
-        else score_group<2>(qkv, ld, r0, g, n_rep, row, R, kg, btq, blk_elems, S, scale, &sc[0], Spad, &last_vis[0], P);
-        row += left >= 8 ? 8 : (left >= 3 ? 4 : 2);
+        if (left >= 8) score_group<8, KV>(qkv, ld, r0, g, n_rep, row, R, kg, btq, blk_elems, S, scale, &sc[0], Spad, &last_vis[0], P);
+        else if (left >= 4) score_group<4, KV>(qkv, ld, r0, g, n_rep, row, R, kg, btq, blk_elems, S, scale, &sc[0], Spad, &last_vis[0], P);
+        else if (left == 3) score_group<3, KV>(qkv, ld, r0, g, n_rep, row, R, kg, btq, blk_elems, S, scale, &sc[0], Spad, &last_vis[0], P);
+        else score_group<2, KV>(qkv, ld, r0, g, n_rep, row, R, kg, btq, blk_elems, S, scale, &sc[0], Spad, &last_vis[0], P);
+        row += left >= 8 ? 8 : (left >= 4 ? 4 : (left == 3 ? 3 : 2));
       }
       // softmax per row over its compact key list, in place: slots [0, P) stay, the visible
       // fed slots are gathered right after them (vis is increasing, so reads stay ahead of writes)
@@ -780,32 +868,27 @@ class LeanModel {
       const int64_t nd = D_ / W;
       for (int64_t j0 = 0; j0 < P; j0 += VB) {
         const int64_t j1 = std::min(P, j0 + VB);
+        if (nd == 8) {  // head dim 64: up to 3 rows at a time share each V load (values_rows64)
+          for (int64_t row = 0; row < R;) {
+            const int64_t nr = std::min<int64_t>(3, R - row);
+            if (nr == 3) values_rows64<3>(&sc[row * Spad], Spad, &acc[row * D_], vg, btq, blk_elems, j0, j1);
+            else if (nr == 2) values_rows64<2>(&sc[row * Spad], Spad, &acc[row * D_], vg, btq, blk_elems, j0, j1);
+            else values_rows64<1>(&sc[row * Spad], Spad, &acc[row * D_], vg, btq, blk_elems, j0, j1);
+            row += nr;
+          }
+          continue;
+        }
         for (int64_t row = 0; row < R; ++row) {
           const float* er = &sc[row * Spad];
           float* ar = &acc[row * D_];
-          if (nd == 8) {  // head dim 64: the row's 8 accumulators stay in registers
-            __m256 a[8];
-            for (int c = 0; c < 8; ++c) a[c] = _mm256_loadu_ps(ar + c * W);
-            for (int64_t j = j0; j < j1;) {  // key by key, one pool block at a time
-              const int64_t off = j % B_, n = std::min(j1 - j, B_ - off);
-              const float* vr = vg + btq[j / B_] * blk_elems + off * D_;
-              for (int64_t u = 0; u < n; ++u, vr += 64) {
-                const __m256 ej = _mm256_set1_ps(er[j + u]);
-                for (int c = 0; c < 8; ++c) a[c] = _mm256_fmadd_ps(ej, _mm256_loadu_ps(vr + c * W), a[c]);
-              }
-              j += n;
-            }
-            for (int c = 0; c < 8; ++c) _mm256_storeu_ps(ar + c * W, a[c]);
-            continue;
-          }
           for (int64_t c0 = 0; c0 < nd; c0 += 8) {  // up to 8 registers (64 floats) of the row
             const int64_t nc = std::min<int64_t>(8, nd - c0);
             __m256 a[8];
             for (int64_t c = 0; c < nc; ++c) a[c] = _mm256_loadu_ps(ar + (c0 + c) * W);
             for (int64_t j = j0; j < j1; ++j) {
-              const float* vr = vg + btq[j / B_] * blk_elems + (j % B_) * D_ + c0 * W;
+              const KV* vr = vg + btq[j / B_] * blk_elems + (j % B_) * D_ + c0 * W;
               const __m256 ej = _mm256_set1_ps(er[j]);
-              for (int64_t c = 0; c < nc; ++c) a[c] = _mm256_fmadd_ps(ej, _mm256_loadu_ps(vr + c * W), a[c]);
+              for (int64_t c = 0; c < nc; ++c) a[c] = _mm256_fmadd_ps(ej, load8(vr + c * W), a[c]);
             }
             for (int64_t c = 0; c < nc; ++c) _mm256_storeu_ps(ar + (c0 + c) * W, a[c]);
           }
@@ -820,18 +903,18 @@ class LeanModel {
           for (int c = 0; c < 8; ++c) a[c] = _mm256_loadu_ps(ar + c * W);
           for (int64_t j = 0; j < nv; ++j) {
             const int64_t slot = P + vis[j];
-            const float* vr = vg + btq[slot / B_] * blk_elems + (slot % B_) * D_;
+            const KV* vr = vg + btq[slot / B_] * blk_elems + (slot % B_) * D_;
             const __m256 ej = _mm256_set1_ps(sc[row * Spad + P + j]);
-            for (int c = 0; c < 8; ++c) a[c] = _mm256_fmadd_ps(ej, _mm256_loadu_ps(vr + c * W), a[c]);
+            for (int c = 0; c < 8; ++c) a[c] = _mm256_fmadd_ps(ej, load8(vr + c * W), a[c]);
           }
           for (int c = 0; c < 8; ++c) _mm256_storeu_ps(ar + c * W, a[c]);
         } else {
           for (int64_t j = 0; j < nv; ++j) {
             const int64_t slot = P + vis[j];
-            const float* vr = vg + btq[slot / B_] * blk_elems + (slot % B_) * D_;
+            const KV* vr = vg + btq[slot / B_] * blk_elems + (slot % B_) * D_;
             const __m256 ej = _mm256_set1_ps(sc[row * Spad + P + j]);
             for (int64_t c = 0; c < D_; c += W)
-              _mm256_storeu_ps(ar + c, _mm256_fmadd_ps(ej, _mm256_loadu_ps(vr + c), _mm256_loadu_ps(ar + c)));
+              _mm256_storeu_ps(ar + c, _mm256_fmadd_ps(ej, load8(vr + c), _mm256_loadu_ps(ar + c)));
           }
         }
         const __m256 dv = _mm256_set1_ps(denom[row]);
