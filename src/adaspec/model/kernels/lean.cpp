@@ -27,6 +27,7 @@ int64_t g_parallel_min_work = 1 << 18;  // multiply-adds per GEMM (attention) be
 // K/V pool elements: float32, or float16 held as raw bits (uint16_t). A float16 entry is
 // rounded once, to nearest even, when it is written (F16C), and every read widens it back
 // exactly, so every forward that reads a slot sees the same value, whichever forward wrote it.
+constexpr int64_t kPrefetchGroups = 16;  // attention: how far ahead (8-key groups) keys and values are fetched
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -689,7 +690,7 @@ class LeanModel {
   // how many rows share the pass.
   template <int NR, typename KV>
   void values_rows64(const float* p, int64_t Spad, float* acc, const KV* vg, const int64_t* btq,
-                     int64_t blk_elems, int64_t j0, int64_t j1) const {
+                     int64_t blk_elems, int64_t j0, int64_t j1, int64_t prefetch_end) const {
     for (int h = 0; h < 2; ++h) {
       __m256 a[NR][4];
       for (int r = 0; r < NR; ++r)
@@ -698,6 +699,11 @@ class LeanModel {
         const int64_t off = j % B_, n = std::min(j1 - j, B_ - off);
         const KV* vr = vg + btq[j / B_] * blk_elems + off * 64 + h * 32;
         for (int64_t u = 0; u < n; ++u, vr += 64) {
+          if (h == 0 && j + u + kPrefetchGroups * W < prefetch_end) {  // the value row 64 keys on
+            const int64_t ja = j + u + kPrefetchGroups * W;
+            const char* nv = reinterpret_cast<const char*>(vg + btq[ja / B_] * blk_elems + (ja % B_) * 64);
+            for (int64_t o = 0; o < static_cast<int64_t>(64 * sizeof(KV)); o += 64) _mm_prefetch(nv + o, _MM_HINT_T0);
+          }
           __m256 e[NR];
           for (int r = 0; r < NR; ++r) e[r] = _mm256_set1_ps(p[r * Spad + j + u]);
           for (int c = 0; c < 4; ++c) {
@@ -736,9 +742,9 @@ class LeanModel {
     const int64_t ng = (S + W - 1) / W;
     int64_t gi = 0;
     for (; gi + KG <= ng; gi += KG) {
-      // fetch the key groups after these into cache while these are scored (K is read from
-      // memory once per forward; blocks are 8-key groups of D x 8 elements, not contiguous)
-      for (int64_t b = gi + KG; b < std::min(ng, gi + 2 * KG); ++b) {
+      // fetch the key groups kPrefetchGroups ahead into cache while these are scored (K is read
+      // from memory once per forward, in 8-key groups of D x 8 elements; pool blocks are apart)
+      for (int64_t b = gi + kPrefetchGroups; b < std::min(ng, gi + kPrefetchGroups + KG); ++b) {
         const char* nk = reinterpret_cast<const char*>(kg + btq[b * W / B_] * blk_elems + (b * W % B_ / W) * D_ * W);
         for (int64_t o = 0; o < static_cast<int64_t>(D_ * W * sizeof(KV)); o += 64) _mm_prefetch(nk + o, _MM_HINT_T0);
       }
@@ -871,9 +877,9 @@ class LeanModel {
         if (nd == 8) {  // head dim 64: up to 3 rows at a time share each V load (values_rows64)
           for (int64_t row = 0; row < R;) {
             const int64_t nr = std::min<int64_t>(3, R - row);
-            if (nr == 3) values_rows64<3>(&sc[row * Spad], Spad, &acc[row * D_], vg, btq, blk_elems, j0, j1);
-            else if (nr == 2) values_rows64<2>(&sc[row * Spad], Spad, &acc[row * D_], vg, btq, blk_elems, j0, j1);
-            else values_rows64<1>(&sc[row * Spad], Spad, &acc[row * D_], vg, btq, blk_elems, j0, j1);
+            if (nr == 3) values_rows64<3>(&sc[row * Spad], Spad, &acc[row * D_], vg, btq, blk_elems, j0, j1, row ? 0 : P);
+            else if (nr == 2) values_rows64<2>(&sc[row * Spad], Spad, &acc[row * D_], vg, btq, blk_elems, j0, j1, row ? 0 : P);
+            else values_rows64<1>(&sc[row * Spad], Spad, &acc[row * D_], vg, btq, blk_elems, j0, j1, row ? 0 : P);
             row += nr;
           }
           continue;
