@@ -452,9 +452,12 @@ def test_real_model_int8_invariant_and_close_in_perplexity():
     assert all(r.invariant for r in results), results
 
 
-def test_bench_quality_table(tiny_model_dir):
+def test_bench_quality_table(tiny_model_dir, monkeypatch):
     from adaspec.bench.quality import DEFAULT_SYSTEMS, format_quality, measure_quality
 
+    # float16 K/V (the int8 default) moves this random model's near-uniform perplexity by ~2%
+    # (the real model's: 6.096 -> 6.095, BENCHMARKS.md); the kernels are compared at float32 K/V
+    monkeypatch.setenv("ADASPEC_KV_DTYPE", "float32")
     res = measure_quality(str(tiny_model_dir), DEFAULT_SYSTEMS.split(","), n_per_domain=2, max_tokens=24, chunk=5)
     assert list(res) == ["float32:transformers", "int8:transformers", "int8:lean"]
     assert set(res["int8:lean"]) == {"python", "rust", "chat", "all"}
@@ -464,6 +467,10 @@ def test_bench_quality_table(tiny_model_dir):
     # same int8 weights on both runtimes: the lean kernels cost (almost) nothing in quality
     for d in res["int8:lean"]:
         assert math.isclose(res["int8:lean"][d]["ppl"], res["int8:transformers"][d]["ppl"], rel_tol=0.01)
+    monkeypatch.setenv("ADASPEC_KV_DTYPE", "float16")
+    res16 = measure_quality(str(tiny_model_dir), ["int8:lean"], n_per_domain=2, max_tokens=24, chunk=5)
+    for d in res16["int8:lean"]:
+        assert math.isclose(res16["int8:lean"][d]["ppl"], res["int8:lean"][d]["ppl"], rel_tol=0.05)
     table = format_quality(res)
     assert table.splitlines()[0] == "| dtype:runtime | python | rust | chat | all |" and "x) |" in table
     assert "int8 lean / transformers: python " in table
