@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -24,10 +25,11 @@ namespace {
 constexpr int64_t W = 8;                       // float lanes
 int64_t g_parallel_min_work = 1 << 18;  // multiply-adds per GEMM (attention) below which one thread runs
 
+constexpr int64_t kPrefetchGroups = 16;  // attention: how far ahead (8-key groups) keys and values are fetched
+
 // K/V pool elements: float32, or float16 held as raw bits (uint16_t). A float16 entry is
 // rounded once, to nearest even, when it is written (F16C), and every read widens it back
 // exactly, so every forward that reads a slot sees the same value, whichever forward wrote it.
-constexpr int64_t kPrefetchGroups = 16;  // attention: how far ahead (8-key groups) keys and values are fetched
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -574,18 +576,15 @@ class LeanModel {
       for (int64_t m = 0; m < M; ++m) {  // RoPE on q and k heads
         rope_heads(qp + m * Nqkv, Nqkv, Hq_ + Hkv_, D_, cp + pos[m] * D_, sp + pos[m] * D_);
       }
-      if (kv16) {
-        auto* kp = reinterpret_cast<uint16_t*>(k_pool.data_ptr<at::Half>());
-        auto* vp = reinterpret_cast<uint16_t*>(v_pool.data_ptr<at::Half>());
+      auto write_and_attend = [&](auto* kp, auto* vp) {  // kp, vp: float* or uint16_t* (float16 bits)
         write_kv(l, qp, Nqkv, req_rows, req_prefix, block_table, k_pool.size(1), kp, vp);
         attention(l, qp, Nqkv, ap, req_rows, req_prefix, block_table, vis_ptr, vis_idx, k_pool.size(1),
-                  static_cast<const uint16_t*>(kp), static_cast<const uint16_t*>(vp));
-      } else {
-        float *kp = k_pool.data_ptr<float>(), *vp = v_pool.data_ptr<float>();
-        write_kv(l, qp, Nqkv, req_rows, req_prefix, block_table, k_pool.size(1), kp, vp);
-        attention(l, qp, Nqkv, ap, req_rows, req_prefix, block_table, vis_ptr, vis_idx, k_pool.size(1),
-                  static_cast<const float*>(kp), static_cast<const float*>(vp));
-      }
+                  static_cast<const std::remove_pointer_t<decltype(kp)>*>(kp),
+                  static_cast<const std::remove_pointer_t<decltype(vp)>*>(vp));
+      };
+      if (kv16) write_and_attend(reinterpret_cast<uint16_t*>(k_pool.data_ptr<at::Half>()),
+                                 reinterpret_cast<uint16_t*>(v_pool.data_ptr<at::Half>()));
+      else write_and_attend(k_pool.data_ptr<float>(), v_pool.data_ptr<float>());
       linear_forward(ly.o, ap, Hq_ * D_, M, tp, H_);
       add_rows(hp, tp, M * H_);
       rmsnorm_rows(hp, ly.ln2.data_ptr<float>(), eps_, M, H_, xp);
