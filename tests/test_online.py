@@ -6,6 +6,7 @@ one; the trainer process test starts the real ``python -m adaspec.online.trainer
 
 from __future__ import annotations
 
+import copy
 import time
 
 import pytest
@@ -545,3 +546,85 @@ def test_candidates_are_judged_on_the_newest_heldout_documents(tiny_target, head
         n += d.num_labels
     want = torch.cat([d.to_feature_doc().token_ids for d in reversed(newest)])
     assert torch.equal(packed.token_ids[: want.numel()], want) and len(newest) < len(held)
+
+
+# ---------------------------------------------------------------- the adapted draft vocabulary
+def test_draft_vocabulary_adapts_to_the_tenants_tokens_and_survives_publication(tiny_target, head_path, tmp_path):
+    """Tokens the target keeps choosing that the static draft vocabulary lacks take its last slots; the
+    version carries them; drafting with it stays exact and drafts the new tokens."""
+    embed = target_embedding_weight(tiny_target).float()
+    said = []
+    prompts = case_prompts(tiny_target)
+    for p in prompts:
+        for t in plain_ids(tiny_target, p, 32):
+            if t not in said:
+                said.append(t)
+    missing = said[::2]  # half of what the target says is not in this head's vocabulary
+    vocab = [t for t in said if t not in missing] + [t for t in range(600) if t not in said][:200]
+    static = new_draft_head(tiny_target, vocab, intermediate_size=64, seed=3)
+    spec = learned(tiny_target, static, head_path, tmp_path / "v")
+    docs = traffic(tiny_target, spec, prompts, n=32)
+    counts = torch.bincount(torch.cat([d.target_argmax for d in docs]), minlength=embed.shape[0])
+    slots = 64
+    tr = OnlineTrainer(static, embed, tmp_path / "v", OnlineConfig(vocab_slots=slots, vocab_min_count=2))
+    net = copy.deepcopy(static)
+    changed = tr.adapt_vocabulary(net, docs)
+    Vd = len(vocab)
+    lo = Vd - slots
+    d2t = net.draft_to_target
+    assert torch.equal(d2t[:lo], static.draft_to_target[:lo])  # only the last slots are ever reassigned
+    assert torch.unique(d2t).numel() == Vd
+    newcomers = [t for t in d2t[lo:].tolist() if t not in vocab]
+    assert changed == len(newcomers) > 0
+    # every newcomer was the target's choice at least twice, and at least as often as any static token it displaced
+    assert all(t in missing and counts[t] >= 2 for t in newcomers)
+    evicted = [t for t in static.draft_to_target[lo:].tolist() if t not in d2t.tolist()]
+    assert len(evicted) == len(newcomers)
+    assert min(int(counts[t]) for t in newcomers) >= max(int(counts[t]) for t in evicted)
+    static_row = {int(t): static.lm_head[i] for i, t in enumerate(static.draft_to_target.tolist())}
+    for s in range(lo, Vd):  # a newcomer's row is its token's LM-head (tied embedding) row, stored as float16
+        t = int(d2t[s])
+        assert torch.equal(net.lm_head[s], static_row[t] if t in static_row else embed[t].half().float())
+    assert tr.adapt_vocabulary(net, docs) == 0  # stable: nothing changes on the same traffic
+    # published and read back: the same vocabulary and rows
+    v = publish(tmp_path / "v", "default", net, head_digest(static), base=static)
+    back = load_version(tmp_path / "v", "default", v, static)
+    assert torch.equal(back.draft_to_target, d2t) and torch.equal(back.lm_head, net.lm_head)
+    # serving it: exact, and it drafts tokens the static vocabulary lacks
+    spec2 = learned(tiny_target, static, head_path, tmp_path / "v")
+    assert spec2.current_version() == 1
+    eng = Engine(tiny_target, controller=FixedController(spec2, 4))
+    drafted = set()
+    for p in prompts[:4]:
+        st = eng.start(p, SamplingParams(max_tokens=32, ignore_eos=True))
+        while not st.finished:
+            eng.step(st)
+        r = eng.result(st)
+        assert r.token_ids == plain_ids(tiny_target, p, 32)
+        drafted.update(r.token_ids)
+    assert set(newcomers) & drafted
+
+
+def test_a_version_with_a_malformed_vocabulary_change_is_refused(tiny_target, head, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    net = copy.deepcopy(head)
+    net.draft_to_target[-1] = 499 if 499 not in head.draft_to_target.tolist() else 511
+    v = publish(tmp_path, "acme", net, head_digest(head), base=head)
+    path = tmp_path / tenant_key("acme") / f"v{v:06d}.safetensors"
+    tensors = load_file(str(path))
+    assert tensors["vocab_slots"].tolist() == [head.draft_to_target.numel() - 1]
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors["vocab_tokens"] = head.draft_to_target[:1].clone()  # the same token as draft id 0
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match="two draft ids"):
+        load_version(tmp_path, "acme", v, head)
+    tensors["vocab_tokens"] = torch.tensor([10 ** 6])
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match="malformed"):
+        load_version(tmp_path, "acme", v, head)
+    with pytest.raises(ValueError, match="vocab_slots"):
+        OnlineConfig(vocab_slots=-1).validate()

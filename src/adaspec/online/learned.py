@@ -38,6 +38,7 @@ Never imports transformers; token ids, features and probabilities in, drafts out
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import queue
@@ -104,13 +105,16 @@ class TrainerClient:
         root: the versions folder.
         config: the trainer's settings.
         replay_path: broad-data replay file, or None.
+        lm_head: ``[V, H]`` target LM-head weight when it is not tied to ``embed`` (sent once,
+            as float16), for the trainer's draft-vocabulary adaptation; None: tied.
     """
 
     def __init__(self, base_path: str | Path, embed: torch.Tensor, root: str | Path, config: OnlineConfig,
-                 replay_path: Optional[str | Path] = None) -> None:
+                 replay_path: Optional[str | Path] = None, lm_head: Optional[torch.Tensor] = None) -> None:
         self.base_path, self.root, self.config = str(base_path), str(root), config
         self.replay_path = str(replay_path) if replay_path else None
         self._embed = embed  # sent once, as float16, when the process starts
+        self._lm_head = lm_head
         self._outbox: queue.Queue = queue.Queue(maxsize=4096)
         self._proc = None
         self._conn_in = None  # results from the trainer
@@ -139,8 +143,9 @@ class TrainerClient:
         self._conn_out = Connection(to_child_w, readable=False)
         self._conn_in = Connection(from_child_r, writable=False)
         embed = self._embed.detach().to(torch.float16).contiguous()
-        self._outbox.put(("init", self.base_path, embed, self.root, asdict(self.config), self.replay_path))
-        self._embed = None  # sent once; the trainer keeps its own copy
+        lm_head = None if self._lm_head is None else self._lm_head.detach().to(torch.float16).contiguous()
+        self._outbox.put(("init", self.base_path, embed, self.root, asdict(self.config), self.replay_path, lm_head))
+        self._embed = self._lm_head = None  # sent once; the trainer keeps its own copy
         self._sender = threading.Thread(target=self._send_loop, name="adaspec-trainer-send", daemon=True)
         self._sender.start()
 
@@ -247,6 +252,8 @@ class LearnedHeadSpeculator(DraftHeadSpeculator):
             running the learned head alone. Default False (beside the static
             head, a copy of it adds nothing).
         seed / int8: as for :class:`DraftHeadSpeculator`.
+        lm_head_weight: ``[V, H]`` target LM-head weight where it is not tied to
+            ``embed_weight`` (the rows of reassigned draft ids); None: tied.
 
     Attributes:
         on_swap: called as ``on_swap(tenant, version, info)`` when a tenant's
@@ -264,7 +271,7 @@ class LearnedHeadSpeculator(DraftHeadSpeculator):
                  root: Optional[str | Path] = None, config: Optional[OnlineConfig] = None,
                  replay_path: Optional[str | Path] = None, train: bool = True, rollback_min_drafts: int = 128,
                  rollback_margin: float = 0.1, draft_before_first_version: bool = False, seed: int = 0,
-                 int8: bool = True) -> None:
+                 int8: bool = True, lm_head_weight: Optional[torch.Tensor] = None) -> None:
         self.config = config or OnlineConfig()
         self.config.validate()
         self._static_float = copy.deepcopy(static_net).eval()
@@ -273,7 +280,8 @@ class LearnedHeadSpeculator(DraftHeadSpeculator):
         self.root = Path(tempfile.mkdtemp(prefix="adaspec-learned-")) if root is None else Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.base_digest = head_digest(self._static_float)
-        self.client = TrainerClient(static_path, embed_weight, self.root, self.config, replay_path) if train else None
+        self.client = TrainerClient(static_path, embed_weight, self.root, self.config, replay_path,
+                                    lm_head=lm_head_weight) if train else None
         self.rollback_min_drafts, self.rollback_margin = rollback_min_drafts, rollback_margin
         self.on_swap: Optional[Callable[[str, int, dict], None]] = None
         self._lock = threading.Lock()
@@ -551,13 +559,23 @@ def load_learned_speculator(target: Any, state_dir: Optional[str | Path] = None,
     """
     from adaspec.online.trainer import shipped_replay_path
     from adaspec.speculators.draft_head import (check_matches_target, load_draft_head, shipped_checkpoint_path,
-                                                target_embedding_weight)
+                                                target_embedding_weight, target_lm_head_weight)
 
     path = shipped_checkpoint_path(str(target.name))
     net, _ = load_draft_head(path)
     check_matches_target(net, target)
     replay = shipped_replay_path(str(target.name))
     root = Path(state_dir) / "learned_head" if state_dir else None
-    return LearnedHeadSpeculator(net, target_embedding_weight(target).float(), path, root=root, config=config,
+    embed = target_embedding_weight(target).float()
+    lm_head = None
+    probe = net.draft_to_target[:64]
+    if not torch.equal(net.lm_head[:64], embed[probe].to(torch.float16).float()):
+        # the static head's rows are not the (tied) embeddings': reassigned draft ids take the LM head's
+        lm_head = target_lm_head_weight(target)
+        if lm_head is None and (config or OnlineConfig()).vocab_slots:
+            log.info("learned head: the target's LM head is not a dense tensor; the draft vocabulary stays the static one")
+            config = dataclasses.replace(config or OnlineConfig(), vocab_slots=0)
+    return LearnedHeadSpeculator(net, embed, path, root=root, config=config,
                                  replay_path=replay if replay.is_file() else None, train=train,
-                                 draft_before_first_version=draft_before_first_version, int8=int8)
+                                 draft_before_first_version=draft_before_first_version, int8=int8,
+                                 lm_head_weight=lm_head)

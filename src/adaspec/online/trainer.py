@@ -18,6 +18,18 @@ the tenant's buffer holds ``min_new_positions`` new labelled positions:
    candidate beats the serving version there by ``min_gain``; otherwise the
    candidate keeps training from where it is, and the served version stays.
 
+Before its steps, a round also **adapts the draft vocabulary** (FR-Spec's
+frequency-ranked draft vocabulary, Zhao et al. 2025, arXiv 2502.14856, kept
+per tenant and re-ranked on live traffic): the last ``vocab_slots`` draft ids,
+which the static head gave to the least frequent tokens of its training
+corpus, go to the tokens the target produced most often in the tenant's
+buffer that the draft vocabulary lacks (at least ``vocab_min_count`` times),
+each slot taking that token's row of the target's LM head. A head can never
+draft a token outside its draft vocabulary, so on a domain the static corpus
+never had (SQL's column names, tool calls' JSON punctuation) this is where
+acceptance is lost first; the head's trained weights are unchanged by a swap,
+and the gate judges the candidate with its vocabulary.
+
 :class:`OnlineTrainer` is the in-process core (tests drive it directly);
 :func:`trainer_main` runs it in a separate process behind a pipe, at the
 lowest CPU priority and one torch thread (see :mod:`adaspec.online.learned`).
@@ -67,6 +79,11 @@ class OnlineConfig:
             documents (candidates are judged on recent traffic). Default 512.
         min_gain: relative gain in held-out mean acceptance length a candidate
             needs over the serving version to be published. Default 0.01.
+        vocab_slots: draft ids at the end of the static head's frequency order that
+            a tenant's traffic may reassign to tokens missing from the draft
+            vocabulary (see the module docstring); 0 keeps the static vocabulary. Default 1024.
+        vocab_min_count: times a missing token must be the target's choice in the
+            tenant's buffer (recent and reservoir) to take a slot. Default 2.
         max_tenants: tenants whose heads and optimizer states stay in the
             trainer's memory (least recently trained evicted; their published
             versions stay on disk). Default 4.
@@ -92,6 +109,8 @@ class OnlineConfig:
     eval_k: int = 4
     eval_max_positions: int = 512
     min_gain: float = 0.01
+    vocab_slots: int = 1024
+    vocab_min_count: int = 2
     max_tenants: int = 4
     keep_versions: int = 3
     recent_positions: int = 8192
@@ -108,6 +127,9 @@ class OnlineConfig:
                      "heldout_positions"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"online learning: {name} must be >= 1, got {getattr(self, name)!r}")
+        if int(self.vocab_slots) < 0 or int(self.vocab_min_count) < 1:
+            raise ValueError(f"online learning: vocab_slots must be >= 0 and vocab_min_count >= 1, got "
+                             f"{self.vocab_slots!r} and {self.vocab_min_count!r}")
         if self.keep_versions < 2:
             raise ValueError(f"online learning: keep_versions must be >= 2 (a rollback needs one), got {self.keep_versions}")
         if self.heldout_every < 2:
@@ -136,6 +158,8 @@ class RoundResult:
         serving_version: the version served after the round (0: the static head).
         train_s / eval_s: seconds spent training and evaluating.
         buffer: the tenant's buffer sizes after the round (:meth:`LabelBuffer.stats`).
+        vocab_changed: draft-vocabulary slots reassigned by this round.
+        vocab_adapted: slots of the candidate's draft vocabulary that differ from the static head's.
     """
 
     tenant: str
@@ -150,6 +174,8 @@ class RoundResult:
     train_s: float
     eval_s: float
     buffer: dict = field(default_factory=dict)
+    vocab_changed: int = 0
+    vocab_adapted: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -177,13 +203,16 @@ class OnlineTrainer:
         root: folder the versions are published to (see :mod:`adaspec.online.versions`).
         config: settings. Default :class:`OnlineConfig`.
         replay: broad-data documents mixed into every round (may be empty).
+        lm_head: ``[V, H]`` the target's LM-head weight (any float dtype), the rows a
+            reassigned draft id takes; None: ``embed`` (a target with tied embeddings).
 
     Raises:
-        ValueError: an invalid config or embeddings that do not fit the head.
+        ValueError: an invalid config, or embeddings or an LM head that do not fit the head.
     """
 
     def __init__(self, base: DraftHeadNet, embed: torch.Tensor, root: str | Path,
-                 config: Optional[OnlineConfig] = None, replay: Sequence[FeatureDoc] = ()) -> None:
+                 config: Optional[OnlineConfig] = None, replay: Sequence[FeatureDoc] = (),
+                 lm_head: Optional[torch.Tensor] = None) -> None:
         self.config = config or OnlineConfig()
         self.config.validate()
         cfg = base.config
@@ -195,6 +224,11 @@ class OnlineTrainer:
             p.requires_grad_(False)
         self.base_digest = head_digest(base)
         self.embed = embed.float()
+        if lm_head is not None and tuple(lm_head.shape) != tuple(embed.shape):
+            raise ValueError(f"LM head {tuple(lm_head.shape)} does not fit the draft head "
+                             f"({cfg.target_vocab_size} x {cfg.hidden_size})")
+        self.lm_head = self.embed if lm_head is None else lm_head
+        self._base_slot = {int(t): i for i, t in enumerate(base.draft_to_target.tolist())}
         self.root = Path(root)
         self.replay = [d for d in replay if len(d) >= 2]
         self._tenants: dict[str, _TenantState] = {}
@@ -425,6 +459,62 @@ class OnlineTrainer:
                            max_positions=self.config.eval_max_positions, seed=self.config.seed)
         return float(ev["overall"]["acceptance_length"][str(self.config.eval_k)])
 
+    @staticmethod
+    def vocabulary_counts(docs: Sequence[TrafficDoc], vocab_size: int) -> torch.Tensor:
+        """``[V]`` int64: how often the target chose each token at the labelled positions of ``docs``."""
+        return torch.bincount(torch.cat([d.target_argmax.long() for d in docs]).clamp(0, vocab_size - 1),
+                              minlength=vocab_size)
+
+    def adapt_vocabulary(self, net: DraftHeadNet, docs: Sequence[TrafficDoc]) -> int:
+        """Reassign ``net``'s last ``vocab_slots`` draft ids to the tokens ``docs`` need (module docstring).
+
+        The slots' occupants are chosen among the static head's tokens of those
+        slots and the tokens outside the static draft vocabulary that the target
+        chose at least ``vocab_min_count`` times in ``docs``: most chosen first,
+        a static occupant before a newcomer on a tie (then in the static order).
+        An occupant that stays keeps its slot. Changes ``net.draft_to_target``
+        and ``net.lm_head`` in place.
+
+        Returns:
+            the number of slots whose token changed.
+        """
+        c = self.config
+        Vd = int(self.base.draft_to_target.numel())
+        S = min(int(c.vocab_slots), Vd - 1)
+        if S <= 0 or not docs:
+            return 0
+        V = int(self.embed.shape[0])
+        counts = self.vocabulary_counts(docs, V)
+        lo = Vd - S
+        base_d2t = self.base.draft_to_target
+        kept = torch.zeros(V, dtype=torch.bool)
+        kept[base_d2t[:lo]] = True  # never reassigned
+        tail = base_d2t[lo:]  # the static occupants, most frequent first
+        newcomers = ((counts >= int(c.vocab_min_count)) & ~kept).nonzero().flatten()
+        newcomers = newcomers[~torch.isin(newcomers, tail)]
+        pool = torch.cat([tail, newcomers])
+        is_static = torch.cat([torch.ones(tail.numel(), dtype=torch.long), torch.zeros(newcomers.numel(), dtype=torch.long)])
+        order = torch.arange(pool.numel())
+        # sort by (count desc, static first, position in pool asc): keys combined into one int64
+        key = counts[pool].long() * (2 * pool.numel() + 2) + is_static * (pool.numel() + 1) + (pool.numel() - order)
+        chosen = pool[torch.argsort(key, descending=True, stable=True)[:S]].tolist()
+        want = set(chosen)
+        current = net.draft_to_target[lo:].tolist()
+        placed = {t for t in current if t in want}
+        queue = [t for t in chosen if t not in placed]
+        changed = 0
+        for i, t in enumerate(current):
+            if t in want or not queue:
+                continue
+            new = queue.pop(0)
+            slot = lo + i
+            net.draft_to_target[slot] = new
+            b = self._base_slot.get(new)
+            net.lm_head[slot] = self.base.lm_head[b] if b is not None else (
+                self.lm_head[new].to(torch.float16).to(net.lm_head.dtype))
+            changed += 1
+        return changed
+
     def train_round(self, tenant: str) -> RoundResult:
         """One round for ``tenant`` (see the module docstring); publishes a winning candidate.
 
@@ -446,6 +536,7 @@ class OnlineTrainer:
         buf.new_positions = 0
         t0 = time.perf_counter()
         net, opt = st.net, st.opt
+        vocab_changed = self.adapt_vocabulary(net, list(buf.recent) + list(buf.reservoir))
         net.train()
         losses = []
         for _ in range(c.steps_per_round):
@@ -471,7 +562,8 @@ class OnlineTrainer:
             info = {"heldout_acceptance_length": round(cand, 4), "serving_acceptance_length": round(serving, 4),
                     "static_acceptance_length": round(static, 4), "heldout_positions": n_held,
                     "positions_seen": buf.positions_seen, "eval_k": c.eval_k, "time": time.time()}
-            published = publish(self.root, tenant, net, self.base_digest, info=info, keep=c.keep_versions)
+            published = publish(self.root, tenant, net, self.base_digest, info=info, keep=c.keep_versions,
+                                base=self.base)
             st.serving_version = published
             st.serving_acceptance_length = cand
         else:
@@ -482,6 +574,8 @@ class OnlineTrainer:
         st.history.append(result.to_dict())
         del st.history[:-50]
         result.buffer = buf.stats()
+        result.vocab_changed = vocab_changed
+        result.vocab_adapted = int((net.draft_to_target != self.base.draft_to_target).sum())
         return result
 
     def stats(self) -> dict:
@@ -547,9 +641,10 @@ def recv_message(conn: Any) -> tuple:
 def trainer_main(conn_in: Any, conn_out: Any) -> None:
     """The trainer process's loop: read ``conn_in`` until it closes or says "stop".
 
-    The first message is ``("init", base_path, embed, root, config_dict, replay_path)``:
+    The first message is ``("init", base_path, embed, root, config_dict, replay_path, lm_head)``:
     the static head's checkpoint, the ``[V, H]`` target input embeddings, the
-    versions folder, :class:`OnlineConfig` fields and the replay file (or None).
+    versions folder, :class:`OnlineConfig` fields, the replay file (or None) and
+    the ``[V, H]`` target LM head (None: tied to the embeddings).
     Then, in: ``("doc", tenant, TrafficDoc)``, ``("rollback", tenant, version)``,
     ``("forget", tenant)``, ``("policy_update",)``, ``("stats",)``, ``("stop",)``.
     Out, on ``conn_out``: ``("ready", info)`` once, ``("round", RoundResult dict)``
@@ -570,7 +665,7 @@ def trainer_main(conn_in: Any, conn_out: Any) -> None:
         init = recv_message(conn_in)
     except (EOFError, OSError):
         return
-    _, base_path, embed, root, config, replay_path = init
+    _, base_path, embed, root, config, replay_path, lm_head = init
     base, _ = load_draft_head(base_path)
     replay = []
     if replay_path:
@@ -578,7 +673,7 @@ def trainer_main(conn_in: Any, conn_out: Any) -> None:
             replay = [d.to_feature_doc(source="replay") for d in load_replay(replay_path)]
         except (OSError, ValueError) as e:
             send_message(conn_out, ("error", f"replay data not used: {e}"))
-    trainer = OnlineTrainer(base, embed.float(), root, OnlineConfig(**config), replay=replay)
+    trainer = OnlineTrainer(base, embed.float(), root, OnlineConfig(**config), replay=replay, lm_head=lm_head)
     del embed
     restored = trainer.restore_saved_buffers()
     send_message(conn_out, ("ready", {"pid": os.getpid(), "replay_docs": len(replay),

@@ -8,7 +8,10 @@ Layout under a root folder::
 A version file holds only the head's trained tensors (norms, ``fc_in``,
 ``match_embed``, the blocks); the frozen draft LM-head rows and
 ``draft_to_target`` come from the static head the version was trained from,
-whose digest the file records. Publication writes the version file (temporary
+whose digest the file records, except for the draft ids the trainer
+reassigned (its adapted draft vocabulary): ``vocab_slots`` ``[m]`` int64,
+``vocab_tokens`` ``[m]`` int64 (their target ids) and ``vocab_rows``
+``[m, H]`` float16 (their LM-head rows). Publication writes the version file (temporary
 name, fsync, rename, fsync of the folder), then replaces ``current.json`` the
 same way, so a crash at any point leaves ``current.json`` naming a complete
 file: the last good version. Older versions are kept (``keep`` newest) for
@@ -61,8 +64,20 @@ def trained_state(net: DraftHeadNet) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().clone() for k, v in net.state_dict().items() if k not in FROZEN_TENSORS}
 
 
+VOCAB_TENSORS = ("vocab_slots", "vocab_tokens", "vocab_rows")
+
+
+def vocabulary_changes(net: DraftHeadNet, base: DraftHeadNet) -> dict[str, torch.Tensor]:
+    """The draft ids whose token ``net`` changed from ``base``'s, as the :data:`VOCAB_TENSORS` (empty: none)."""
+    slots = (net.draft_to_target != base.draft_to_target).nonzero().flatten()
+    if slots.numel() == 0:
+        return {}
+    return {"vocab_slots": slots.long().contiguous(), "vocab_tokens": net.draft_to_target[slots].long().contiguous(),
+            "vocab_rows": net.lm_head[slots].to(torch.float16).contiguous()}
+
+
 def publish(root: str | Path, tenant: str, net: DraftHeadNet, base_digest: str, info: Optional[dict] = None,
-            keep: int = 3) -> int:
+            keep: int = 3, base: Optional[DraftHeadNet] = None) -> int:
     """Write ``net``'s trained tensors as ``tenant``'s next version and make it current.
 
     Args:
@@ -72,6 +87,8 @@ def publish(root: str | Path, tenant: str, net: DraftHeadNet, base_digest: str, 
         base_digest: :func:`head_digest` of the static head it was trained from.
         info: JSON-serialisable notes (held-out evaluation, positions trained on).
         keep: versions kept on disk (the newest), >= 2 so a rollback has a target.
+        base: that static head, to store the draft ids ``net`` reassigned (None: ``net``
+            keeps the static draft vocabulary).
 
     Returns:
         the new version number (1 for the first).
@@ -87,6 +104,8 @@ def publish(root: str | Path, tenant: str, net: DraftHeadNet, base_digest: str, 
     version = (max(versions) if versions else 0) + 1
     name = f"v{version:06d}.safetensors"
     tensors = {k: v.to(torch.float16).contiguous() for k, v in trained_state(net).items()}
+    if base is not None:
+        tensors.update(vocabulary_changes(net, base))
     meta = {"format": LEARNED_FORMAT, "version": str(LEARNED_VERSION), "base": base_digest,
             "tenant": tenant, "head_version": str(version)}
     _write_atomic(folder / name, save(tensors, metadata=meta))
@@ -132,7 +151,8 @@ def read_current(root: str | Path, tenant: str) -> Optional[dict[str, Any]]:
 
 
 def load_version(root: str | Path, tenant: str, version: int, base: DraftHeadNet) -> DraftHeadNet:
-    """``tenant``'s version ``version`` as a float32 head (frozen tensors from ``base``).
+    """``tenant``'s version ``version`` as a float32 head (frozen tensors from ``base``, with the
+    version's reassigned draft ids).
 
     Raises:
         FileNotFoundError: no such version.
@@ -151,10 +171,24 @@ def load_version(root: str | Path, tenant: str, version: int, base: DraftHeadNet
             raise ValueError(f"{path} is not a learned-head version file")
         if meta.get("base") != head_digest(base):
             raise ValueError(f"{path} was trained from another static head (base {meta.get('base')!r})")
-        state = {k: f.get_tensor(k).float() for k in f.keys()}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    vocab = {k: state.pop(k) for k in VOCAB_TENSORS if k in state}
+    state = {k: v.float() for k, v in state.items()}
     net = copy.deepcopy(base)
     missing = set(trained_state(net)) - set(state)
     if missing:
         raise ValueError(f"{path} lacks tensors {sorted(missing)}")
     net.load_state_dict({**net.state_dict(), **state})
+    if vocab:
+        slots, tokens, rows = (vocab.get(k) for k in VOCAB_TENSORS)
+        Vd, V = int(net.draft_to_target.numel()), int(net.config.target_vocab_size)
+        if (slots is None or tokens is None or rows is None or slots.dim() != 1 or tokens.shape != slots.shape
+                or tuple(rows.shape) != (slots.numel(), net.config.hidden_size)
+                or (slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= Vd
+                                       or int(tokens.min()) < 0 or int(tokens.max()) >= V))):
+            raise ValueError(f"{path} has a malformed draft-vocabulary change")
+        net.draft_to_target[slots.long()] = tokens.long()
+        net.lm_head[slots.long()] = rows.to(net.lm_head.dtype)
+        if torch.unique(net.draft_to_target).numel() != Vd:
+            raise ValueError(f"{path} maps two draft ids to one token")
     return net.eval()
