@@ -603,6 +603,12 @@ def test_draft_vocabulary_adapts_to_the_tenants_tokens_and_survives_publication(
         assert r.token_ids == plain_ids(tiny_target, p, 32)
         drafted.update(r.token_ids)
     assert set(newcomers) & drafted
+    # visible: the served version's adapted draft ids, in the stats and on /metrics
+    from adaspec.server.metrics import ServerMetrics
+
+    assert spec2.online_stats()["vocab_adapted"] == {"default": changed}
+    text = ServerMetrics(speculators=lambda: {"learned_head": spec2}).render().decode()
+    assert f'adaspec_online_draft_vocab_adapted{{speculator="learned_head",tenant="default"}} {float(changed)}' in text
 
 
 def test_a_version_with_a_malformed_vocabulary_change_is_refused(tiny_target, head, tmp_path):

@@ -527,6 +527,8 @@ class LearnedHeadSpeculator(DraftHeadSpeculator):
             "published": self.published,
             "rollbacks": self.rollbacks,
             "versions": {t: v for t, (v, _) in self._current.items()},
+            "vocab_adapted": {t: int((rt.draft_to_target != self._static_float.draft_to_target).sum())
+                              for t, (_, rt) in self._current.items()},
             "last_round": last,
             "live": live,
             "errors": list(self.client.errors) if self.client is not None else [],

@@ -418,6 +418,9 @@ class _OnlineLearningCollector:
                                    "after the last round", labels=["speculator", "tenant", "part"])
         live = GaugeMetricFamily("adaspec_online_live_acceptance_rate", "Judged acceptance rate of each served "
                                  "learned-head version", labels=["speculator", "tenant", "version"])
+        vocab = GaugeMetricFamily("adaspec_online_draft_vocab_adapted", "Draft ids of the learned-head version new "
+                                  "requests draft with that hold a token the static head's vocabulary lacks",
+                                  labels=["speculator", "tenant"])
         for name, spec in _sources(self._speculators() or {}, "online_stats"):
             try:
                 s = spec.online_stats()
@@ -428,6 +431,8 @@ class _OnlineLearningCollector:
                 counts.add_metric([name, event], float(s.get(event, 0)))
             for tenant, v in (s.get("versions") or {}).items():
                 version.add_metric([name, str(tenant)], float(v))
+            for tenant, n in (s.get("vocab_adapted") or {}).items():
+                vocab.add_metric([name, str(tenant)], float(n))
             last = s.get("last_round") or {}
             if last:
                 t = str(last.get("tenant", ""))
@@ -441,7 +446,7 @@ class _OnlineLearningCollector:
                 tenant, _, v = key.rpartition(":v")
                 if d.get("drafted"):
                     live.add_metric([name, tenant, v], d["accepted"] / d["drafted"])
-        yield from (version, alive, counts, heldout, buffer, live)
+        yield from (version, alive, counts, heldout, buffer, live, vocab)
 
 
 def _sources(speculators: dict[str, Any], method: str) -> list[tuple[str, Any]]:
