@@ -120,7 +120,7 @@ def test_buffer_budgets_heldout_and_reservoir():
 
     buf = LabelBuffer(max_recent_positions=30, max_reservoir_positions=20, heldout_every=3, max_heldout_positions=25)
     where = [buf.add(doc(10, i)) for i in range(30)]
-    assert where.count("heldout") == 10 and where[2] == "heldout" and where[0] == "recent"
+    assert where.count("heldout") == 10 and where[1] == where[4] == "heldout" and where[0] == where[2] == "recent"
     assert buf.recent_positions <= 30 and buf.reservoir_positions <= 20 and buf.heldout_positions <= 25
     assert len(buf.reservoir) == 2 and buf.positions_seen == 300
     assert buf.new_positions == 200
@@ -192,7 +192,7 @@ def test_trainer_learns_the_tenants_traffic_and_publishes(tiny_target, head, hea
     prompts = case_prompts(tiny_target)
     docs = traffic(tiny_target, spec, prompts, n=32)
     cfg = OnlineConfig(min_new_positions=32, min_heldout_positions=8, steps_per_round=40, lr=3e-3,
-                       heldout_every=5, batch_size=32)
+                       heldout_every=4, batch_size=32)
     tr = OnlineTrainer(head, target_embedding_weight(tiny_target).float(), tmp_path / "v", cfg)
     for d in docs:
         tr.add_doc("acme", d)
@@ -288,7 +288,7 @@ def test_live_acceptance_drop_rolls_back(tiny_target, head, head_path, tmp_path)
 def test_trainer_process_trains_publishes_and_the_speculator_swaps(tiny_target, head, head_path, tmp_path):
     root = tmp_path / "v"
     cfg = OnlineConfig(min_new_positions=32, min_heldout_positions=8, steps_per_round=20, lr=3e-3,
-                       heldout_every=5, batch_size=32)
+                       heldout_every=4, batch_size=32)
     spec = LearnedHeadSpeculator(head, target_embedding_weight(tiny_target).float(), head_path, root=root,
                                  config=cfg, train=True)
     try:
@@ -634,3 +634,19 @@ def test_a_version_with_a_malformed_vocabulary_change_is_refused(tiny_target, he
         load_version(tmp_path, "acme", v, head)
     with pytest.raises(ValueError, match="vocab_slots"):
         OnlineConfig(vocab_slots=-1).validate()
+
+
+def test_a_round_without_enough_heldout_data_trains_but_never_publishes(tiny_target, head, head_path, tmp_path):
+    """A new tenant's candidate starts learning before it can be judged; it is published only once judged."""
+    spec = learned(tiny_target, head, head_path, tmp_path / "v")
+    docs = traffic(tiny_target, spec, case_prompts(tiny_target), n=32)
+    cfg = OnlineConfig(min_new_positions=32, min_heldout_positions=10 ** 6, steps_per_round=5, batch_size=16)
+    tr = OnlineTrainer(head, target_embedding_weight(tiny_target).float(), tmp_path / "v", cfg)
+    for d in docs:
+        tr.add_doc("acme", d)
+    assert tr.next_tenant() == "acme"
+    r = tr.train_round("acme")
+    assert r.published is None and r.heldout_positions == 0 and r.candidate_acceptance_length != r.candidate_acceptance_length
+    assert read_current(tmp_path / "v", "acme") is None
+    trained = tr.tenant("acme").net
+    assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), head.parameters()))

@@ -15,8 +15,10 @@ LM-head rows, as the offline trainer does.
 - **recent**: a FIFO of the newest documents;
 - **reservoir**: documents pushed out of the FIFO enter a reservoir sample
   (Vitter's algorithm R over documents), so older traffic keeps a share;
-- **held out**: every ``heldout_every``-th document never trains; the trainer
-  evaluates candidates on the newest of them.
+- **held out**: the second document and every ``heldout_every``-th one after
+  it (documents 2, 2 + n, 2 + 2n, ...) never train; the trainer evaluates
+  candidates on the newest of them. (The second, so that a new tenant's first
+  candidate can be judged after a few requests.)
 
 Positions are counted as labelled (generated) positions.
 
@@ -97,7 +99,7 @@ class LabelBuffer:
     Args:
         max_recent_positions: labelled positions in the recent FIFO. Default 8192.
         max_reservoir_positions: labelled positions in the reservoir. Default 8192.
-        heldout_every: every n-th document is held out (n >= 2). Default 5.
+        heldout_every: the 2nd document and every n-th after it are held out (n >= 2). Default 5.
         max_heldout_positions: labelled positions of held-out documents kept (newest). Default 2048.
         seed: seed of the reservoir's choices.
 
@@ -147,7 +149,7 @@ class LabelBuffer:
         doc.validate()
         self.docs_seen += 1
         self.positions_seen += doc.num_labels
-        if self.docs_seen % self.heldout_every == 0:
+        if self.docs_seen % self.heldout_every == 2 % self.heldout_every:
             self.heldout.append(doc)
             while len(self.heldout) > 1 and self.heldout_positions > self.max_heldout_positions:
                 self.heldout.popleft()

@@ -66,7 +66,8 @@ class OnlineConfig:
 
     Attributes:
         min_new_positions: new labelled positions of a tenant that start a round. Default 192.
-        min_heldout_positions: held-out positions needed before a candidate can be judged. Default 48.
+        min_heldout_positions: held-out positions needed before a candidate can be judged (rounds
+            before that train it without judging or publishing it). Default 48.
         steps_per_round: optimizer steps per round. Default 24.
         batch_size: chain starts per step. Default 64.
         unroll: chained head steps per start (training-time test). Default 3.
@@ -192,6 +193,7 @@ class _TenantState:
     history: list[dict] = field(default_factory=list)
     unsaved: bool = False  # documents arrived since the buffer was last written
     saved_at: float = 0.0  # time.monotonic() of the last write
+    eval_cache: tuple = ((), {})  # (held-out documents, {version: their evaluation}) of unchanging heads
 
 
 class OnlineTrainer:
@@ -324,10 +326,10 @@ class OnlineTrainer:
             pass
 
     def ready(self, tenant: str) -> bool:
-        """Whether ``tenant`` has enough new and held-out data for a round."""
+        """Whether ``tenant`` has enough new data for a round (with too little held-out data yet, the
+        round trains the candidate but does not judge it)."""
         st = self._tenants.get(tenant)
-        return (st is not None and st.buffer.new_positions >= self.config.min_new_positions
-                and st.buffer.heldout_positions >= self.config.min_heldout_positions)
+        return st is not None and st.buffer.new_positions >= self.config.min_new_positions
 
     def next_tenant(self) -> Optional[str]:
         """The ready tenant with the most new positions, or None."""
@@ -449,7 +451,20 @@ class OnlineTrainer:
             packed, _ = self._pack_parts([docs])
         except ValueError:  # no document long enough
             return None
+        packed.heldout_docs = tuple(newest)  # which documents (identity), for the evaluation cache
         return packed if packed.starts.numel() else None
+
+    def _evaluate_cached(self, st: "_TenantState", key: Any, net: DraftHeadNet, packed) -> float:
+        """:meth:`evaluate` of a head that does not change (the static head, a published version),
+        reused while the held-out documents are the same ones."""
+        docs, cache = st.eval_cache
+        same = len(docs) == len(packed.heldout_docs) and all(a is b for a, b in zip(docs, packed.heldout_docs))
+        if not same:
+            cache = {}
+            st.eval_cache = (packed.heldout_docs, cache)
+        if key not in cache:
+            cache[key] = self.evaluate(net, packed)
+        return cache[key]
 
     def evaluate(self, net: DraftHeadNet, packed) -> float:
         """Greedy mean acceptance length at ``eval_k`` of ``net`` on ``packed`` (held-out starts)."""
@@ -550,12 +565,13 @@ class OnlineTrainer:
         net.eval()
         train_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        held = self.heldout_packed(tenant)
+        held = self.heldout_packed(tenant) if buf.heldout_positions >= c.min_heldout_positions else None
         n_held = int(held.starts.numel()) if held is not None else 0
         cand = self.evaluate(net, held) if held is not None else float("nan")
-        static = self.evaluate(self.base, held) if held is not None else float("nan")
+        static = self._evaluate_cached(st, 0, self.base, held) if held is not None else float("nan")
         serving = static if st.serving_version == 0 else (
-            self.evaluate(self.serving_net(tenant), held) if held is not None else float("nan"))
+            self._evaluate_cached(st, st.serving_version, self.serving_net(tenant), held)
+            if held is not None else float("nan"))
         eval_s = time.perf_counter() - t1
         published = None
         if held is not None and n_held >= 1 and cand > serving * (1.0 + c.min_gain):
