@@ -650,3 +650,26 @@ def test_a_round_without_enough_heldout_data_trains_but_never_publishes(tiny_tar
     assert read_current(tmp_path / "v", "acme") is None
     trained = tr.tenant("acme").net
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), head.parameters()))
+
+
+def test_an_idle_trainer_trains_the_last_tenant_again_a_bounded_number_of_times(tiny_target, head, head_path, tmp_path):
+    spec = learned(tiny_target, head, head_path, tmp_path / "v")
+    docs = traffic(tiny_target, spec, case_prompts(tiny_target), n=32)
+    cfg = OnlineConfig(min_new_positions=32, min_heldout_positions=8, steps_per_round=2, batch_size=8, extra_rounds=2)
+    tr = OnlineTrainer(head, target_embedding_weight(tiny_target).float(), tmp_path / "v", cfg)
+    assert tr.idle_tenant() is None  # nothing trained yet
+    for d in docs[:6]:
+        tr.add_doc("acme", d)
+    tr.train_round(tr.next_tenant())
+    assert tr.next_tenant() is None and tr.idle_tenant() == "acme"
+    tr.train_round("acme")
+    tr.train_round("acme")
+    assert tr.idle_tenant() is None  # two extra rounds on the same data, then it waits
+    for d in docs[6:]:
+        tr.add_doc("acme", d)
+    tr.train_round(tr.next_tenant())  # new data: extra rounds allowed again
+    assert tr.idle_tenant() == "acme"
+    assert OnlineTrainer(head, target_embedding_weight(tiny_target).float(), tmp_path / "w",
+                         OnlineConfig(extra_rounds=0)).idle_tenant() is None
+    with pytest.raises(ValueError, match="extra_rounds"):
+        OnlineConfig(extra_rounds=-1).validate()

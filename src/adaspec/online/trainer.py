@@ -18,6 +18,10 @@ the tenant's buffer holds ``min_new_positions`` new labelled positions:
    candidate beats the serving version there by ``min_gain``; otherwise the
    candidate keeps training from where it is, and the served version stays.
 
+While no tenant has new data, the trainer's core would idle: the most recently
+trained tenant's candidate gets up to ``extra_rounds`` more rounds on the data
+it has (:meth:`OnlineTrainer.idle_tenant`).
+
 Before its steps, a round also **adapts the draft vocabulary** (FR-Spec's
 frequency-ranked draft vocabulary, Zhao et al. 2025, arXiv 2502.14856, kept
 per tenant and re-ranked on live traffic): the last ``vocab_slots`` draft ids,
@@ -83,6 +87,9 @@ class OnlineConfig:
         vocab_slots: draft ids at the end of the static head's frequency order that
             a tenant's traffic may reassign to tokens missing from the draft
             vocabulary (see the module docstring); 0 keeps the static vocabulary. Default 1024.
+        extra_rounds: rounds a tenant's candidate may train again on the data it has while no
+            tenant has ``min_new_positions`` new positions (the trainer's core is otherwise idle;
+            held-out acceptance keeps rising over a few passes over the same documents). Default 2.
         vocab_min_count: times a missing token must be the target's choice in the
             tenant's buffer (recent and reservoir) to take a slot. Default 2.
         max_tenants: tenants whose heads and optimizer states stay in the
@@ -112,6 +119,7 @@ class OnlineConfig:
     min_gain: float = 0.01
     vocab_slots: int = 1024
     vocab_min_count: int = 2
+    extra_rounds: int = 2
     max_tenants: int = 4
     keep_versions: int = 3
     recent_positions: int = 8192
@@ -128,6 +136,8 @@ class OnlineConfig:
                      "heldout_positions"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"online learning: {name} must be >= 1, got {getattr(self, name)!r}")
+        if int(self.extra_rounds) < 0:
+            raise ValueError(f"online learning: extra_rounds must be >= 0, got {self.extra_rounds!r}")
         if int(self.vocab_slots) < 0 or int(self.vocab_min_count) < 1:
             raise ValueError(f"online learning: vocab_slots must be >= 0 and vocab_min_count >= 1, got "
                              f"{self.vocab_slots!r} and {self.vocab_min_count!r}")
@@ -193,6 +203,7 @@ class _TenantState:
     history: list[dict] = field(default_factory=list)
     unsaved: bool = False  # documents arrived since the buffer was last written
     saved_at: float = 0.0  # time.monotonic() of the last write
+    extra_rounds: int = 0  # rounds on the same data since the last round with new data
     eval_cache: tuple = ((), {})  # (held-out documents, {version: their evaluation}) of unchanging heads
 
 
@@ -335,6 +346,15 @@ class OnlineTrainer:
         """The ready tenant with the most new positions, or None."""
         ready = [t for t in self._tenants if self.ready(t)]
         return max(ready, key=lambda t: self._tenants[t].buffer.new_positions) if ready else None
+
+    def idle_tenant(self) -> Optional[str]:
+        """A tenant to train again on the data it has while no tenant is ready (the most recently trained
+        one with fewer than ``extra_rounds`` rounds since its last new data), or None."""
+        for t in reversed(self._resident):
+            st = self._tenants.get(t)
+            if st is not None and st.net is not None and st.extra_rounds < self.config.extra_rounds:
+                return t
+        return None
 
     def forget_tenant(self, tenant: str) -> None:
         """Drop ``tenant``'s buffer (its file included) and in-memory head (its published versions are the
@@ -548,6 +568,7 @@ class OnlineTrainer:
         packed, parts = self._pack_parts([recent, reservoir, list(self.replay)])
         if packed.starts.numel() == 0:
             raise ValueError(f"tenant {tenant!r} has no labelled positions to train on")
+        st.extra_rounds = st.extra_rounds + 1 if buf.new_positions < c.min_new_positions else 0
         buf.new_positions = 0
         t0 = time.perf_counter()
         net, opt = st.net, st.opt
@@ -737,7 +758,9 @@ def _trainer_loop(trainer: OnlineTrainer, conn_in: Any, conn_out: Any) -> None:
         tenant = trainer.next_tenant()
         if tenant is None:
             trainer.save_buffers()
-            continue
+            tenant = trainer.idle_tenant()  # nothing new: another round on what the last tenant has
+            if tenant is None or conn_in.poll(0):
+                continue
         try:
             result = trainer.train_round(tenant).to_dict()
             trainer.save_buffers(force=True)
