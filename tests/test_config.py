@@ -255,3 +255,93 @@ def test_auto_threads_takes_one_thread_on_a_busy_machine_without_timing_more(mon
         assert calls == [1, 1, 2], "a team 3x slower than one thread is timed once"
     finally:
         torch.set_num_threads(before)
+
+
+def test_auto_threads_reuses_an_earlier_starts_timings_and_only_checks_the_load(monkeypatch, tmp_path):
+    """``--threads auto``: timings taken on a quiet machine are kept in the cost cache; a later start
+    times nothing and decides from them, unless other processes were busy while the target loaded
+    (``since``), when it takes one thread. A damaged file is timed again."""
+    import torch
+
+    from adaspec import threads
+
+    class Target:
+        name = "tiny-thread-test"
+
+    monkeypatch.setenv("ADASPEC_CACHE", str(tmp_path))
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+    calls, logs = [], []
+    monkeypatch.setattr(threads, "_forward_ms",
+                        lambda t, n, give_up_ms=None: calls.append(n) or (10.0 if n == 1 else 6.0))
+
+    def start(*samples, since=None):
+        it = iter(samples)
+        monkeypatch.setattr(threads, "cpu_sample", lambda: next(it))
+        torch.set_num_threads(1)  # what apply_threads sets for "auto" before the target loads
+        return threads.tune_threads(Target(), THREADS_AUTO, log=logs.append, since=since)
+
+    before = torch.get_num_threads()
+    try:
+        quiet = (1.0, 0.3, 0.25)  # others: 0.05 cores
+        assert start((0.0, 0.0, 0.0), quiet) == 2 and calls == [1, 1, 2, 2]
+        assert len(list((tmp_path / "costs").glob("*.json"))) == 1
+        calls.clear()
+        assert start(quiet, since=(0.0, 0.0, 0.0)) == 2 and calls == []
+        assert "6.0 ms at 2 (timed at an earlier start)" in logs[-1]
+        assert start((1.0, 1.1, 0.2), since=(0.0, 0.0, 0.0)) == 1 and calls == []  # busy while loading
+        assert "other processes used 0.90 cores" in logs[-1]
+        next((tmp_path / "costs").glob("*.json")).write_text('{"thread_timings_ms": {"1": -1')
+        assert start((0.0, 0.0, 0.0), quiet, since=(0.0, 0.0, 0.0)) == 2 and calls == [1, 1, 2, 2]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_console_entry_skips_teardown_only_once_everything_is_written(monkeypatch):
+    """``adaspec`` (cli.entry): after a command that set the fast-exit flag, with no other thread or
+    child process alive, it leaves by os._exit with main's status; otherwise, and before the flag
+    is set, by sys.exit. A closed pipe is exit status 1 without a traceback."""
+    import threading
+
+    from adaspec import cli
+
+    exits = []
+
+    def fake_exit(rc):
+        exits.append(("os._exit", rc))
+        raise SystemExit(rc)
+
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setitem(cli._FAST_EXIT, "ok", False)
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    with pytest.raises(SystemExit) as e:
+        cli.entry()
+    assert e.value.code == 3 and exits == []  # nothing said it is safe: the normal exit
+
+    def generate_done():
+        cli._FAST_EXIT["ok"] = True
+        return 0
+
+    monkeypatch.setattr(cli, "main", generate_done)
+    with pytest.raises(SystemExit):
+        cli.entry()
+    assert exits == [("os._exit", 0)]
+
+    release = threading.Event()
+    worker = threading.Thread(target=release.wait)  # a non-daemon thread still running: no fast exit
+    worker.start()
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli.entry()
+        assert e.value.code == 0 and exits == [("os._exit", 0)]
+    finally:
+        release.set()
+        worker.join()
+
+    def broken_pipe():
+        raise BrokenPipeError
+
+    monkeypatch.setattr(cli, "main", broken_pipe)
+    monkeypatch.setattr(cli.os, "dup2", lambda a, b: None)
+    with pytest.raises(SystemExit) as e:
+        cli.entry()
+    assert e.value.code == 1

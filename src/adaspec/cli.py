@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -12,6 +13,9 @@ from typing import Optional
 
 from adaspec import config
 from adaspec.models import DEFAULT_MODEL
+
+
+_FAST_EXIT = {"ok": False}  # set once a command has written everything (see entry())
 
 
 def _note(message: str) -> None:
@@ -30,22 +34,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     store = config.open_store(cfg.state_dir)
     if store is not None:
         config.restore_state(store, engine)
+    final = None
     try:
         if args.json:
             r = engine.generate(args.prompt, params, chat=args.chat, tenant=cfg.tenant)
             out = r.to_dict()
             out["model"] = cfg.model
             print(json.dumps(out, ensure_ascii=False))
-            return 0
-        final = None
-        for delta in engine.stream(args.prompt, params, chat=args.chat, tenant=cfg.tenant):
-            sys.stdout.write(delta.text)
-            sys.stdout.flush()
-            final = delta.result or final
-        sys.stdout.write("\n")
+        else:
+            for delta in engine.stream(args.prompt, params, chat=args.chat, tenant=cfg.tenant):
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+                final = delta.result or final
+            sys.stdout.write("\n")
     finally:
         if store is not None:
             config.save_state(store, engine)
+    _FAST_EXIT["ok"] = True  # everything is written: entry() may skip the interpreter's teardown
     if final is not None:
         s = final.speculation
         print(f"[{final.finish_reason}; {final.usage.completion_tokens} tokens in {final.elapsed_s:.2f} s "
@@ -161,7 +166,36 @@ def cmd_state_delete(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# bench subcommands whose arguments live in their own module: (help, module, add-arguments, run)
+_LAZY_BENCH: dict[str, tuple[str, str, str, str]] = {
+    "drift": ("workload-drift stream: every system side by side, phase by phase",
+              "adaspec.bench.drift", "add_drift_arguments", "drift_from_args"),
+    "quality": ("perplexity per target precision on held-out text",
+                "adaspec.bench.quality", "add_quality_arguments", "quality_from_args"),
+    "engines": ("this engine (plain, atlas) vs llama.cpp (plain, prompt lookup), same prompts",
+                "adaspec.bench.engines", "add_engines_arguments", "engines_from_args"),
+    "restart": ("a restarted server vs before the restart vs a cold one, on repeated traffic",
+                "adaspec.bench.restart", "add_restart_arguments", "restart_from_args"),
+    "structured": ("agent traffic: BFCL tool calls forced by grammar, atlas vs constrained plain",
+                   "adaspec.bench.structured", "add_structured_arguments", "structured_from_args"),
+    "serve": ("the real server on loopback under N concurrent streaming clients "
+              "(continuous batching, speculation on/off, prefix reuse)",
+              "adaspec.bench.serve", "add_serve_bench_arguments", "serve_bench"),
+    "soak": ("the real server under N streaming clients for minutes: no 5xx, no lost "
+             "or duplicated token, flat memory",
+             "adaspec.bench.soak", "add_soak_arguments", "soak_from_args"),
+    "rl": ("GRPO rollouts, B prompts x G samples per round, a policy update every round",
+           "adaspec.bench.rl", "add_rl_arguments", "rl_from_args"),
+    "threads": ("--threads settings on a quiet machine and beside a busy core",
+                "adaspec.bench.threads", "add_threads_bench_arguments", "threads_from_args"),
+}
+
+
+def build_parser(argv: Optional[list[str]] = None) -> argparse.ArgumentParser:
+    """The command-line parser. With ``argv``, the subcommands whose arguments come from
+    their own modules (bench, train-speculator, serve) are filled in only where ``argv``
+    names them, so a plain ``generate`` imports none of them; without it, all are."""
+    wanted = None if argv is None else set(argv)
     parser = argparse.ArgumentParser(prog="adaspec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -217,61 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--out", default=None, help="folder for generate.jsonl and generate.md")
     bg.set_defaults(func=cmd_bench_generate)
 
-    dr = bsub.add_parser("drift", help="workload-drift stream: every system side by side, phase by phase")
-    from adaspec.bench.drift import add_drift_arguments, drift_from_args
-
-    add_drift_arguments(dr)
-    dr.set_defaults(func=drift_from_args)
-
-    bq = bsub.add_parser("quality", help="perplexity per target precision on held-out text")
-    from adaspec.bench.quality import add_quality_arguments, quality_from_args
-
-    add_quality_arguments(bq)
-    bq.set_defaults(func=quality_from_args)
-
-    be = bsub.add_parser("engines", help="this engine (plain, atlas) vs llama.cpp (plain, prompt lookup), same prompts")
-    from adaspec.bench.engines import add_engines_arguments, engines_from_args
-
-    add_engines_arguments(be)
-    be.set_defaults(func=engines_from_args)
-
-    rs = bsub.add_parser("restart", help="a restarted server vs before the restart vs a cold one, on repeated traffic")
-    from adaspec.bench.restart import add_restart_arguments, restart_from_args
-
-    add_restart_arguments(rs)
-    rs.set_defaults(func=restart_from_args)
-
-    bs = bsub.add_parser("structured", help="agent traffic: BFCL tool calls forced by grammar, atlas vs constrained plain")
-    from adaspec.bench.structured import add_structured_arguments, structured_from_args
-
-    add_structured_arguments(bs)
-    bs.set_defaults(func=structured_from_args)
-
-    bv = bsub.add_parser("serve", help="the real server on loopback under N concurrent streaming clients "
-                         "(continuous batching, speculation on/off, prefix reuse)")
-    from adaspec.bench.serve import add_serve_bench_arguments, serve_bench
-
-    add_serve_bench_arguments(bv)
-    bv.set_defaults(func=serve_bench)
-
-    bk = bsub.add_parser("soak", help="the real server under N streaming clients for minutes: no 5xx, no lost "
-                         "or duplicated token, flat memory")
-    from adaspec.bench.soak import add_soak_arguments, soak_from_args
-
-    add_soak_arguments(bk)
-    bk.set_defaults(func=soak_from_args)
-
-    brl = bsub.add_parser("rl", help="GRPO rollouts, B prompts x G samples per round, a policy update every round")
-    from adaspec.bench.rl import add_rl_arguments, rl_from_args
-
-    add_rl_arguments(brl)
-    brl.set_defaults(func=rl_from_args)
-
-    bt = bsub.add_parser("threads", help="--threads settings on a quiet machine and beside a busy core")
-    from adaspec.bench.threads import add_threads_bench_arguments, threads_from_args
-
-    add_threads_bench_arguments(bt)
-    bt.set_defaults(func=threads_from_args)
+    for name, (helptext, module, add_name, run_name) in _LAZY_BENCH.items():
+        sp = bsub.add_parser(name, help=helptext)
+        if wanted is None or name in wanted:  # importing every bench module costs ~0.2 s of start-up
+            mod = importlib.import_module(module)
+            getattr(mod, add_name)(sp)
+            sp.set_defaults(func=getattr(mod, run_name))
 
     d = sub.add_parser("demo", help="short drift benchmark on the default model (~10 min on 2 cores)")
     config.add_model_arguments(d)
@@ -284,19 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="bench_out/demo", help="output folder (default: %(default)s)")
     d.set_defaults(func=cmd_demo)
 
-    from adaspec.train.cli import add_train_arguments, train_from_args
-
     ts = sub.add_parser("train-speculator", help="train a draft head (static speculator) for a model")
-    add_train_arguments(ts)
-    ts.set_defaults(func=train_from_args)
+    if wanted is None or "train-speculator" in wanted:
+        from adaspec.train.cli import add_train_arguments, train_from_args
+
+        add_train_arguments(ts)
+        ts.set_defaults(func=train_from_args)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    try:
-        from adaspec.server.main import add_serve_arguments
+    if wanted is None or "serve" in wanted:
+        try:
+            from adaspec.server.main import add_serve_arguments
 
-        add_serve_arguments(s)
-    except ImportError:
-        pass
+            add_serve_arguments(s)
+        except ImportError:
+            pass
     s.set_defaults(func=cmd_serve)
 
     st = sub.add_parser("state", help="learned-state snapshots")
@@ -313,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = build_parser()
+    parser = build_parser(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
@@ -322,5 +309,32 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The ``adaspec`` console command: :func:`main`, then exit with its status.
+
+    After a ``generate`` whose output is flushed, with no child process and no other
+    non-daemon thread left, the process ends with ``os._exit``: tearing the interpreter
+    down after torch is loaded (its modules' and libraries' finalizers) costs more than
+    the rest of a short generation's start-up here (BENCHMARKS.md, start-up). Snapshots are
+    written before that point (:func:`cmd_generate`'s ``finally``).
+    """
+    try:
+        rc = main()
+    except BrokenPipeError:  # the reader went away (`adaspec generate ... | head`): no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
+    if _FAST_EXIT["ok"]:
+        import multiprocessing
+        import threading
+
+        others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+        if not others and not multiprocessing.active_children():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

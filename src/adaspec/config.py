@@ -188,11 +188,12 @@ def load_config_target(cfg: EngineConfig, log: Callable[[str], None] | None = No
         ValueError: unknown model or dtype.
     """
     from adaspec.target import load_target
-    from adaspec.threads import apply_threads, tune_threads
+    from adaspec.threads import apply_threads, cpu_sample, tune_threads
 
     apply_threads(cfg.threads, log=log)
+    since = cpu_sample()  # how busy the machine is while the target loads: --threads auto's check
     target = load_target(cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len, runtime=cfg.runtime)
-    tune_threads(target, cfg.threads, log=log)
+    tune_threads(target, cfg.threads, log=log, since=since)
     return target
 
 

@@ -96,41 +96,35 @@ def cache_dir() -> Path:
     return cache_root() / "costs"
 
 
-def load(key: str) -> Optional[dict]:
-    """The stored tables for ``key`` (``{"verify_ms": {k: ms}, "batch_ms": {rows: ms} or None}``), or None."""
+def load_json(key: str) -> Optional[dict]:
+    """The JSON object stored under ``key``, or None (absent, unreadable, not an object, or the cache off)."""
     if not enabled():
         return None
     path = cache_dir() / f"{key}.json"
     try:
         data = json.loads(path.read_text())
-        verify = {int(k): float(v) for k, v in data["verify_ms"].items()}
-        batch = data.get("batch_ms")
-        batch = {int(k): float(v) for k, v in batch.items()} if batch else None
-        if not verify or any(v <= 0 for v in verify.values()):
-            raise ValueError("empty or non-positive table")
-    except FileNotFoundError:
+    except (OSError, ValueError):  # absent or damaged: measure again, then replace it
         return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # damaged: measure again, then replace it
+    if not isinstance(data, dict):
         return None
     try:
         os.utime(path)  # least recently used goes first
     except OSError:
         pass
-    return {"verify_ms": verify, "batch_ms": batch}
+    return data
 
 
-def save(key: str, verify_ms: dict, batch_ms: Optional[dict]) -> None:
-    """Store the tables for ``key`` (atomic: write, fsync, rename); a full or read-only disk is not an error."""
+def save_json(key: str, body: dict) -> None:
+    """Store ``body`` under ``key`` (atomic: write, fsync, rename) with the time and load average of the
+    measurement; a full or read-only disk is not an error."""
     if not enabled():
         return
     d = cache_dir()
     try:
         d.mkdir(parents=True, exist_ok=True)
         tmp = d / f".{key}.{os.getpid()}.tmp"
-        body = {"verify_ms": {str(k): v for k, v in verify_ms.items()},
-                "batch_ms": {str(k): v for k, v in batch_ms.items()} if batch_ms else None,
-                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+        body = dict(body, measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
         with open(tmp, "w") as f:
             json.dump(body, f)
             f.flush()
@@ -141,3 +135,25 @@ def save(key: str, verify_ms: dict, batch_ms: Optional[dict]) -> None:
             old.unlink(missing_ok=True)
     except OSError:
         pass
+
+
+def load(key: str) -> Optional[dict]:
+    """The stored tables for ``key`` (``{"verify_ms": {k: ms}, "batch_ms": {rows: ms} or None}``), or None."""
+    data = load_json(key)
+    if data is None:
+        return None
+    try:
+        verify = {int(k): float(v) for k, v in data["verify_ms"].items()}
+        batch = data.get("batch_ms")
+        batch = {int(k): float(v) for k, v in batch.items()} if batch else None
+        if not verify or any(v <= 0 for v in verify.values()):
+            raise ValueError("empty or non-positive table")
+    except (ValueError, KeyError, TypeError, AttributeError):  # damaged: measure again, then replace it
+        return None
+    return {"verify_ms": verify, "batch_ms": batch}
+
+
+def save(key: str, verify_ms: dict, batch_ms: Optional[dict]) -> None:
+    """Store the tables for ``key`` (atomic: write, fsync, rename); a full or read-only disk is not an error."""
+    save_json(key, {"verify_ms": {str(k): v for k, v in verify_ms.items()},
+                    "batch_ms": {str(k): v for k, v in batch_ms.items()} if batch_ms else None})

@@ -114,7 +114,8 @@ def others_cores(before: Optional[tuple[float, float, float]], after: Optional[t
     return max(0.0, (after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0])
 
 
-def tune_threads(target: Any, value: Any = THREADS_AUTO, log: Optional[Callable[[str], None]] = None) -> int:
+def tune_threads(target: Any, value: Any = THREADS_AUTO, log: Optional[Callable[[str], None]] = None,
+                 since: Optional[tuple[float, float, float]] = None) -> int:
     """For ``--threads auto``: keep one thread per core only where it measures faster than one thread.
 
     Times a few one-token forwards (about 0.3 s) at 1 thread and at
@@ -124,6 +125,12 @@ def tune_threads(target: Any, value: Any = THREADS_AUTO, log: Optional[Callable[
     is set without trying more: a spinning team beside a busy process is several
     times slower than one thread, and timing it would cost seconds of start-up.
     A pinned count is left as is.
+
+    Timings measured on a quiet machine are kept in the cost cache
+    (:mod:`adaspec.cost_cache`, keyed by model, machine and kernel build); a
+    later start reuses them and only checks how busy the machine was since
+    ``since`` (a :func:`cpu_sample` taken before the target was loaded, so the
+    check costs no extra time), timing nothing.
 
     Returns:
         the thread count now set.
@@ -135,19 +142,31 @@ def tune_threads(target: Any, value: Any = THREADS_AUTO, log: Optional[Callable[
     cores = available_cores()
     chosen, note = 1, "one core"
     if cores > 1:
-        before = cpu_sample()
-        one = min(_forward_ms(target, 1), _forward_ms(target, 1))
-        if before is not None:
-            time.sleep(max(0.0, 0.2 - (time.monotonic() - before[0])))  # a window /proc/stat's ticks resolve
-        others = others_cores(before, cpu_sample())
-        if others is not None and others > BUSY_CORES:
-            note = f"other processes used {others:.2f} cores at start-up; 1-token forward {one:.1f} ms at 1 thread"
+        key, stored = _stored_timings(target, cores)
+        if stored is not None and since is not None:
+            one, many = stored
+            others = others_cores(since, _sample_after(since))
+            if others is not None and others > BUSY_CORES:
+                note = f"other processes used {others:.2f} cores at start-up"
+            else:
+                chosen = cores if many < 0.95 * one else 1
+                note = f"1-token forward {one:.1f} ms at 1 thread, {many:.1f} ms at {cores} (timed at an earlier start)"
         else:
-            many = _forward_ms(target, cores, give_up_ms=3.0 * one)
-            if many < 3.0 * one:
-                many = min(many, _forward_ms(target, cores, give_up_ms=3.0 * one))
-            chosen = cores if many < 0.95 * one else 1
-            note = f"1-token forward {one:.1f} ms at 1 thread, {many:.1f} ms at {cores}"
+            before = cpu_sample()
+            one = min(_forward_ms(target, 1), _forward_ms(target, 1))
+            others = others_cores(before, _sample_after(before))
+            if others is not None and others > BUSY_CORES:
+                note = f"other processes used {others:.2f} cores at start-up; 1-token forward {one:.1f} ms at 1 thread"
+            else:
+                many = _forward_ms(target, cores, give_up_ms=3.0 * one)
+                if many < 3.0 * one:
+                    many = min(many, _forward_ms(target, cores, give_up_ms=3.0 * one))
+                chosen = cores if many < 0.95 * one else 1
+                note = f"1-token forward {one:.1f} ms at 1 thread, {many:.1f} ms at {cores}"
+                if key is not None and many < 3.0 * one:  # a complete timing on a quiet machine
+                    from adaspec import cost_cache
+
+                    cost_cache.save_json(key, {"thread_timings_ms": {"1": one, str(cores): many}})
     torch.set_num_threads(chosen)
     if chosen > 1:
         governor = ThreadGovernor(chosen, log=log)
@@ -160,6 +179,35 @@ def tune_threads(target: Any, value: Any = THREADS_AUTO, log: Optional[Callable[
         log(f"threads: {chosen} (auto: {note}; {WAIT_POLICY_ENV}={os.environ.get(WAIT_POLICY_ENV, 'unset')}, "
             f"{SPIN_COUNT_ENV}={os.environ.get(SPIN_COUNT_ENV, 'unset')})")
     return chosen
+
+
+def _sample_after(before: Optional[tuple[float, float, float]]) -> Optional[tuple[float, float, float]]:
+    """A :func:`cpu_sample` at least 0.2 s after ``before`` (the window /proc/stat's ticks resolve)."""
+    if before is not None:
+        time.sleep(max(0.0, 0.2 - (time.monotonic() - before[0])))
+    return cpu_sample()
+
+
+def _stored_timings(target: Any, cores: int) -> tuple[Optional[str], Optional[tuple[float, float]]]:
+    """The cost-cache key for ``target``'s thread timings at ``cores`` threads, and the stored
+    ``(ms at 1 thread, ms at cores)`` (None when absent, damaged, or the target has no cache identity)."""
+    from adaspec import cost_cache
+
+    if not getattr(target, "name", None):  # a target the cache cannot name (tests' stand-ins): time it
+        return None, None
+    try:
+        key = cost_cache.cache_key(target, {"thread_timings": cores})
+    except Exception:  # noqa: BLE001  (a target the key cannot describe: time it every start)
+        return None, None
+    data = cost_cache.load_json(key)
+    try:
+        times = data["thread_timings_ms"]  # type: ignore[index]
+        one, many = float(times["1"]), float(times[str(cores)])
+    except (TypeError, KeyError, ValueError):
+        return key, None
+    if not (one > 0 and many > 0):
+        return key, None
+    return key, (one, many)
 
 
 def cpu_sample() -> Optional[tuple[float, float, float]]:

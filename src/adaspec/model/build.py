@@ -36,8 +36,6 @@ def lean_kernel():
         try:
             if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
                 raise RuntimeError(f"CPU capability {torch.backends.cpu.get_cpu_capability()} lacks AVX2")
-            from torch.utils.cpp_extension import load
-
             from adaspec.cpp_ext import build_and_load, extension_dir
 
             sources = sorted(KERNEL_DIR.glob("*.cpp"))
@@ -45,11 +43,15 @@ def lean_kernel():
             for src in sources:
                 h.update(src.read_bytes())
             name = f"adaspec_lean_{h.hexdigest()[:12]}"
-            module = build_and_load(
-                name, extension_dir(name),
-                lambda build_dir: load(name=name, sources=[str(s) for s in sources], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
-                                       build_directory=build_dir, verbose=False),
-                what="lean core's C++ kernel")
+
+            def build(build_dir: str):
+                # imported only to build: torch.utils.cpp_extension pulls in setuptools (~0.07 s of start-up)
+                from torch.utils.cpp_extension import load
+
+                return load(name=name, sources=[str(s) for s in sources], extra_cflags=_CFLAGS,
+                            extra_ldflags=_LDFLAGS, build_directory=build_dir, verbose=False)
+
+            module = build_and_load(name, extension_dir(name), build, what="lean core's C++ kernel")
         except Exception as exc:  # no compiler, no ninja, no AVX2, a compile error ...
             error = f"{type(exc).__name__}: {exc}"
         _STATE.update(module=module, error=error)

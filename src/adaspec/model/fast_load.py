@@ -22,6 +22,7 @@ usual way. ``tests/test_fast_load.py`` checks the result bitwise against that wa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -144,6 +145,9 @@ class _CachedInt8:
             keys = list(f.keys())
             self.tensors = {k: f.get_tensor(k) for k in keys if not k.endswith("/w_int8")}
         self.path = path
+        from adaspec.quant.cache import read_header
+
+        self.header = read_header(path)  # parsed once for every int8 weight read
         for k, src in json.loads(meta.get("aliases", "{}")).items():
             self.tensors[k] = self.tensors[src]
         self.report = json.loads(meta["report"])
@@ -175,13 +179,51 @@ class _CachedInt8:
             e, rows = self.members[p]
             k = f"lin/{e['key']}"
             if e["key"] not in weights:  # a fused group's rows share one read
-                weights[e["key"]] = read_tensors(self.path, [f"{k}/w_int8"])[f"{k}/w_int8"]
+                weights[e["key"]] = read_tensors(self.path, [f"{k}/w_int8"], self.header)[f"{k}/w_int8"]
             w = weights[e["key"]]
             sl = rows if rows is not None else slice(0, w.shape[0])
             bias = self.tensors.get(f"{k}/bias")
             blocks.append((w[sl], self.tensors[f"{k}/w_scale"][sl], None if bias is None else bias[sl],
                            self.tensors.get(f"{k}/inv_smooth"), e["activation_bits"]))
         return stack_int8_linear(ext, blocks)
+
+
+#: the tokenizer files whose bytes decide the calibration ids (with the calibration texts and code)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def _calibration_ids(folder: Path, tokenizer: Any, compute: Any) -> list[torch.Tensor]:
+    """``compute(tokenizer)`` (the int8 cache key's calibration ids), memoized on disk.
+
+    Rendering the chat texts through the template imports jinja2 (~0.15 s of start-up), so the
+    ids are kept in ``<adaspec cache>/quant/calibration-ids-<digest>.json``, where the digest
+    covers the calibration texts, the code that tokenizes them and the model folder's tokenizer
+    files; anything unreadable is computed again.
+    """
+    from adaspec.models import cache_root
+    from adaspec.quant import calibration
+
+    h = hashlib.sha256(b"calibration-ids 1")
+    h.update(Path(calibration.__file__).read_bytes())
+    h.update(json.dumps(calibration.calibration_texts()).encode())
+    for name in _TOKENIZER_FILES:
+        f = folder / name
+        h.update(name.encode() + (f.read_bytes() if f.is_file() else b"-"))
+    memo = cache_root() / "quant" / f"calibration-ids-{h.hexdigest()[:24]}.json"
+    try:
+        rows = json.loads(memo.read_text())
+        return [torch.tensor(r, dtype=torch.long) for r in rows]
+    except (OSError, ValueError, TypeError):
+        pass
+    ids = compute(tokenizer)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps([t.tolist() for t in ids]))
+        os.replace(tmp, memo)
+    except OSError:  # a read-only cache: computed at every start
+        pass
+    return ids
 
 
 def load_fast(name: str, folder: Path, max_model_len: Optional[int] = None,
@@ -220,7 +262,7 @@ def load_fast(name: str, folder: Path, max_model_len: Optional[int] = None,
     from adaspec.quant.convert import DEFAULT_SMOOTH_ALPHA
     from adaspec.quant.linear import default_bits
 
-    calibration_ids = default_calibration_ids(tokenizer)
+    calibration_ids = _calibration_ids(folder, tokenizer, default_calibration_ids)
     a_bits, w_bits = default_bits()
     key = cache.int8_cache_key(folder, calibration_ids, a_bits, w_bits, DEFAULT_SMOOTH_ALPHA) if calibration_ids else None
     path = cache.cache_path(key) if key else None

@@ -160,7 +160,17 @@ _DTYPES = {"I8": torch.int8, "U8": torch.uint8, "F32": torch.float32, "F16": tor
            "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
 
 
-def read_tensors(path: str | Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
+def read_header(path: str | Path) -> dict:
+    """A safetensors file's parsed header, with ``"__base__"``: the byte offset its tensor data starts at
+    (pass it to :func:`read_tensors` to read several tensors without parsing it again)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header["__base__"] = 8 + n
+    return header
+
+
+def read_tensors(path: str | Path, names: Sequence[str], header: Optional[dict] = None) -> dict[str, torch.Tensor]:
     """``names`` of a safetensors file read into ordinary (anonymous) memory, not memory-mapped.
 
     A memory-mapped tensor's touched pages stay resident while any tensor of the
@@ -172,9 +182,9 @@ def read_tensors(path: str | Path, names: Sequence[str]) -> dict[str, torch.Tens
     """
     out = {}
     with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        base = 8 + n
+        if header is None:
+            header = read_header(path)
+        base = header["__base__"]
         for name in names:
             info = header[name]
             if info["dtype"] not in _DTYPES:

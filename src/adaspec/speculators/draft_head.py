@@ -424,7 +424,8 @@ def load_draft_head(path: str | Path) -> tuple[DraftHeadNet, dict]:
         state = {k: f.get_tensor(k) for k in f.keys()}
     cfg = DraftHeadConfig(**json.loads(meta["config"]))
     net = DraftHeadNet(cfg)
-    net.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()})
+    # copied in place, converting as it copies: no float32 copy of the whole state (start-up peak memory)
+    net.load_state_dict(state)
     net.eval()
     return net, json.loads(meta.get("training") or "{}")
 
@@ -675,6 +676,9 @@ class DraftHeadSpeculator(Speculator):
             quantizes them; the lean core's int8 kernel runs them where it is
             built, else fbgemm); falls back to float32 where fbgemm is
             missing. Default True.
+        copy_net: draft with a frozen copy of ``net`` (default), so later edits
+            to it never reach drafting; False takes ``net`` itself (frozen in
+            place: a caller that owns it saves a copy's memory at start-up).
 
     Attributes:
         runtime: the :class:`_DraftRuntime` new requests draft with, built by
@@ -692,12 +696,13 @@ class DraftHeadSpeculator(Speculator):
     needs_hidden_states = True
     provides_draft_probs = True
 
-    def __init__(self, net: DraftHeadNet, embed_weight: torch.Tensor, seed: int = 0, int8: bool = True) -> None:
+    def __init__(self, net: DraftHeadNet, embed_weight: torch.Tensor, seed: int = 0, int8: bool = True,
+                 copy_net: bool = True) -> None:
         self.embed = embed_weight  # [V, H], shared with the target (not copied)
         self.vocab_size = int(embed_weight.shape[0])
         self.seed = seed
         self._int8_wanted = int8
-        self.runtime = self._prepare(net)  # the head new requests draft with (see _runtime_for)
+        self.runtime = self._prepare(net, copy_net)  # the head new requests draft with (see _runtime_for)
         self._requests: dict[str, _RequestState] = {}
         self._generator = torch.Generator().manual_seed(seed)
         # Seeded requests draft with the verifier's noise; False draws them independently
@@ -714,11 +719,12 @@ class DraftHeadSpeculator(Speculator):
         """Whether :attr:`runtime` drafts in int8."""
         return self.runtime.int8
 
-    def _prepare(self, net: DraftHeadNet) -> _DraftRuntime:
+    def _prepare(self, net: DraftHeadNet, copy_net: bool = True) -> _DraftRuntime:
         """Everything drafting needs from ``net``, in one object (see :class:`_DraftRuntime`).
 
-        ``net`` is copied (later edits to it, e.g. further training, never reach
-        the runtime), frozen, and quantized when the speculator drafts in int8.
+        ``net`` is copied unless ``copy_net`` is False (later edits to it, e.g.
+        further training, never reach the runtime), frozen, and quantized when
+        the speculator drafts in int8.
 
         Raises:
             ValueError: if the target embeddings do not match the head's shape.
@@ -729,7 +735,7 @@ class DraftHeadSpeculator(Speculator):
                 f"target embeddings have shape {tuple(self.embed.shape)}; the draft head was built for "
                 f"vocabulary {cfg.target_vocab_size} x hidden {cfg.hidden_size}"
             )
-        net = copy.deepcopy(net).eval()
+        net = (copy.deepcopy(net) if copy_net else net).eval()
         for p in net.parameters():
             p.requires_grad_(False)
         return _DraftRuntime(net, self._int8_wanted)
@@ -941,4 +947,4 @@ def load_static_speculator(target: Any, path: Optional[str | Path] = None, seed:
     path = Path(path) if path is not None else shipped_checkpoint_path(str(target.name))
     net, _ = load_draft_head(path)
     check_matches_target(net, target)
-    return DraftHeadSpeculator(net, target_embedding_weight(target).float(), seed=seed, int8=int8)
+    return DraftHeadSpeculator(net, target_embedding_weight(target).float(), seed=seed, int8=int8, copy_net=False)
