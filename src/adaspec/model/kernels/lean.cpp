@@ -508,7 +508,9 @@ class LeanModel {
     TORCH_CHECK(D_ % W == 0 && D_ <= 512, "head dim must be a multiple of 8, at most 512");
     TORCH_CHECK(H_ % W == 0 && I_ % W == 0, "hidden and intermediate sizes must be multiples of 8");
     TORCH_CHECK(Hq_ % Hkv_ == 0, "heads must be a multiple of kv heads");
-    TORCH_CHECK(B_ % W == 0, "block size must be a multiple of 8");
+    TORCH_CHECK(B_ % W == 0 && (B_ & (B_ - 1)) == 0, "block size must be a power of two, at least 8");
+    while ((int64_t{1} << Bshift_) < B_) ++Bshift_;
+    Bmask_ = B_ - 1;
   }
 
   void add_layer(at::Tensor ln1, const Linear& qkv, const Linear& o, at::Tensor ln2, const Linear& gate_up,
@@ -695,12 +697,12 @@ class LeanModel {
       for (int r = 0; r < NR; ++r)
         for (int c = 0; c < 4; ++c) a[r][c] = _mm256_loadu_ps(acc + r * 64 + (h * 4 + c) * W);
       for (int64_t j = j0; j < j1;) {  // key by key, one pool block at a time
-        const int64_t off = j % B_, n = std::min(j1 - j, B_ - off);
-        const KV* vr = vg + btq[j / B_] * blk_elems + off * 64 + h * 32;
+        const int64_t off = j & Bmask_, n = std::min(j1 - j, B_ - off);
+        const KV* vr = vg + btq[j >> Bshift_] * blk_elems + off * 64 + h * 32;
         for (int64_t u = 0; u < n; ++u, vr += 64) {
           if (h == 0 && j + u + kPrefetchGroups * W < prefetch_end) {  // the value row 64 keys on
             const int64_t ja = j + u + kPrefetchGroups * W;
-            const char* nv = reinterpret_cast<const char*>(vg + btq[ja / B_] * blk_elems + (ja % B_) * 64);
+            const char* nv = reinterpret_cast<const char*>(vg + btq[ja >> Bshift_] * blk_elems + (ja & Bmask_) * 64);
             for (int64_t o = 0; o < static_cast<int64_t>(64 * sizeof(KV)); o += 64) _mm_prefetch(nv + o, _MM_HINT_T0);
           }
           __m256 e[NR];
@@ -744,7 +746,7 @@ class LeanModel {
       // fetch the key groups kPrefetchGroups ahead into cache while these are scored (K is read
       // from memory once per forward, in 8-key groups of D x 8 elements; pool blocks are apart)
       for (int64_t b = gi + kPrefetchGroups; b < std::min(ng, gi + kPrefetchGroups + KG); ++b) {
-        const char* nk = reinterpret_cast<const char*>(kg + btq[b * W / B_] * blk_elems + (b * W % B_ / W) * D_ * W);
+        const char* nk = reinterpret_cast<const char*>(kg + btq[(b * W) >> Bshift_] * blk_elems + (((b * W) & Bmask_) / W) * D_ * W);
         for (int64_t o = 0; o < static_cast<int64_t>(D_ * W * sizeof(KV)); o += 64) _mm_prefetch(nk + o, _MM_HINT_T0);
       }
       score_keys<G, KG>(qt, kg, btq, blk_elems, gi * W, scale, sc, Spad, row, R);
@@ -759,7 +761,7 @@ class LeanModel {
     const KV* kt[KG];
     for (int b = 0; b < KG; ++b) {
       const int64_t s = s0 + b * W;
-      kt[b] = kg + btq[s / B_] * blk_elems + (s % B_ / W) * D_ * W;  // [D, 8]
+      kt[b] = kg + btq[s >> Bshift_] * blk_elems + ((s & Bmask_) / W) * D_ * W;  // [D, 8]
     }
     __m256 a[KG][G];
     for (int b = 0; b < KG; ++b)
@@ -891,7 +893,7 @@ class LeanModel {
             __m256 a[8];
             for (int64_t c = 0; c < nc; ++c) a[c] = _mm256_loadu_ps(ar + (c0 + c) * W);
             for (int64_t j = j0; j < j1; ++j) {
-              const KV* vr = vg + btq[j / B_] * blk_elems + (j % B_) * D_ + c0 * W;
+              const KV* vr = vg + btq[j >> Bshift_] * blk_elems + (j & Bmask_) * D_ + c0 * W;
               const __m256 ej = _mm256_set1_ps(er[j]);
               for (int64_t c = 0; c < nc; ++c) a[c] = _mm256_fmadd_ps(ej, load8(vr + c * W), a[c]);
             }
@@ -908,7 +910,7 @@ class LeanModel {
           for (int c = 0; c < 8; ++c) a[c] = _mm256_loadu_ps(ar + c * W);
           for (int64_t j = 0; j < nv; ++j) {
             const int64_t slot = P + vis[j];
-            const KV* vr = vg + btq[slot / B_] * blk_elems + (slot % B_) * D_;
+            const KV* vr = vg + btq[slot >> Bshift_] * blk_elems + (slot & Bmask_) * D_;
             const __m256 ej = _mm256_set1_ps(sc[row * Spad + P + j]);
             for (int c = 0; c < 8; ++c) a[c] = _mm256_fmadd_ps(ej, load8(vr + c * W), a[c]);
           }
@@ -916,7 +918,7 @@ class LeanModel {
         } else {
           for (int64_t j = 0; j < nv; ++j) {
             const int64_t slot = P + vis[j];
-            const KV* vr = vg + btq[slot / B_] * blk_elems + (slot % B_) * D_;
+            const KV* vr = vg + btq[slot >> Bshift_] * blk_elems + (slot & Bmask_) * D_;
             const __m256 ej = _mm256_set1_ps(sc[row * Spad + P + j]);
             for (int64_t c = 0; c < D_; c += W)
               _mm256_storeu_ps(ar + c, _mm256_fmadd_ps(ej, load8(vr + c), _mm256_loadu_ps(ar + c)));
@@ -935,6 +937,7 @@ class LeanModel {
   int64_t H_, Hq_, Hkv_, D_, I_;
   float eps_;
   int64_t B_;
+  int64_t Bshift_ = 0, Bmask_ = 0;  // B_ is a power of two: slot / B_ and slot % B_ without a division
   at::Tensor cos_, sin_, embed_, norm_;
   std::vector<Layer> layers_;
   Linear head_;
