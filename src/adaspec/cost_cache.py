@@ -119,17 +119,14 @@ def save_json(key: str, body: dict) -> None:
     measurement; a full or read-only disk is not an error."""
     if not enabled():
         return
+    from adaspec.store import write_atomic
+
     d = cache_dir()
     try:
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".{key}.{os.getpid()}.tmp"
         body = dict(body, measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None)
-        with open(tmp, "w") as f:
-            json.dump(body, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, d / f"{key}.json")
+        write_atomic(d / f"{key}.json", json.dumps(body).encode(), mode=0o644)
         files = sorted(d.glob("*.json"), key=lambda p: p.stat().st_mtime)
         for old in files[:-MAX_FILES]:
             old.unlink(missing_ok=True)

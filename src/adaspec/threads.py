@@ -149,7 +149,7 @@ def tune_threads(target: Any, value: Any = THREADS_AUTO, log: Optional[Callable[
             if others is not None and others > BUSY_CORES:
                 note = f"other processes used {others:.2f} cores at start-up"
             else:
-                chosen = cores if many < 0.95 * one else 1
+                chosen = _faster(one, many, cores)
                 note = f"1-token forward {one:.1f} ms at 1 thread, {many:.1f} ms at {cores} (timed at an earlier start)"
         else:
             before = cpu_sample()
@@ -161,7 +161,7 @@ def tune_threads(target: Any, value: Any = THREADS_AUTO, log: Optional[Callable[
                 many = _forward_ms(target, cores, give_up_ms=3.0 * one)
                 if many < 3.0 * one:
                     many = min(many, _forward_ms(target, cores, give_up_ms=3.0 * one))
-                chosen = cores if many < 0.95 * one else 1
+                chosen = _faster(one, many, cores)
                 note = f"1-token forward {one:.1f} ms at 1 thread, {many:.1f} ms at {cores}"
                 if key is not None and many < 3.0 * one:  # a complete timing on a quiet machine
                     from adaspec import cost_cache
@@ -179,6 +179,11 @@ def tune_threads(target: Any, value: Any = THREADS_AUTO, log: Optional[Callable[
         log(f"threads: {chosen} (auto: {note}; {WAIT_POLICY_ENV}={os.environ.get(WAIT_POLICY_ENV, 'unset')}, "
             f"{SPIN_COUNT_ENV}={os.environ.get(SPIN_COUNT_ENV, 'unset')})")
     return chosen
+
+
+def _faster(one_ms: float, many_ms: float, cores: int) -> int:
+    """``cores`` where a forward on them is at least 5% faster than on one thread, else 1."""
+    return cores if many_ms < 0.95 * one_ms else 1
 
 
 def _sample_after(before: Optional[tuple[float, float, float]]) -> Optional[tuple[float, float, float]]:

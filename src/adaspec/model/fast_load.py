@@ -217,10 +217,10 @@ def _calibration_ids(folder: Path, tokenizer: Any, compute: Any) -> list[torch.T
         pass
     ids = compute(tokenizer)
     try:
+        from adaspec.store import write_atomic
+
         memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps([t.tolist() for t in ids]))
-        os.replace(tmp, memo)
+        write_atomic(memo, json.dumps([t.tolist() for t in ids]).encode(), mode=0o644)
     except OSError:  # a read-only cache: computed at every start
         pass
     return ids

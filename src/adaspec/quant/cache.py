@@ -181,10 +181,10 @@ def read_tensors(path: str | Path, names: Sequence[str], header: Optional[dict] 
         KeyError: a name not in the file; ValueError: a dtype this reader does not know.
     """
     out = {}
+    if header is None:
+        header = read_header(path)
+    base = header["__base__"]
     with open(path, "rb") as f:
-        if header is None:
-            header = read_header(path)
-        base = header["__base__"]
         for name in names:
             info = header[name]
             if info["dtype"] not in _DTYPES:
